@@ -1,0 +1,31 @@
+# `make run` and `make test` set everything up on a fresh machine: the virtualenv, the pinned
+# packages, the database (embedded PostgreSQL under var/ unless DATABASE_URL is set).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
+
+.PHONY: install run test bench migrate clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentrun needs Python 3.11 or newer")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+migrate: install
+	$(PY) manage.py migrate --no-input
+
+run: install
+	$(PY) manage.py rundev
+
+test: install
+	DJANGO_SETTINGS_MODULE=settings.test $(PY) -m pytest
+
+bench: install
+	$(PY) bench/bench_runner_protocol.py
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,67 @@
+"""Where the database is: DATABASE_URL, or an embedded PostgreSQL for development and tests.
+
+Imported by settings, so it must not import Django models.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict
+
+EMBEDDED_ADAPTER = "embedded-postgres"
+POSTGRES_ADAPTER = "postgres"
+
+
+def database_url_from_env() -> str:
+    return (os.environ.get("DATABASE_URL") or "").strip()
+
+
+def start_embedded(var_dir: Path) -> str:
+    """Start (or attach to) the embedded server under var_dir and return its URL.
+
+    pgserver counts the processes attached to a data directory and stops the server when the
+    last of them exits, so a test run or `make run` leaves nothing running behind it. As root it
+    runs the server as a dedicated system user, since PostgreSQL refuses to run as root.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        # pgserver keeps its lock file in the user runtime dir, which root often lacks; the
+        # fallback under /tmp is fine.
+        warnings.simplefilter("ignore")
+        import pgserver
+
+    var_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(var_dir / "pgdata", cleanup_mode="stop")
+    return server.get_uri()
+
+
+def django_database(url: str, *, pool: bool, adapter: str) -> dict:
+    """A Django DATABASES entry from a libpq URL or key=value string."""
+    params = conninfo_to_dict(url)
+    options = {
+        key: value
+        for key, value in params.items()
+        if key not in {"dbname", "user", "password", "host", "port"}
+    }
+    if pool:
+        options["pool"] = {
+            "min_size": 1,
+            "max_size": int(os.environ.get("AGENTRUN_DB_POOL_SIZE", "16")),
+            "timeout": 10,
+        }
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": params.get("dbname") or "postgres",
+        "USER": params.get("user") or "postgres",
+        "PASSWORD": params.get("password") or "",
+        "HOST": params.get("host") or "",
+        "PORT": params.get("port") or "",
+        "CONN_MAX_AGE": 0 if pool else 60,
+        "CONN_HEALTH_CHECKS": not pool,
+        "OPTIONS": options,
+        "TEST": {"NAME": os.environ.get("AGENTRUN_TEST_DATABASE") or None},
+        "AGENTRUN_ADAPTER": adapter,
+    }

@@ -1,0 +1,23 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from agentrun.auth import api_key_create
+from agentrun.errors import AgentRunError
+from agentrun.models import Role
+
+
+class Command(BaseCommand):
+    help = "Create an API key and print it, alone, on stdout. Only its hash is stored."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--tenant", required=True)
+        parser.add_argument("--project", default=None)
+        parser.add_argument("--role", required=True, choices=Role.values)
+        parser.add_argument("--run", default=None, help="Scope a runner key to one run.")
+        parser.add_argument("--name", default="", help="A label shown in admin.")
+
+    def handle(self, *args, tenant, project, role, run, name, **options):
+        try:
+            key, raw = api_key_create(tenant_id=tenant, project_id=project, role=role, run_id=run, name=name)
+        except AgentRunError as exc:
+            raise CommandError(exc.message) from exc
+        self.stdout.write(raw)

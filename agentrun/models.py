@@ -1,0 +1,52 @@
+"""What every app shares: API keys and the version counters."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models.functions import Now
+
+
+class Role(models.TextChoices):
+    CLIENT = "client"
+    RUNNER = "runner"
+    OPERATOR = "operator"
+
+
+class ApiKey(models.Model):
+    """A bearer key. Only the SHA-256 of the key is stored; the key is shown once, at creation."""
+
+    prefix = models.CharField(max_length=16, help_text="The key's first characters, to tell keys apart.")
+    key_hash = models.CharField(max_length=64, unique=True)
+    name = models.CharField(max_length=200, blank=True, default="")
+    tenant_id = models.CharField(max_length=200)
+    project_id = models.CharField(max_length=200, null=True, blank=True)
+    role = models.CharField(max_length=16, choices=Role.choices)
+    run_id = models.CharField(
+        max_length=64, null=True, blank=True, help_text="A runner key scoped to one run sees only that run."
+    )
+    created_at = models.DateTimeField(db_default=Now())
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+        indexes = [models.Index(fields=["tenant_id", "role"])]
+
+    def __str__(self) -> str:
+        scope = self.tenant_id + (f"/{self.project_id}" if self.project_id else "")
+        return f"{self.prefix}… ({self.role} @ {scope})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class Counter(models.Model):
+    """One row per domain (sessions, queue). Versions are taken with UPDATE … RETURNING, which
+    holds the row lock until commit, so version order is commit order and a follower of a
+    version cursor never skips a change that commits late."""
+
+    name = models.CharField(max_length=32, primary_key=True)
+    value = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.value}"

@@ -1,0 +1,166 @@
+"""Push, not poll: one LISTEN connection per server process wakes the requests that wait.
+
+Writers call `notify(topic)` inside their transaction; PostgreSQL delivers NOTIFY at commit,
+so a waiter never wakes before the rows it waits for are visible. Readers subscribe to a topic
+*before* they look at the rows, then sleep on an Event until a notification or their deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+
+import psycopg
+from django.db import connection, connections
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "agentrun"
+# If the listener cannot connect, waiters re-check this often instead of hanging until the deadline.
+DEGRADED_POLL_SECONDS = 0.5
+
+
+def notify(topic: str) -> None:
+    """Queue a notification for `topic`; it is delivered when the current transaction commits."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, topic])
+
+
+def run_topic(run_id: str) -> str:
+    return f"run:{run_id}"
+
+
+def _conninfo(alias: str = "default") -> dict:
+    settings_dict = connections[alias].settings_dict
+    params = {
+        "dbname": settings_dict["NAME"],
+        "user": settings_dict.get("USER") or None,
+        "password": settings_dict.get("PASSWORD") or None,
+        "host": settings_dict.get("HOST") or None,
+        "port": settings_dict.get("PORT") or None,
+    }
+    for key, value in (settings_dict.get("OPTIONS") or {}).items():
+        if key not in {"pool", "isolation_level", "server_side_binding", "assume_role"}:
+            params[key] = value
+    return {key: value for key, value in params.items() if value is not None}
+
+
+class _Waiter:
+    __slots__ = ("event", "topic")
+
+    def __init__(self, topic: str):
+        self.topic = topic
+        self.event = threading.Event()
+
+
+class NotificationHub:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[_Waiter]] = {}
+        self._thread: threading.Thread | None = None
+        self._listening = threading.Event()
+        self._conninfo: dict | None = None
+        self._stopping = False
+
+    @contextmanager
+    def subscribe(self, topic: str):
+        waiter = _Waiter(topic)
+        self._ensure_started()
+        with self._lock:
+            self._waiters.setdefault(topic, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            with self._lock:
+                peers = self._waiters.get(topic)
+                if peers is not None:
+                    peers.discard(waiter)
+                    if not peers:
+                        del self._waiters[topic]
+
+    def wait(self, waiter: _Waiter, timeout: float) -> bool:
+        """Sleep until the topic is notified or `timeout` passes; True when notified."""
+        if not self._listening.is_set():
+            timeout = min(timeout, DEGRADED_POLL_SECONDS)
+        woke = waiter.event.wait(timeout)
+        waiter.event.clear()
+        return woke
+
+    def _ensure_started(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            if self._conninfo == _conninfo():
+                return
+        with self._lock:
+            info = _conninfo()
+            if self._thread is not None and self._thread.is_alive() and self._conninfo == info:
+                return
+            # The database changed (a test database was set up): listen there instead.
+            self._conninfo = info
+            self._listening.clear()
+            self._thread = threading.Thread(target=self._run, args=(info,), name="agentrun-listen", daemon=True)
+            self._thread.start()
+        # Wait briefly for LISTEN, so a notification committed right after subscribing is not lost.
+        self._listening.wait(2.0)
+
+    def _run(self, info: dict) -> None:
+        backoff = 0.2
+        while not self._stopping and self._conninfo == info:
+            try:
+                with psycopg.connect(**info, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self._listening.set()
+                    backoff = 0.2
+                    # Anything committed while we were not listening is unseen: wake everyone to re-check.
+                    self._wake_all()
+                    while not self._stopping and self._conninfo == info:
+                        for note in conn.notifies(timeout=1.0):
+                            self._wake(note.payload)
+            except Exception:  # noqa: BLE001 - the listener must survive any outage
+                self._listening.clear()
+                self._wake_all()
+                logger.warning("notification listener lost its connection; retrying", exc_info=True)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self._listening.clear()
+
+    def _wake(self, topic: str) -> None:
+        with self._lock:
+            waiters = list(self._waiters.get(topic, ()))
+        for waiter in waiters:
+            waiter.event.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            waiters = [w for peers in self._waiters.values() for w in peers]
+        for waiter in waiters:
+            waiter.event.set()
+
+
+hub = NotificationHub()
+
+
+def release_connection() -> None:
+    """Give the request's database connection back while it sleeps, so waiting requests hold
+    no connection (with a pool it returns to the pool; without one the next query reconnects)."""
+    if not connection.in_atomic_block:
+        connection.close()
+
+
+def wait_for(topic: str, *, timeout: float, fetch):
+    """Return `fetch()` as soon as it is non-empty, or its last (empty) value after `timeout`."""
+    result = fetch()
+    if result or timeout <= 0:
+        return result
+    deadline = time.monotonic() + timeout
+    with hub.subscribe(topic) as waiter:
+        result = fetch()
+        while not result:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            release_connection()
+            hub.wait(waiter, remaining)
+            result = fetch()
+    return result

@@ -1,0 +1,40 @@
+"""The composition: every app's routes under /api/v1/."""
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
+
+from agentrun.api import BackendsView, HealthView, livez, readyz
+from runs.api import CommandViewSet, RunnerViewSet, RunViewSet
+
+router = SimpleRouter()
+# Routes answer with or without a trailing slash.
+router.trailing_slash = "/?"
+router.register("runs", RunViewSet, basename="run")
+router.register("commands", CommandViewSet, basename="command")
+router.register("runners", RunnerViewSet, basename="runner")
+
+api_v1 = [
+    path("health", HealthView.as_view(), name="health"),
+    path("backends", BackendsView.as_view(), name="backends"),
+    path("schema/", SpectacularAPIView.as_view(authentication_classes=[], permission_classes=[]), name="schema"),
+    path(
+        "docs/",
+        SpectacularSwaggerView.as_view(url_name="schema", authentication_classes=[], permission_classes=[]),
+        name="docs",
+    ),
+    *router.urls,
+]
+
+urlpatterns = [
+    path("api/v1/", include(api_v1)),
+    path("livez", livez),
+    path("readyz", readyz),
+    path("admin/", admin.site.urls),
+]
+
+handler400 = "agentrun.errors.handler400"
+handler403 = "agentrun.errors.handler403"
+handler404 = "agentrun.errors.handler404"
+handler500 = "agentrun.errors.handler500"

@@ -1,0 +1,68 @@
+"""Wire formats shared by every app: timestamps and query parameters."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+
+from agentrun.errors import invalid
+
+_DIGITS = re.compile(r"^[0-9]+$")
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO-8601 UTC with milliseconds and `Z`; microseconds are stored, milliseconds sent."""
+    if value is None:
+        return None
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def parse_iso(value, *, field: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"{field} must be an ISO-8601 timestamp", field=field)
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise invalid(f"{field} must be an ISO-8601 timestamp", field=field) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def query_int(params, name: str, *, default: int, minimum: int, maximum: int | None = None) -> int:
+    """An integer query parameter: decimal digits only, at least `minimum`, clamped to `maximum`."""
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    text = raw.strip()
+    if text.startswith("-") and _DIGITS.match(text[1:]):
+        raise invalid(f"{name} must be an integer of at least {minimum}", parameter=name)
+    if not _DIGITS.match(text):
+        raise invalid(f"{name} must be an integer", parameter=name)
+    value = int(text)
+    if value < minimum:
+        raise invalid(f"{name} must be an integer of at least {minimum}", parameter=name)
+    if maximum is not None:
+        value = min(value, maximum)
+    return value
+
+
+def query_wait(params, *, maximum: float) -> float:
+    """`wait`: seconds, 0 to the maximum, decimals allowed, larger values clamped."""
+    raw = params.get("wait")
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise invalid("wait must be a number of seconds", parameter="wait") from None
+    if math.isnan(value) or value < 0:
+        raise invalid("wait must be a number of seconds from 0 to 30", parameter="wait")
+    return min(value, maximum)

@@ -1,0 +1,1 @@
+"""Queue tasks (the queue issue fills this app)."""

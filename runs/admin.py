@@ -1,0 +1,79 @@
+"""Operators read runs here; the event log, commands and runner jobs are read-only."""
+
+from django.contrib import admin, messages
+
+from runs import services
+from runs.models import Command, Run, RunEvent, RunnerJob
+
+# The change page shows the tail of the event log, not all of it.
+RECENT_EVENTS = 50
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class CommandInline(ReadOnlyInline):
+    model = Command
+    fields = ("seq", "id", "type", "state", "terminal_status", "failure_kind", "acknowledged_at", "updated_at")
+    readonly_fields = fields
+    ordering = ("seq",)
+
+
+class EventInline(ReadOnlyInline):
+    model = RunEvent
+    fields = ("seq", "type", "payload", "created_at")
+    readonly_fields = fields
+    ordering = ("seq",)
+    verbose_name_plural = f"events (the last {RECENT_EVENTS})"
+
+    def get_queryset(self, request):
+        events = super().get_queryset(request)
+        run = getattr(request, "_agentrun_run", None)
+        if run is not None:
+            events = events.filter(seq__gt=run.last_event_seq - RECENT_EVENTS)
+        return events
+
+
+class RunnerJobInline(ReadOnlyInline):
+    model = RunnerJob
+    fields = ("id", "command_id", "attempt_id", "runner_id", "namespace", "job_name", "image", "created_at")
+    readonly_fields = fields
+
+
+@admin.register(Run)
+class RunAdmin(admin.ModelAdmin):
+    list_display = ("id", "tenant_id", "project_id", "backend_profile", "status", "claimed_by", "created_at")
+    list_filter = ("status", "backend_profile", "tenant_id")
+    search_fields = ("id",)
+    ordering = ("-created_at",)
+    inlines = (CommandInline, EventInline, RunnerJobInline)
+    actions = ("cancel_runs",)
+    readonly_fields = [f.name for f in Run._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_object(self, request, object_id, from_field=None):
+        run = super().get_object(request, object_id, from_field)
+        request._agentrun_run = run
+        return run
+
+    @admin.action(description="Cancel selected runs")
+    def cancel_runs(self, request, queryset):
+        cancelled = 0
+        for run_id in queryset.values_list("id", flat=True):
+            run = services.run_cancel(run_id=run_id, reason=f"cancelled by operator {request.user}")
+            cancelled += run.status == "cancelled"
+        self.message_user(request, f"Cancelled {cancelled} runs.", messages.SUCCESS)

@@ -1,0 +1,206 @@
+"""Runs, their commands and events, runners and runner jobs."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class RunStatus(models.TextChoices):
+    PENDING = "pending"
+    CLAIMED = "claimed"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+    CANCELLED = "cancelled"
+
+
+RUN_ACTIVE = (RunStatus.PENDING, RunStatus.CLAIMED)
+RUN_TERMINAL = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.BLOCKED, RunStatus.CANCELLED)
+
+
+class CommandState(models.TextChoices):
+    PENDING = "pending"
+    ACKNOWLEDGED = "acknowledged"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+COMMAND_OPEN = (CommandState.PENDING, CommandState.ACKNOWLEDGED)
+COMMAND_TERMINAL = (CommandState.COMPLETED, CommandState.FAILED, CommandState.CANCELLED)
+
+
+class RunQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(status__in=RUN_ACTIVE)
+
+    def terminal(self):
+        return self.filter(status__in=RUN_TERMINAL)
+
+
+class Run(models.Model):
+    id = models.CharField(max_length=64, primary_key=True, db_collation="C")
+    tenant_id = models.CharField(max_length=200)
+    project_id = models.CharField(max_length=200)
+    backend_profile = models.CharField(max_length=32)
+    session_ref = models.JSONField(null=True, blank=True)
+    resource_bundle_ref = models.JSONField(null=True, blank=True)
+    provider_id = models.CharField(max_length=200, null=True, blank=True)
+    workspace_ref = models.JSONField(null=True, blank=True)
+    execution_policy = models.JSONField(null=True, blank=True)
+    metadata = models.JSONField(null=True, blank=True)
+    # Other create-input fields, copied verbatim (SPEC §1.1).
+    extra = models.JSONField(default=dict, blank=True)
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    payload_hash = models.CharField(max_length=64)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING)
+    terminal_status = models.CharField(max_length=32, null=True, blank=True)
+    failure_kind = models.CharField(max_length=64, null=True, blank=True)
+    failure_message = models.TextField(null=True, blank=True)
+    claimed_by = models.CharField(max_length=200, null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Fencing token: every claim (and the reaper) bumps it; runner writes must carry the current one.
+    lease_epoch = models.BigIntegerField(default=0)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    # The last seq handed out, allocated under the run's row lock.
+    last_event_seq = models.BigIntegerField(default=0)
+    last_command_seq = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    objects = RunQuerySet.as_manager()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant_id", "project_id", "created_at"], name="run_scope_created"),
+            models.Index(fields=["lease_expires_at"], name="run_active_lease", condition=models.Q(status__in=RUN_ACTIVE)),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant_id", "project_id", "idempotency_key"],
+                name="run_idempotency_key",
+                condition=models.Q(idempotency_key__isnull=False),
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in RUN_TERMINAL
+
+    @property
+    def session_id(self) -> str | None:
+        return (self.session_ref or {}).get("sessionId")
+
+
+class Command(models.Model):
+    id = models.CharField(max_length=64, primary_key=True, db_collation="C")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="commands")
+    seq = models.BigIntegerField()
+    type = models.CharField(max_length=32)
+    payload = models.JSONField(default=dict)
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    payload_hash = models.CharField(max_length=64)
+    state = models.CharField(max_length=16, choices=CommandState.choices, default=CommandState.PENDING)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    terminal_status = models.CharField(max_length=32, null=True, blank=True)
+    failure_kind = models.CharField(max_length=64, null=True, blank=True)
+    failure_message = models.TextField(null=True, blank=True)
+    thread_id = models.CharField(max_length=500, null=True, blank=True)
+    turn_id = models.CharField(max_length=500, null=True, blank=True)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "seq"], name="command_run_seq"),
+            models.UniqueConstraint(
+                fields=["run", "idempotency_key"],
+                name="command_idempotency_key",
+                condition=models.Q(idempotency_key__isnull=False),
+            ),
+        ]
+        indexes = [models.Index(fields=["run", "state"], name="command_run_state")]
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in COMMAND_TERMINAL
+
+
+class RunEvent(models.Model):
+    """Append-only: written by services in the transaction of the change they describe."""
+
+    id = models.CharField(max_length=64, primary_key=True, db_collation="C")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    seq = models.BigIntegerField()
+    type = models.CharField(max_length=32)
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "seq"], name="event_run_seq")]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}#{self.seq}"
+
+
+class EventBatch(models.Model):
+    """A runner's batch key, so a retried batch replays instead of appending twice."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="event_batches")
+    batch_key = models.CharField(max_length=200)
+    payload_hash = models.CharField(max_length=64)
+    first_seq = models.BigIntegerField()
+    count = models.IntegerField()
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "batch_key"], name="event_batch_key")]
+
+
+class Runner(models.Model):
+    id = models.CharField(max_length=200, primary_key=True, db_collation="C")
+    tenant_id = models.CharField(max_length=200)
+    attributes = models.JSONField(default=dict, blank=True)
+    registered_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class RunnerJob(models.Model):
+    id = models.CharField(max_length=200, primary_key=True, db_collation="C")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="runner_jobs")
+    command_id = models.CharField(max_length=64)
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    payload_hash = models.CharField(max_length=200)
+    attempt_id = models.CharField(max_length=200)
+    runner_id = models.CharField(max_length=200)
+    namespace = models.CharField(max_length=253)
+    job_name = models.CharField(max_length=253)
+    manager_url = models.CharField(max_length=2000)
+    image = models.CharField(max_length=1000)
+    source_commit = models.CharField(max_length=200)
+    service_account_name = models.CharField(max_length=253, null=True, blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "idempotency_key"],
+                name="runner_job_idempotency_key",
+                condition=models.Q(idempotency_key__isnull=False),
+            )
+        ]
+        indexes = [models.Index(fields=["run", "command_id", "created_at"], name="runner_job_run_command")]
+
+    def __str__(self) -> str:
+        return self.id

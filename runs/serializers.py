@@ -1,0 +1,359 @@
+"""Input serializers validate request bodies; output serializers render records in camelCase.
+
+Output serializers declare their fields for the OpenAPI schema and render with plain dict
+building, since event pages of 500 rows sit on the hot path.
+"""
+
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from agentrun.vocabulary import FAILURE_KINDS, TERMINAL_STATUSES
+from agentrun.wire import iso
+
+MAX_LEASE_MS = 3_600_000
+DEFAULT_LEASE_MS = 60_000
+MAX_BATCH_EVENTS = 500
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """An integer that is a JSON number, not a string or a bool."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, (int, float)) or (isinstance(data, float) and not data.is_integer()):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string; numbers are not silently turned into strings."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class JSONObjectField(serializers.JSONField):
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            raise serializers.ValidationError("must be a JSON object")
+        return data
+
+
+# --- input --------------------------------------------------------------------------------
+
+
+class RunCreateIn(serializers.Serializer):
+    tenantId = StrictCharField(required=False, allow_null=True, max_length=200)
+    projectId = StrictCharField(required=False, allow_null=True, max_length=200)
+    backendProfile = StrictCharField(max_length=32)
+    sessionRef = JSONObjectField(required=False, allow_null=True)
+    resourceBundleRef = JSONObjectField(required=False, allow_null=True)
+    providerId = StrictCharField(required=False, allow_null=True, max_length=200)
+    workspaceRef = serializers.JSONField(required=False, allow_null=True)
+    executionPolicy = JSONObjectField(required=False, allow_null=True)
+    metadata = JSONObjectField(required=False, allow_null=True)
+    idempotencyKey = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
+
+    def validate_executionPolicy(self, value):
+        if value is None:
+            return value
+        max_attempts = value.get("maxAttempts")
+        if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1):
+            raise serializers.ValidationError("maxAttempts must be an integer of at least 1")
+        for key in ("backoffSeconds", "timeoutSeconds"):
+            seconds = value.get(key)
+            if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0):
+                raise serializers.ValidationError(f"{key} must be a non-negative number")
+        retry_on = value.get("retryOn")
+        if retry_on is not None and (
+            not isinstance(retry_on, list) or not all(isinstance(kind, str) and kind in FAILURE_KINDS for kind in retry_on)
+        ):
+            raise serializers.ValidationError("retryOn must be a list of failure kinds")
+        return value
+
+
+class ClaimIn(serializers.Serializer):
+    runnerId = StrictCharField(max_length=200)
+    leaseMs = StrictIntegerField(required=False, default=DEFAULT_LEASE_MS, min_value=1, max_value=MAX_LEASE_MS)
+
+
+class HeartbeatIn(ClaimIn):
+    leaseEpoch = StrictIntegerField(min_value=0)
+
+
+class FinishIn(serializers.Serializer):
+    runnerId = StrictCharField(max_length=200)
+    leaseEpoch = StrictIntegerField(min_value=0)
+    terminalStatus = serializers.ChoiceField(choices=sorted(TERMINAL_STATUSES))
+    failureKind = serializers.ChoiceField(choices=sorted(FAILURE_KINDS), required=False, allow_null=True)
+    failureMessage = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=10_000)
+    threadId = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
+    turnId = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
+
+
+class CancelIn(serializers.Serializer):
+    reason = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=2000)
+
+
+class LeaseIn(serializers.Serializer):
+    runnerId = StrictCharField(max_length=200)
+    leaseEpoch = StrictIntegerField(min_value=0)
+
+
+class EventIn(serializers.Serializer):
+    type = StrictCharField()
+    payload = JSONObjectField(required=False, default=dict)
+
+
+class EventAppendIn(serializers.Serializer):
+    """One event `{runnerId, leaseEpoch, type, payload}` or a batch `{..., batchKey?, events}`.
+    Parsed by hand: a 500-event batch through nested DRF fields costs more than the insert."""
+
+    runnerId = StrictCharField(max_length=200)
+    leaseEpoch = StrictIntegerField(min_value=0)
+    batchKey = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
+    type = StrictCharField(required=False)
+    payload = JSONObjectField(required=False)
+    events = EventIn(many=True, required=False)
+
+
+def parse_event_append(data) -> dict:
+    """Validate an append body without DRF's per-item field machinery."""
+    if not isinstance(data, dict):
+        raise serializers.ValidationError({"non_field_errors": ["body must be a JSON object"]})
+    errors = {}
+    runner_id = data.get("runnerId")
+    if not isinstance(runner_id, str) or not runner_id or len(runner_id) > 200:
+        errors["runnerId"] = ["must be a non-empty string"]
+    lease_epoch = data.get("leaseEpoch")
+    if isinstance(lease_epoch, bool) or not isinstance(lease_epoch, int) or lease_epoch < 0:
+        errors["leaseEpoch"] = ["must be a non-negative integer"]
+    batch_key = data.get("batchKey")
+    if batch_key is not None and (not isinstance(batch_key, str) or len(batch_key) > 200):
+        errors["batchKey"] = ["must be a string of at most 200 characters"]
+    if "events" in data:
+        raw_events = data["events"]
+        if not isinstance(raw_events, list) or not raw_events:
+            errors["events"] = ["must be a non-empty list"]
+            raw_events = []
+        elif len(raw_events) > MAX_BATCH_EVENTS:
+            errors["events"] = [f"a batch holds at most {MAX_BATCH_EVENTS} events"]
+            raw_events = []
+        batch = True
+    else:
+        raw_events = [data]
+        batch = False
+    events = []
+    for index, item in enumerate(raw_events):
+        if not isinstance(item, dict):
+            errors[f"events[{index}]"] = ["must be an object"]
+            continue
+        event_type = item.get("type")
+        payload = item.get("payload", {})
+        if not isinstance(event_type, str):
+            errors[f"events[{index}].type" if batch else "type"] = ["must be a string"]
+        if not isinstance(payload, dict):
+            errors[f"events[{index}].payload" if batch else "payload"] = ["must be a JSON object"]
+        events.append((event_type, payload))
+    if errors:
+        raise serializers.ValidationError(errors)
+    return {
+        "runner_id": runner_id,
+        "lease_epoch": lease_epoch,
+        "batch_key": batch_key or None,
+        "events": events,
+        "batch": batch,
+    }
+
+
+class CommandCreateIn(serializers.Serializer):
+    type = StrictCharField(max_length=32)
+    payload = JSONObjectField(required=False, default=dict)
+    idempotencyKey = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
+
+
+class RunnerRegisterIn(serializers.Serializer):
+    runnerId = StrictCharField(required=False, allow_null=True, max_length=200)
+
+
+class RunnerJobIn(serializers.Serializer):
+    id = StrictCharField(required=False, allow_null=True, max_length=200)
+    commandId = StrictCharField(max_length=64)
+    idempotencyKey = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
+    payloadHash = StrictCharField(max_length=200)
+    attemptId = StrictCharField(max_length=200)
+    runnerId = StrictCharField(max_length=200)
+    namespace = StrictCharField(max_length=253)
+    jobName = StrictCharField(max_length=253)
+    managerUrl = StrictCharField(max_length=2000)
+    image = StrictCharField(max_length=1000)
+    sourceCommit = StrictCharField(max_length=200)
+    serviceAccountName = StrictCharField(required=False, allow_null=True, max_length=253)
+    result = JSONObjectField(required=False, default=dict)
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+class RunOut(serializers.Serializer):
+    id = serializers.CharField()
+    tenantId = serializers.CharField()
+    projectId = serializers.CharField()
+    backendProfile = serializers.CharField()
+    sessionRef = serializers.JSONField(allow_null=True)
+    resourceBundleRef = serializers.JSONField(allow_null=True)
+    providerId = serializers.CharField(allow_null=True)
+    workspaceRef = serializers.JSONField(allow_null=True)
+    executionPolicy = serializers.JSONField(allow_null=True)
+    metadata = serializers.JSONField(allow_null=True)
+    idempotencyKey = serializers.CharField(allow_null=True)
+    status = serializers.CharField()
+    terminalStatus = serializers.CharField(allow_null=True)
+    failureKind = serializers.CharField(allow_null=True)
+    failureMessage = serializers.CharField(allow_null=True)
+    claimedBy = serializers.CharField(allow_null=True)
+    leaseExpiresAt = serializers.DateTimeField(allow_null=True)
+    leaseEpoch = serializers.IntegerField()
+    createdAt = serializers.DateTimeField()
+    updatedAt = serializers.DateTimeField()
+
+    def to_representation(self, run):
+        record = dict(run.extra or {})
+        record.update(
+            id=run.id,
+            tenantId=run.tenant_id,
+            projectId=run.project_id,
+            backendProfile=run.backend_profile,
+            sessionRef=run.session_ref,
+            resourceBundleRef=run.resource_bundle_ref,
+            providerId=run.provider_id,
+            workspaceRef=run.workspace_ref,
+            executionPolicy=run.execution_policy,
+            metadata=run.metadata,
+            idempotencyKey=run.idempotency_key,
+            status=run.status,
+            terminalStatus=run.terminal_status,
+            failureKind=run.failure_kind,
+            failureMessage=run.failure_message,
+            claimedBy=run.claimed_by,
+            leaseExpiresAt=iso(run.lease_expires_at),
+            leaseEpoch=run.lease_epoch,
+            createdAt=iso(run.created_at),
+            updatedAt=iso(run.updated_at),
+        )
+        return record
+
+
+class EventOut(serializers.Serializer):
+    id = serializers.CharField()
+    runId = serializers.CharField()
+    seq = serializers.IntegerField()
+    type = serializers.CharField()
+    payload = serializers.JSONField()
+    createdAt = serializers.DateTimeField()
+
+    def to_representation(self, event):
+        return {
+            "id": event.id,
+            "runId": event.run_id,
+            "seq": event.seq,
+            "type": event.type,
+            "payload": event.payload,
+            "createdAt": iso(event.created_at),
+        }
+
+
+class CommandOut(serializers.Serializer):
+    id = serializers.CharField()
+    runId = serializers.CharField()
+    seq = serializers.IntegerField()
+    type = serializers.CharField()
+    payload = serializers.JSONField()
+    idempotencyKey = serializers.CharField(allow_null=True)
+    payloadHash = serializers.CharField()
+    state = serializers.CharField()
+    acknowledgedAt = serializers.DateTimeField(allow_null=True)
+    terminalStatus = serializers.CharField(allow_null=True)
+    failureKind = serializers.CharField(allow_null=True)
+    failureMessage = serializers.CharField(allow_null=True)
+    threadId = serializers.CharField(allow_null=True)
+    turnId = serializers.CharField(allow_null=True)
+    createdAt = serializers.DateTimeField()
+    updatedAt = serializers.DateTimeField()
+
+    def to_representation(self, command):
+        return {
+            "id": command.id,
+            "runId": command.run_id,
+            "seq": command.seq,
+            "type": command.type,
+            "payload": command.payload,
+            "idempotencyKey": command.idempotency_key,
+            "payloadHash": command.payload_hash,
+            "state": command.state,
+            "acknowledgedAt": iso(command.acknowledged_at),
+            "terminalStatus": command.terminal_status,
+            "failureKind": command.failure_kind,
+            "failureMessage": command.failure_message,
+            "threadId": command.thread_id,
+            "turnId": command.turn_id,
+            "createdAt": iso(command.created_at),
+            "updatedAt": iso(command.updated_at),
+        }
+
+
+class RunnerOut(serializers.Serializer):
+    id = serializers.CharField()
+    registeredAt = serializers.DateTimeField()
+    heartbeatAt = serializers.DateTimeField()
+
+    def to_representation(self, runner):
+        record = dict(runner.attributes or {})
+        record.update(id=runner.id, registeredAt=iso(runner.registered_at), heartbeatAt=iso(runner.heartbeat_at))
+        return record
+
+
+class RunnerJobOut(serializers.Serializer):
+    id = serializers.CharField()
+    runId = serializers.CharField()
+    commandId = serializers.CharField()
+    idempotencyKey = serializers.CharField(allow_null=True)
+    payloadHash = serializers.CharField()
+    attemptId = serializers.CharField()
+    runnerId = serializers.CharField()
+    namespace = serializers.CharField()
+    jobName = serializers.CharField()
+    managerUrl = serializers.CharField()
+    image = serializers.CharField()
+    sourceCommit = serializers.CharField()
+    serviceAccountName = serializers.CharField(allow_null=True)
+    result = serializers.JSONField()
+    createdAt = serializers.DateTimeField()
+    updatedAt = serializers.DateTimeField()
+
+    def to_representation(self, job):
+        return {
+            "id": job.id,
+            "runId": job.run_id,
+            "commandId": job.command_id,
+            "idempotencyKey": job.idempotency_key,
+            "payloadHash": job.payload_hash,
+            "attemptId": job.attempt_id,
+            "runnerId": job.runner_id,
+            "namespace": job.namespace,
+            "jobName": job.job_name,
+            "managerUrl": job.manager_url,
+            "image": job.image,
+            "sourceCommit": job.source_commit,
+            "serviceAccountName": job.service_account_name,
+            "result": job.result,
+            "createdAt": iso(job.created_at),
+            "updatedAt": iso(job.updated_at),
+        }
+
+
+def render_page(items: list, serializer_class, *, cursor: str | None) -> dict:
+    rendered = [serializer_class().to_representation(item) for item in items]
+    return {"items": rendered, "count": len(rendered), "cursor": cursor}

@@ -1,0 +1,261 @@
+"""Every write to sessions. Runs call these inside their own transactions (plain `atomic`)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from django.db import transaction
+
+from agentrun import counters
+from agentrun.errors import SCHEMA_INVALID, TENANT_POLICY_DENIED, AgentRunError
+from agentrun.wire import iso, parse_iso
+from sessions.models import ExecutionState, Session, StorageKind
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def title_from_metadata(metadata) -> str | None:
+    """SPEC §4.9: metadata.title trimmed, at most 200 characters; else None."""
+    title = metadata.get("title") if isinstance(metadata, dict) else None
+    if isinstance(title, str) and title.strip():
+        return title.strip()[:200]
+    return None
+
+
+def title_from_prompt(payload) -> str | None:
+    """SPEC §4.9: the prompt trimmed, whitespace runs folded, at most 120 characters; else None."""
+    prompt = payload.get("prompt") if isinstance(payload, dict) else None
+    if not isinstance(prompt, str):
+        return None
+    return _WHITESPACE.sub(" ", prompt.strip())[:120] or None
+
+
+def session_ref_from_record(session: Session, fallback: dict | None) -> dict:
+    """SPEC §4.8: the record's values, gaps filled from the fallback ref, absent keys left out."""
+    fallback = fallback or {}
+    ref = {"sessionId": session.session_id}
+    for key, value in (
+        ("conversationId", session.conversation_id),
+        ("threadId", session.thread_id),
+        ("expiresAt", iso(session.expires_at)),
+    ):
+        if value:
+            ref[key] = value
+        elif fallback.get(key):
+            ref[key] = fallback[key]
+    if session.metadata:
+        ref["metadata"] = session.metadata
+    elif "metadata" in fallback and fallback["metadata"] is not None:
+        ref["metadata"] = fallback["metadata"]
+    return ref
+
+
+def summarize_session_ref(ref: dict | None) -> dict | None:
+    """SPEC §4.11: what an event may say of a session ref (metadata keys, never values)."""
+    if not ref:
+        return None
+    metadata = ref.get("metadata") or {}
+    return {
+        "sessionId": ref["sessionId"],
+        "conversationId": ref.get("conversationId"),
+        "threadId": ref.get("threadId"),
+        "expiresAt": ref.get("expiresAt"),
+        "metadataKeys": sorted(metadata) if isinstance(metadata, dict) else [],
+        "valuesPrinted": False,
+    }
+
+
+def check_boundary(session: Session, *, tenant_id: str, project_id: str, backend_profile: str) -> None:
+    """SPEC §4.3: another tenant or project is 403; another backend is 400. Tenant first."""
+    if session.tenant_id != tenant_id or session.project_id != project_id:
+        raise AgentRunError(
+            TENANT_POLICY_DENIED,
+            "sessionRef cannot be reused across tenant or project boundary",
+            status=403,
+            details={"sessionId": session.session_id, "valuesPrinted": False},
+        )
+    if session.backend_profile != backend_profile:
+        raise AgentRunError(
+            SCHEMA_INVALID,
+            "sessionRef cannot be reused across backendProfile boundary",
+            status=400,
+            details={
+                "sessionId": session.session_id,
+                "existingBackendProfile": session.backend_profile,
+                "requestedBackendProfile": backend_profile,
+                "valuesPrinted": False,
+            },
+        )
+
+
+def lock_session(session_id: str) -> Session | None:
+    return Session.objects.select_for_update(no_key=True).filter(pk=session_id).first()
+
+
+def session_resolve_for_run(
+    *, session_ref: dict, tenant_id: str, project_id: str, backend_profile: str, run_id: str, now: datetime
+) -> dict:
+    """The session a new run belongs to: the existing one (boundary checked, row locked, not
+    rewritten) or a new one. Returns the run's ref. A concurrent creator of the same session
+    loses the insert and is checked against the winner's row."""
+    with transaction.atomic():
+        session = lock_session(session_ref["sessionId"])
+        if session is None:
+            metadata = session_ref.get("metadata") or {}
+            candidate = Session(
+                session_id=session_ref["sessionId"],
+                tenant_id=tenant_id,
+                project_id=project_id,
+                backend_profile=backend_profile,
+                conversation_id=session_ref.get("conversationId") or None,
+                thread_id=session_ref.get("threadId") or None,
+                expires_at=parse_iso(session_ref.get("expiresAt"), field="sessionRef.expiresAt"),
+                metadata=metadata,
+                title=title_from_metadata(metadata),
+                last_run_id=run_id,
+                last_activity_at=now,
+                created_at=now,
+                updated_at=now,
+                storage_kind=StorageKind.NONE,
+                version=counters.next_version(counters.SESSIONS),
+            )
+            created = Session.objects.bulk_create([candidate], ignore_conflicts=True)
+            session = lock_session(candidate.session_id)
+            if session.version == candidate.version and created:
+                return session_ref_from_record(session, session_ref)
+        check_boundary(session, tenant_id=tenant_id, project_id=project_id, backend_profile=backend_profile)
+        # createRun's touch of an existing session: lastRunId and activity, no version bump.
+        Session.objects.filter(pk=session.pk).update(last_run_id=run_id, last_activity_at=now, updated_at=now)
+        session.last_run_id = run_id
+        return session_ref_from_record(session, session_ref)
+
+
+def session_touch_event(*, session_id: str, last_event_seq: int, at: datetime) -> None:
+    """Every appended event: lastEventSeq and activity, no version bump."""
+    Session.objects.filter(pk=session_id).update(last_event_seq=last_event_seq, last_activity_at=at, updated_at=at)
+
+
+def session_touch_command_created(
+    *, session_id: str, run_id: str, command_id: str, command_type: str, payload: dict, at: datetime
+) -> None:
+    """A new turn makes the session running with a fresh title; a steer keeps the turn's pointers."""
+    if command_type == "turn":
+        fields = {
+            "execution_state": ExecutionState.RUNNING,
+            "last_run_id": run_id,
+            "last_command_id": command_id,
+            "active_run_id": run_id,
+            "active_command_id": command_id,
+            "terminal_status": None,
+            "failure_kind": None,
+        }
+        title = title_from_prompt(payload)
+        if title is not None:  # A22: a prompt without a title keeps the old one
+            fields["title"] = title
+    elif command_type == "steer":
+        fields = {"last_run_id": run_id, "last_command_id": command_id, "active_run_id": run_id}
+    else:
+        return
+    with transaction.atomic():
+        if lock_session(session_id) is None:
+            return
+        Session.objects.filter(pk=session_id).update(
+            **fields, last_activity_at=at, updated_at=at, version=counters.next_version(counters.SESSIONS)
+        )
+
+
+def session_touch_claimed(*, session_id: str, run_id: str, at: datetime) -> None:
+    """A claim points the session at its run (the trace's default) without making it active (A13)."""
+    Session.objects.filter(pk=session_id).update(
+        active_run_id=run_id, last_run_id=run_id, last_activity_at=at, updated_at=at
+    )
+
+
+def session_touch_turn_ended(
+    *, session_id: str, run_id: str, command_id: str, terminal_status: str, failure_kind: str | None, at: datetime
+) -> None:
+    """A turn ended. Only when the session still points at that turn does it become terminal and
+    lose its active pointers (A5): a late finish of an old turn must not end a newer one."""
+    with transaction.atomic():
+        session = lock_session(session_id)
+        if session is None:
+            return
+        if session.active_command_id != command_id:
+            Session.objects.filter(pk=session_id).update(last_activity_at=at, updated_at=at)
+            return
+        Session.objects.filter(pk=session_id).update(
+            execution_state=ExecutionState.TERMINAL,
+            active_run_id=None,
+            active_command_id=None,
+            last_run_id=run_id,
+            last_command_id=command_id,
+            terminal_status=terminal_status,
+            failure_kind=failure_kind,
+            last_activity_at=at,
+            updated_at=at,
+            version=counters.next_version(counters.SESSIONS),
+        )
+
+
+def session_touch_run_ended(
+    *, session_id: str, run_id: str, terminal_status: str, failure_kind: str | None, at: datetime
+) -> None:
+    """A run ended. Conditional like a turn's end (A5); a session that never had a turn stays
+    idle (A13), though it loses its pointer to the run."""
+    with transaction.atomic():
+        session = lock_session(session_id)
+        if session is None:
+            return
+        if session.active_run_id != run_id:
+            Session.objects.filter(pk=session_id).update(last_activity_at=at, updated_at=at)
+            return
+        fields = {"active_run_id": None, "active_command_id": None, "last_run_id": run_id}
+        if session.execution_state != ExecutionState.IDLE:
+            fields.update(
+                execution_state=ExecutionState.TERMINAL, terminal_status=terminal_status, failure_kind=failure_kind
+            )
+        Session.objects.filter(pk=session_id).update(
+            **fields, last_activity_at=at, updated_at=at, version=counters.next_version(counters.SESSIONS)
+        )
+
+
+def session_thread_update(
+    *, run_session_ref: dict, tenant_id: str, project_id: str, backend_profile: str, run_id: str,
+    thread_id: str, turn_id: str | None, at: datetime,
+) -> dict:
+    """A finished turn or run reported its thread. Only the thread fields, metadata.lastTurnId,
+    activity and version change (A4): storage and the rest of the row are kept. Returns the
+    run's new ref."""
+    session_id = run_session_ref["sessionId"]
+    with transaction.atomic():
+        session = lock_session(session_id)
+        if session is None:
+            # The row was removed under the run: build it again from the run, like the seed.
+            metadata = dict(run_session_ref.get("metadata") or {})
+            session = Session(
+                session_id=session_id,
+                tenant_id=tenant_id,
+                project_id=project_id,
+                backend_profile=backend_profile,
+                conversation_id=run_session_ref.get("conversationId") or None,
+                expires_at=parse_iso(run_session_ref.get("expiresAt"), field="sessionRef.expiresAt"),
+                metadata=metadata,
+                title=title_from_metadata(metadata),
+                last_run_id=run_id,
+                created_at=at,
+                version=0,
+            )
+        metadata = dict(session.metadata or {})
+        if turn_id:
+            metadata["lastTurnId"] = turn_id
+        session.thread_id = thread_id
+        session.conversation_id = session.conversation_id or run_session_ref.get("conversationId") or None
+        if session.expires_at is None and run_session_ref.get("expiresAt"):
+            session.expires_at = parse_iso(run_session_ref["expiresAt"], field="sessionRef.expiresAt")
+        session.metadata = metadata
+        session.last_activity_at = at
+        session.updated_at = at
+        session.version = counters.next_version(counters.SESSIONS)
+        session.save()
+        return session_ref_from_record(session, run_session_ref)

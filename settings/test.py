@@ -1,0 +1,19 @@
+"""Tests: DATABASE_URL if set, else an embedded PostgreSQL under var/ (stopped when pytest exits)."""
+
+import os
+
+from agentrun.database import (
+    EMBEDDED_ADAPTER,
+    POSTGRES_ADAPTER,
+    database_url_from_env,
+    django_database,
+    start_embedded,
+)
+
+from .base import *  # noqa: F403
+from .base import VAR_DIR
+
+_url = database_url_from_env()
+_adapter = os.environ.get("AGENTRUN_DATABASE_ADAPTER") or (POSTGRES_ADAPTER if _url else EMBEDDED_ADAPTER)
+DATABASES = {"default": django_database(_url or start_embedded(VAR_DIR), pool=False, adapter=_adapter)}
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

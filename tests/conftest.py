@@ -1,0 +1,95 @@
+"""Factories and clients shared by the tests. Data is built by small helpers, not fixture files."""
+
+from __future__ import annotations
+
+import pytest
+from rest_framework.test import APIClient
+
+from agentrun.auth import api_key_create
+from runs import services
+
+TENANT = "acme"
+PROJECT = "web"
+
+
+class KeyClient:
+    """An API client that sends one key, with JSON helpers that return (status, body)."""
+
+    def __init__(self, raw_key: str | None, key=None):
+        self.client = APIClient()
+        self.key = key
+        if raw_key:
+            self.client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+
+    def _send(self, method, path, body=None, **kwargs):
+        url = path if path.startswith("/") else f"/api/v1/{path}"
+        call = getattr(self.client, method)
+        if body is None:
+            response = call(url, **kwargs)
+        else:
+            response = call(url, body, format="json", **kwargs)
+        data = response.json() if response.content and response["Content-Type"].startswith("application/json") else None
+        return response.status_code, data
+
+    def get(self, path, **params):
+        return self._send("get", path, data=params or None)
+
+    def post(self, path, body=None):
+        return self._send("post", path, body if body is not None else {})
+
+    def put(self, path, body=None):
+        return self._send("put", path, body if body is not None else {})
+
+    def raw(self, method, path, data: bytes, content_type="application/json"):
+        url = path if path.startswith("/") else f"/api/v1/{path}"
+        response = getattr(self.client, method)(url, data=data, content_type=content_type)
+        return response.status_code, response.json() if response.content else None
+
+
+def make_key(role: str, *, tenant: str = TENANT, project: str | None = PROJECT, run: str | None = None) -> KeyClient:
+    key, raw = api_key_create(tenant_id=tenant, project_id=project, role=role, run_id=run)
+    return KeyClient(raw, key)
+
+
+@pytest.fixture
+def client_api(db):
+    return make_key("client")
+
+
+@pytest.fixture
+def runner_api(db):
+    return make_key("runner")
+
+
+@pytest.fixture
+def operator_api(db):
+    return make_key("operator")
+
+
+@pytest.fixture
+def anonymous_api(db):
+    return KeyClient(None)
+
+
+def make_run(*, tenant=TENANT, project=PROJECT, backend="echo", session_id: str | None = None, **kwargs):
+    session_ref = kwargs.pop("session_ref", None)
+    if session_id is not None:
+        session_ref = {"sessionId": session_id, **(session_ref or {})}
+    run, _ = services.run_create(
+        tenant_id=tenant, project_id=project, backend_profile=backend, session_ref=session_ref, **kwargs
+    )
+    return run
+
+
+def claim(run, runner_id="runner-1", lease_ms=60_000):
+    return services.run_claim(run_id=run.id, runner_id=runner_id, lease_ms=lease_ms)
+
+
+def events_of(run_id):
+    from runs.models import RunEvent
+
+    return list(RunEvent.objects.filter(run_id=run_id).order_by("seq"))
+
+
+def phases(run_id):
+    return [(e.type, e.payload.get("phase")) for e in events_of(run_id)]
