@@ -15,10 +15,9 @@ class DatabaseRequiredMiddleware:
 
     def __init__(self, get_response):
         self.get_response = get_response
-        self.missing = getattr(settings, "AGENTRUN_DATABASE_MISSING", False)
 
     def __call__(self, request):
-        if self.missing and not request.path.rstrip("/").endswith(_ALWAYS_SERVED):
+        if getattr(settings, "AGENTRUN_DATABASE_MISSING", False) and not request.path.rstrip("/").endswith(_ALWAYS_SERVED):
             message, details = missing_database_error()
             return json_error(infra_failed(message, **details))
         return self.get_response(request)

@@ -7,6 +7,7 @@ so a waiter never wakes before the rows it waits for are visible. Readers subscr
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -88,6 +89,17 @@ class NotificationHub:
         waiter.event.clear()
         return woke
 
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop listening (tests, before their database is dropped; and at exit)."""
+        self._stopping = True
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._thread = None
+        self._conninfo = None
+        self._listening.clear()
+        self._stopping = False
+
     def _ensure_started(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             if self._conninfo == _conninfo():
@@ -115,10 +127,12 @@ class NotificationHub:
                     # Anything committed while we were not listening is unseen: wake everyone to re-check.
                     self._wake_all()
                     while not self._stopping and self._conninfo == info:
-                        for note in conn.notifies(timeout=1.0):
+                        for note in conn.notifies(timeout=0.25):
                             self._wake(note.payload)
             except Exception:  # noqa: BLE001 - the listener must survive any outage
                 self._listening.clear()
+                if self._stopping:
+                    break
                 self._wake_all()
                 logger.warning("notification listener lost its connection; retrying", exc_info=True)
                 time.sleep(backoff)
@@ -139,6 +153,7 @@ class NotificationHub:
 
 
 hub = NotificationHub()
+atexit.register(hub.stop)
 
 
 def release_connection() -> None:

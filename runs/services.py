@@ -40,8 +40,9 @@ RUN_FINISHED_MESSAGE = "run finished"
 
 
 def _db_now() -> datetime:
+    # The database's clock, like Now() in the lock queries (statement_timestamp() on PostgreSQL).
     with connection.cursor() as cursor:
-        cursor.execute("SELECT now()")
+        cursor.execute("SELECT statement_timestamp()")
         return cursor.fetchone()[0]
 
 

@@ -9,6 +9,16 @@ from agentrun.auth import api_key_create
 from runs import services
 
 TENANT = "acme"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_listener_before_teardown(django_db_setup):
+    """The notification listener holds a connection to the test database: close it before
+    pytest-django drops that database."""
+    yield
+    from agentrun import notify
+
+    notify.hub.stop()
 PROJECT = "web"
 
 

@@ -1,0 +1,133 @@
+"""Long-polls: answer at once when rows exist, else sleep until a commit wakes them (LISTEN/NOTIFY)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from django.db import connection
+
+from agentrun import notify
+from runs import services
+from tests.conftest import make_key, make_run
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def in_thread(work):
+    result = {}
+
+    def target():
+        try:
+            result["value"] = work()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, result
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def waiting_count(topic):
+    with notify.hub._lock:
+        return len(notify.hub._waiters.get(topic, ()))
+
+
+def test_events_answer_at_once_when_rows_exist():
+    api = make_key("client")
+    run = make_run()
+    started = time.monotonic()
+    status, body = api.get(f"runs/{run.id}/events", afterSeq="0", wait="20")
+    assert status == 200 and body["count"] == 1 and body["cursor"] == "1"
+    assert time.monotonic() - started < 10
+
+
+def test_events_wait_wakes_on_append_commit():
+    client, runner = make_key("client"), make_key("runner")
+    run = make_run()
+    services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
+    topic = notify.run_topic(run.id)
+    started = time.monotonic()
+    thread, result = in_thread(lambda: client.get(f"runs/{run.id}/events", afterSeq="2", wait="20"))
+    assert wait_until(lambda: waiting_count(topic) == 1)
+    status, _ = runner.post(
+        f"runs/{run.id}/events", {"runnerId": "r", "leaseEpoch": 1, "type": "assistant_message", "payload": {"t": 1}}
+    )
+    assert status == 201
+    thread.join(20)
+    status, body = result["value"]
+    assert status == 200 and [item["seq"] for item in body["items"]] == [3] and body["cursor"] == "3"
+    # Woken by the commit, not by the 20 s deadline.
+    assert time.monotonic() - started < 10
+
+
+def test_events_wait_times_out_with_echoed_cursor():
+    api = make_key("client")
+    run = make_run()
+    status, body = api.get(f"runs/{run.id}/events", afterSeq="5", wait="0.2")
+    assert (status, body) == (200, {"items": [], "count": 0, "cursor": "5"})
+
+
+def test_commands_wait_wakes_on_command_create():
+    client, runner = make_key("client"), make_key("runner")
+    run = make_run()
+    topic = notify.run_topic(run.id)
+    thread, result = in_thread(lambda: runner.get(f"runs/{run.id}/commands", afterSeq="0", wait="20"))
+    assert wait_until(lambda: waiting_count(topic) == 1)
+    status, command = client.post(f"runs/{run.id}/commands", {"type": "turn", "payload": {"prompt": "go"}})
+    assert status == 201
+    thread.join(20)
+    status, body = result["value"]
+    assert status == 200 and [item["id"] for item in body["items"]] == [command["id"]]
+
+
+def test_a_rolled_back_write_wakes_nobody_with_false_rows():
+    api = make_key("client")
+    run = make_run()
+    thread, result = in_thread(lambda: api.get(f"runs/{run.id}/events", afterSeq="1", wait="1"))
+    assert wait_until(lambda: waiting_count(notify.run_topic(run.id)) == 1)
+    with pytest.raises(Exception):
+        services.event_append(run_id=run.id, runner_id="nobody", lease_epoch=0, events=[("error", {})])
+    thread.join(10)
+    assert result["value"] == (200, {"items": [], "count": 0, "cursor": "1"})
+
+
+def test_many_waiters_share_one_listening_connection_and_hold_no_other():
+    api = make_key("client")
+    runner = make_key("runner")
+    run = make_run()
+    services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
+    topic = notify.run_topic(run.id)
+    waiters = [in_thread(lambda: api.get(f"runs/{run.id}/events", afterSeq="2", wait="20")) for _ in range(12)]
+    assert wait_until(lambda: waiting_count(topic) == 12)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FILTER (WHERE query = 'LISTEN agentrun'), count(*) "
+            "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        listening, others = cursor.fetchone()
+    assert listening == 1
+    # Sleeping requests give their connection back: only the listener remains besides this one.
+    assert others == 1
+    runner.post(f"runs/{run.id}/events", {"runnerId": "r", "leaseEpoch": 1, "type": "error", "payload": {}})
+    for thread, _ in waiters:
+        thread.join(20)
+    assert all(result["value"][1]["count"] == 1 for _, result in waiters)
+
+
+def test_wait_param_validation():
+    api = make_key("client")
+    run = make_run()
+    for bad in ("-1", "abc", "nan"):
+        status, body = api.get(f"runs/{run.id}/events", wait=bad)
+        assert status == 400 and body["error"]["kind"] == "schema-invalid"
