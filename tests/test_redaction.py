@@ -297,3 +297,10 @@ def test_deep_nesting_has_no_recursion_limit() -> None:
     node["token"] = "t"
     result = redact(payload)
     assert result["redactedPaths"] == ["/n" * 5000 + "/token"]
+
+
+def test_token_prefixes_inside_words_are_not_tokens():
+    # "task-" and "mask-" end in "sk-"; an id like that is no key.
+    text = "task-" + "a" * 24 + " and xghp_" + "b" * 36
+    assert redact_text(text) == (text, False)
+    assert redact_text("key sk-" + "c" * 24) == ("key [REDACTED]", True)
