@@ -50,7 +50,7 @@ def django_database(url: str, *, pool: bool, adapter: str) -> dict:
         options["pool"] = {
             "min_size": 1,
             "max_size": int(os.environ.get("AGENTRUN_DB_POOL_SIZE", "16")),
-            "timeout": 10,
+            "timeout": float(os.environ.get("AGENTRUN_DB_POOL_TIMEOUT", "5")),
         }
     return {
         "ENGINE": "django.db.backends.postgresql",

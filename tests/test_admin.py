@@ -1,0 +1,79 @@
+"""Operators in Django admin: runs with read-only commands and events, the cancel action, API keys."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from agentrun.auth import hash_key
+from agentrun.models import ApiKey
+from runs import services
+from runs.models import Run
+from tests.conftest import make_run
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff():
+    user = get_user_model().objects.create_superuser("ops", "ops@example.com", "pw")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_run_changelist_filters_and_search(staff):
+    run = make_run(session_id="adm1")
+    other = make_run(backend="codex")
+    response = staff.get("/admin/runs/run/", {"status__exact": "pending", "backend_profile__exact": "echo"})
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert run.id in body and other.id not in body
+    response = staff.get("/admin/runs/run/", {"q": other.id})
+    assert other.id in response.content.decode() and run.id not in response.content.decode()
+
+
+def test_run_change_page_shows_commands_and_recent_events_read_only(staff):
+    run = make_run()
+    services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
+    command, _ = services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "hello"})
+    services.event_append(run_id=run.id, runner_id="r", lease_epoch=1,
+                          events=[("assistant_message", {"n": n}) for n in range(60)])
+    response = staff.get(f"/admin/runs/run/{run.id}/change/")
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert command.id in body and "run-created" not in body  # only the last 50 events
+    assert '"n": 59' in body or "&quot;n&quot;: 59" in body
+    assert 'name="commands-0-state"' not in body  # inlines are read-only
+
+
+def test_cancel_action_calls_the_service(staff):
+    run = make_run()
+    response = staff.post("/admin/runs/run/", {"action": "cancel_runs", "_selected_action": [run.id]}, follow=True)
+    assert response.status_code == 200
+    stored = Run.objects.get(pk=run.id)
+    assert stored.status == "cancelled" and stored.failure_message.startswith("cancelled by operator")
+
+
+def test_api_key_created_in_admin_is_shown_once_and_stored_hashed(staff):
+    response = staff.post(
+        "/admin/agentrun/apikey/add/",
+        {"name": "ci", "tenant_id": "acme", "project_id": "", "role": "client", "run_id": ""},
+        follow=True,
+    )
+    assert response.status_code == 200
+    message = next(str(m) for m in response.context["messages"] if "shown once" in str(m))
+    raw = message.rsplit(" ", 1)[-1]
+    key = ApiKey.objects.get(name="ci")
+    assert key.key_hash == hash_key(raw) and raw not in (key.prefix, key.key_hash)
+    assert key.project_id is None
+
+
+def test_revoke_action(staff):
+    from agentrun.auth import api_key_create
+
+    key, _ = api_key_create(tenant_id="acme", role="runner")
+    staff.post("/admin/agentrun/apikey/", {"action": "revoke", "_selected_action": [key.pk]}, follow=True)
+    key.refresh_from_db()
+    assert key.revoked_at is not None
