@@ -19,6 +19,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "agentrun",
     "sessions.apps.AgentSessionsConfig",
     "runs",
@@ -30,6 +31,7 @@ MIDDLEWARE = [
     "agentrun.middleware.DatabaseRequiredMiddleware",
     "agentrun.middleware.BodySizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -62,7 +64,14 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 LANGUAGE_CODE = "en-us"
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "static"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+# Static files (admin, API docs) are served by the app itself, from the finders when no
+# collectstatic has run (development, tests) and from STATIC_ROOT once it has (the image).
+WHITENOISE_USE_FINDERS = True
+try:
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+except OSError:  # a read-only image: collectstatic made it at build time, or finders serve
+    pass
 
 # A body over 1 MiB is refused with 413 before it is parsed.
 AGENTRUN_MAX_BODY_BYTES = 1024 * 1024
@@ -84,6 +93,11 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # The docs page works offline: Swagger UI is served from this server, not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "PREPROCESSING_HOOKS": ["agentrun.openapi.canonical_paths"],
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 LOGGING = {

@@ -1,0 +1,30 @@
+"""The OpenAPI schema and the docs page, served without any outside network."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.test import Client
+
+pytestmark = pytest.mark.django_db
+
+
+def test_schema_lists_the_runner_protocol():
+    response = Client().get("/api/v1/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert response.status_code == 200
+    paths = response.json()["paths"]
+    for path in ("/api/v1/runs", "/api/v1/runs/{id}/claim", "/api/v1/runs/{id}/events",
+                 "/api/v1/commands/{id}/ack", "/api/v1/runners", "/api/v1/runs/{id}/runner-jobs"):
+        assert path in paths, path
+
+
+def test_docs_page_loads_its_assets_from_this_server():
+    client = Client()
+    response = client.get("/api/v1/docs/")
+    assert response.status_code == 200
+    page = response.content.decode()
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
+    assert assets and "cdn" not in page.lower()
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
