@@ -96,10 +96,12 @@ class _RunWrite:
         self.events.append(event)
         return event
 
-    def save(self, **fields) -> None:
-        """Write the events and the run's changed fields (every run change sets updatedAt)."""
+    def save(self, *, bookkeeping: dict | None = None, **fields) -> None:
+        """Write the events and the run's changed fields (every run change sets updatedAt;
+        `bookkeeping`, such as seq counters, is written without counting as a change)."""
         if fields:
             fields["updated_at"] = self.at
+        fields.update(bookkeeping or {})
         if self.events:
             RunEvent.objects.bulk_create(self.events)
             fields["last_event_seq"] = self.run.last_event_seq
@@ -633,8 +635,7 @@ def command_create(
     write = _RunWrite(run)
     write.emit("backend_status", {"phase": "command-created", "commandId": command.id, "commandType": command_type})
     # The seq counter is bookkeeping, not a change of the run: updatedAt stays.
-    Run.objects.filter(pk=run.pk).update(last_command_seq=command.seq)
-    write.save()
+    write.save(bookkeeping={"last_command_seq": command.seq})
     return command, True
 
 
