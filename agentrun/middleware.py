@@ -7,7 +7,7 @@ from django.conf import settings
 from agentrun.errors import SCHEMA_INVALID, AgentRunError, infra_failed, json_error
 
 # Health endpoints say why the service is down; they must answer even without a database.
-_ALWAYS_SERVED = ("/api/v1/health", "/livez", "/readyz")
+_ALWAYS_SERVED = frozenset({"/api/v1/health", "/livez", "/readyz"})
 
 
 class DatabaseRequiredMiddleware:
@@ -17,7 +17,7 @@ class DatabaseRequiredMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        if getattr(settings, "AGENTRUN_DATABASE_MISSING", False) and not request.path.rstrip("/").endswith(_ALWAYS_SERVED):
+        if getattr(settings, "AGENTRUN_DATABASE_MISSING", False) and request.path.rstrip("/") not in _ALWAYS_SERVED:
             message, details = missing_database_error()
             return json_error(infra_failed(message, **details))
         return self.get_response(request)

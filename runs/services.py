@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Now
+from psycopg.types.json import Jsonb
 
 from agentrun import backends, notify
 from agentrun.auth import Scope
@@ -787,15 +788,18 @@ def runner_register(*, tenant_id: str, runner_id: str | None = None, attributes:
             id=new_id("runner"), tenant_id=tenant_id, attributes=attributes, registered_at=at, heartbeat_at=at
         )
         return runner, True
-    Runner.objects.bulk_create(
-        [Runner(id=runner_id, tenant_id=tenant_id, attributes=attributes, registered_at=at, heartbeat_at=at)],
-        ignore_conflicts=True,
-    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO runs_runner (id, tenant_id, attributes, registered_at, heartbeat_at) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+            [runner_id, tenant_id, Jsonb(attributes), at, at],
+        )
+        created = cursor.fetchone() is not None
     runner = Runner.objects.select_for_update().get(pk=runner_id)
     if runner.tenant_id != tenant_id:
         raise AgentRunError(TENANT_POLICY_DENIED, f"runner {runner_id} belongs to another tenant", status=403,
                             details={"runnerId": runner_id, "valuesPrinted": False})
-    if runner.registered_at == at and runner.attributes == attributes:
+    if created:
         return runner, True
     Runner.objects.filter(pk=runner_id).update(attributes=attributes, heartbeat_at=at)
     runner.attributes, runner.heartbeat_at = attributes, at

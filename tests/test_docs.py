@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from django.test import Client
+from django.test import Client, override_settings
 
 pytestmark = pytest.mark.django_db
 
@@ -19,6 +19,7 @@ def test_schema_lists_the_runner_protocol():
         assert path in paths, path
 
 
+@override_settings(WHITENOISE_USE_FINDERS=True)
 def test_docs_page_loads_its_assets_from_this_server():
     client = Client()
     response = client.get("/api/v1/docs/")
