@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db.models import Q
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed, NotAuthenticated, PermissionDenied
@@ -98,6 +101,39 @@ class Scope:
         return tenant_id, project_id
 
 
+class _KeyCache:
+    """Recently seen keys, per process, for `AGENTRUN_AUTH_CACHE_SECONDS`: the key lookup is a
+    query and a model on every request otherwise. A revoked key stops working within that time.
+    Only valid keys are kept, so unknown keys cannot grow it past its bound."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self):
+        self._entries: dict[str, tuple[float, ApiKey]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> ApiKey | None:
+        ttl = settings.AGENTRUN_AUTH_CACHE_SECONDS
+        if ttl > 0:
+            entry = self._entries.get(key_hash)
+            if entry is not None and entry[0] > time.monotonic():
+                return entry[1]
+        key = ApiKey.objects.filter(key_hash=key_hash, revoked_at__isnull=True).first()
+        if key is not None and ttl > 0:
+            with self._lock:
+                if len(self._entries) >= self.MAX_ENTRIES:
+                    self._entries.clear()
+                self._entries[key_hash] = (time.monotonic() + ttl, key)
+        return key
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+key_cache = _KeyCache()
+
+
 class KeyPrincipal:
     """request.user for an API key: authenticated, never staff."""
 
@@ -126,7 +162,7 @@ class ApiKeyAuthentication(BaseAuthentication):
             raw = parts[1].decode("ascii")
         except UnicodeDecodeError:
             raise AuthenticationFailed("invalid API key") from None
-        key = ApiKey.objects.filter(key_hash=hash_key(raw), revoked_at__isnull=True).first()
+        key = key_cache.get(hash_key(raw))
         if key is None:
             raise AuthenticationFailed("invalid API key")
         request.scope = Scope.of(key)

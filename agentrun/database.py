@@ -46,6 +46,9 @@ def django_database(url: str, *, pool: bool, adapter: str) -> dict:
         for key, value in params.items()
         if key not in {"dbname", "user", "password", "host", "port"}
     }
+    # Parameters travel apart from the SQL, and psycopg prepares statements a connection runs
+    # often: less work per query for Python and for the server.
+    options.setdefault("server_side_binding", True)
     if pool:
         options["pool"] = {
             "min_size": 1,

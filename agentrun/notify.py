@@ -48,6 +48,18 @@ def _conninfo(alias: str = "default") -> dict:
     return {key: value for key, value in params.items() if value is not None}
 
 
+class _SharedFetch:
+    """One fetch done for every waiter that woke for the same topic and the same question."""
+
+    __slots__ = ("generation", "done", "result", "failed")
+
+    def __init__(self, generation: int):
+        self.generation = generation
+        self.done = threading.Event()
+        self.result = None
+        self.failed = False
+
+
 class _Waiter:
     __slots__ = ("event", "topic")
 
@@ -60,6 +72,9 @@ class NotificationHub:
     def __init__(self):
         self._lock = threading.Lock()
         self._waiters: dict[str, set[_Waiter]] = {}
+        # Per topic: how many notifications arrived, and the fetches shared among its waiters.
+        self._generations: dict[str, int] = {}
+        self._shared: dict[str, dict[object, _SharedFetch]] = {}
         self._thread: threading.Thread | None = None
         self._listening = threading.Event()
         self._conninfo: dict | None = None
@@ -80,6 +95,8 @@ class NotificationHub:
                     peers.discard(waiter)
                     if not peers:
                         del self._waiters[topic]
+                        self._shared.pop(topic, None)
+                        self._generations.pop(topic, None)
 
     def wait(self, waiter: _Waiter, timeout: float) -> bool:
         """Sleep until the topic is notified or `timeout` passes; True when notified."""
@@ -139,14 +156,45 @@ class NotificationHub:
                 backoff = min(backoff * 2, 5.0)
         self._listening.clear()
 
+    def shared_fetch(self, topic: str, key, fetch):
+        """`fetch()` for a waiter that just woke on `topic`, done once for all the waiters asking
+        the same `key`: a hundred clients following one run cost one query, not a hundred.
+
+        Safe because a result is reused only by waiters whose notifications had all arrived
+        before that fetch began, and a notification arrives only after its commit.
+        """
+        with self._lock:
+            generation = self._generations.get(topic, 0)
+            fetches = self._shared.setdefault(topic, {})
+            shared = fetches.get(key)
+            leader = shared is None or shared.generation < generation or shared.failed
+            if leader:
+                shared = fetches[key] = _SharedFetch(generation)
+        if leader:
+            try:
+                shared.result = fetch()
+            except BaseException:
+                shared.failed = True
+                raise
+            finally:
+                shared.done.set()
+            return shared.result
+        if not shared.done.wait(30) or shared.failed:
+            return fetch()
+        return shared.result
+
     def _wake(self, topic: str) -> None:
         with self._lock:
+            if topic in self._waiters:
+                self._generations[topic] = self._generations.get(topic, 0) + 1
             waiters = list(self._waiters.get(topic, ()))
         for waiter in waiters:
             waiter.event.set()
 
     def _wake_all(self) -> None:
         with self._lock:
+            for topic in self._waiters:
+                self._generations[topic] = self._generations.get(topic, 0) + 1
             waiters = [w for peers in self._waiters.values() for w in peers]
         for waiter in waiters:
             waiter.event.set()
@@ -163,8 +211,10 @@ def release_connection() -> None:
         connection.close()
 
 
-def wait_for(topic: str, *, timeout: float, fetch):
-    """Return `fetch()` as soon as it is non-empty, or its last (empty) value after `timeout`."""
+def wait_for(topic: str, *, timeout: float, fetch, share_key=None):
+    """Return `fetch()` as soon as it is non-empty, or its last (empty) value after `timeout`.
+    Waiters passing the same `share_key` (the same question about the same topic) share the
+    fetch that follows a wake-up."""
     result = fetch()
     if result or timeout <= 0:
         return result
@@ -176,6 +226,8 @@ def wait_for(topic: str, *, timeout: float, fetch):
             if remaining <= 0:
                 break
             release_connection()
-            hub.wait(waiter, remaining)
-            result = fetch()
+            if hub.wait(waiter, remaining) and share_key is not None:
+                result = hub.shared_fetch(topic, share_key, fetch)
+            else:
+                result = fetch()
     return result

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from django.conf import settings
+from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
@@ -55,16 +58,39 @@ def _created(record, created: bool, serializer_class) -> Response:
     )
 
 
-def _page(request, *, run_id: str, maximum: int, fetch) -> dict:
+class _Page:
+    """A seq page, rendered to JSON once however many waiters it is shared with."""
+
+    __slots__ = ("items", "serializer_class", "after_seq", "_body")
+
+    def __init__(self, items, serializer_class, after_seq: int):
+        self.items, self.serializer_class, self.after_seq, self._body = items, serializer_class, after_seq, None
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def response(self) -> HttpResponse:
+        if self._body is None:
+            cursor = str(self.items[-1].seq) if self.items else str(self.after_seq)
+            # The same bytes DRF's JSONRenderer writes (compact, UTF-8), without its per-request cost.
+            self._body = json.dumps(
+                render_page(self.items, self.serializer_class, cursor=cursor), ensure_ascii=False, separators=(",", ":")
+            ).encode()
+        return HttpResponse(self._body, content_type="application/json")
+
+
+def _page(request, *, run_id: str, maximum: int, fetch, serializer_class) -> HttpResponse:
     """A seq page, long-polled when `wait` is given. An empty page echoes afterSeq."""
     after_seq = query_int(request.query_params, "afterSeq", default=0, minimum=0)
     limit = query_int(request.query_params, "limit", default=DEFAULT_PAGE, minimum=1, maximum=maximum)
     wait = query_wait(request.query_params, maximum=settings.AGENTRUN_MAX_WAIT_SECONDS)
-    items = notify.wait_for(
-        notify.run_topic(run_id), timeout=wait, fetch=lambda: fetch(run_id=run_id, after_seq=after_seq, limit=limit)
+    page = notify.wait_for(
+        notify.run_topic(run_id),
+        timeout=wait,
+        fetch=lambda: _Page(fetch(run_id=run_id, after_seq=after_seq, limit=limit), serializer_class, after_seq),
+        share_key=(fetch.__name__, after_seq, limit),
     )
-    cursor = str(items[-1].seq) if items else str(after_seq)
-    return {"items": items, "cursor": cursor}
+    return page.response()
 
 
 class RunViewSet(viewsets.ViewSet):
@@ -155,8 +181,8 @@ class RunViewSet(viewsets.ViewSet):
     def events(self, request, pk=None):
         if request.method == "GET":
             selectors.run_exists(run_id=pk, scope=request.scope)
-            page = _page(request, run_id=pk, maximum=MAX_EVENTS_PAGE, fetch=selectors.event_list)
-            return Response(render_page(page["items"], EventOut, cursor=page["cursor"]))
+            return _page(request, run_id=pk, maximum=MAX_EVENTS_PAGE, fetch=selectors.event_list,
+                         serializer_class=EventOut)
         body = parse_event_append(request.data)
         events, created = services.event_append(
             run_id=pk,
@@ -177,8 +203,8 @@ class RunViewSet(viewsets.ViewSet):
     def commands(self, request, pk=None):
         if request.method == "GET":
             selectors.run_exists(run_id=pk, scope=request.scope)
-            page = _page(request, run_id=pk, maximum=MAX_COMMANDS_PAGE, fetch=selectors.command_list)
-            return Response(render_page(page["items"], CommandOut, cursor=page["cursor"]))
+            return _page(request, run_id=pk, maximum=MAX_COMMANDS_PAGE, fetch=selectors.command_list,
+                         serializer_class=CommandOut)
         data = _validated(CommandCreateIn, request.data)
         command, created = services.command_create(
             run_id=pk,

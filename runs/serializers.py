@@ -355,5 +355,6 @@ class RunnerJobOut(serializers.Serializer):
 
 
 def render_page(items: list, serializer_class, *, cursor: str | None) -> dict:
-    rendered = [serializer_class().to_representation(item) for item in items]
+    serializer = serializer_class()
+    rendered = [serializer.to_representation(item) for item in items]
     return {"items": rendered, "count": len(rendered), "cursor": cursor}

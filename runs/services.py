@@ -7,6 +7,7 @@ the `leaseEpoch` of their claim and change nothing when it is no longer the run'
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 
 from django.db import IntegrityError, connection, transaction
@@ -29,7 +30,7 @@ from agentrun.ids import new_id, stable_hash
 from agentrun.redaction import redact
 from agentrun.vocabulary import COMMAND_TYPES, EVENT_TYPES, command_state_for, run_status_for
 from agentrun.wire import parse_iso
-from runs.models import COMMAND_OPEN, Command, CommandState, EventBatch, Run, RunEvent, Runner, RunnerJob, RunStatus
+from runs.models import COMMAND_OPEN, Command, CommandState, Run, RunEvent, Runner, RunnerJob, RunStatus
 from sessions import services as session_services
 
 UNRESTRICTED = Scope.unrestricted()
@@ -60,6 +61,39 @@ def _lock_run(run_id: str, scope: Scope) -> Run:
     return run
 
 
+def _lock_run_for_append(run_id: str, scope: Scope, batch_key: str | None) -> tuple[Run, tuple | None]:
+    """`_lock_run` for the hottest path, in one statement: the columns an append reads and the
+    batch already recorded under `batch_key` (payload_hash, first_seq, count), if any. The run
+    returned carries only those columns; it is never saved."""
+    conditions, params = ["r.id = %s"], [batch_key, run_id]
+    for column, value in (("tenant_id", scope.tenant_id), ("project_id", scope.project_id), ("id", scope.run_id)):
+        if value is not None:
+            conditions.append(f"r.{column} = %s")
+            params.append(value)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT r.status, r.claimed_by, r.lease_epoch, r.last_event_seq, r.session_ref ->> 'sessionId', "
+            "statement_timestamp(), b.payload_hash, b.first_seq, b.count "
+            "FROM runs_run r LEFT JOIN runs_eventbatch b ON b.run_id = r.id AND b.batch_key = %s "
+            f"WHERE {' AND '.join(conditions)} FOR NO KEY UPDATE OF r",
+            params,
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise not_found("run", run_id)
+    status, claimed_by, lease_epoch, last_event_seq, session_id, db_now, *batch = row
+    run = Run(
+        id=run_id,
+        status=status,
+        claimed_by=claimed_by,
+        lease_epoch=lease_epoch,
+        last_event_seq=last_event_seq,
+        session_ref={"sessionId": session_id} if session_id else None,
+    )
+    run.db_now = db_now
+    return run, (tuple(batch) if batch[0] is not None else None)
+
+
 def _terminal_run_error(run: Run) -> AgentRunError:
     kind = run.failure_kind or (CANCELLED if run.status == RunStatus.CANCELLED else SCHEMA_INVALID)
     return conflict(kind, f"run {run.id} is already terminal: {run.status}", runId=run.id, status=run.status)
@@ -75,6 +109,17 @@ def _check_holder(run: Run, runner_id: str, lease_epoch: int) -> None:
         )
 
 
+class NewEvent:
+    """An event this operation appends: what the insert and the response need, without the
+    cost of a model instance per row (a batch holds up to 500)."""
+
+    __slots__ = ("id", "run_id", "seq", "type", "payload", "created_at")
+
+    def __init__(self, *, id, run_id, seq, type, payload, created_at):  # noqa: A002 - the wire's names
+        self.id, self.run_id, self.seq, self.type = id, run_id, seq, type
+        self.payload, self.created_at = payload, created_at
+
+
 class _RunWrite:
     """Collects the events of one operation on a locked run and writes them in one insert,
     with one update of the run's seq counter and one session touch."""
@@ -82,11 +127,11 @@ class _RunWrite:
     def __init__(self, run: Run):
         self.run = run
         self.at = run.db_now
-        self.events: list[RunEvent] = []
+        self.events: list[NewEvent] = []
 
-    def emit(self, event_type: str, payload: dict) -> RunEvent:
+    def emit(self, event_type: str, payload: dict) -> NewEvent:
         self.run.last_event_seq += 1
-        event = RunEvent(
+        event = NewEvent(
             id=new_id("evt"),
             run_id=self.run.id,
             seq=self.run.last_event_seq,
@@ -97,26 +142,54 @@ class _RunWrite:
         self.events.append(event)
         return event
 
-    def save(self, *, bookkeeping: dict | None = None, **fields) -> None:
+    def save(self, *, bookkeeping: dict | None = None, extra_statements=(), **fields) -> None:
         """Write the events and the run's changed fields (every run change sets updatedAt;
-        `bookkeeping`, such as seq counters, is written without counting as a change)."""
+        `bookkeeping`, such as seq counters, is written without counting as a change).
+
+        The events, the session's event touch, the run's seq counter, the wake-up NOTIFY and any
+        `extra_statements` go to the database as one statement: this is every append's path.
+        """
         if fields:
             fields["updated_at"] = self.at
         fields.update(bookkeeping or {})
-        if self.events:
-            RunEvent.objects.bulk_create(self.events)
-            fields["last_event_seq"] = self.run.last_event_seq
         if fields:
             Run.objects.filter(pk=self.run.pk).update(**fields)
             for name, value in fields.items():
                 setattr(self.run, name, value)
         if self.events:
-            session_id = self.run.session_id
-            if session_id:
-                session_services.session_touch_event(
-                    session_id=session_id, last_event_seq=self.run.last_event_seq, at=self.at
-                )
-            notify.notify(notify.run_topic(self.run.id))
+            _write_events(self.run, self.events, self.at, extra_statements)
+
+
+def _write_events(run: Run, events: list[NewEvent], at: datetime, extra_statements) -> None:
+    """One round trip for an append of any size: the rows through unnest of column arrays (so
+    neither the statement nor its cost in Python grows per row), then the writes that go with
+    them as data-modifying CTEs."""
+    ctes = [
+        (
+            "INSERT INTO runs_runevent (id, run_id, seq, type, payload, created_at) "
+            "SELECT e.id, %s, e.seq, e.type, e.payload::jsonb, %s "
+            "FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[]) AS e(id, seq, type, payload)",
+            [
+                run.id,
+                at,
+                [event.id for event in events],
+                [event.seq for event in events],
+                [event.type for event in events],
+                [json.dumps(event.payload, ensure_ascii=False) for event in events],
+            ],
+        ),
+        *extra_statements,
+    ]
+    if run.session_id:
+        ctes.append(
+            session_services.session_event_touch_sql(session_id=run.session_id, last_event_seq=run.last_event_seq, at=at)
+        )
+    sql = "WITH " + ", ".join(f"w{index} AS ({statement})" for index, (statement, _) in enumerate(ctes))
+    sql += " UPDATE runs_run SET last_event_seq = %s WHERE id = %s RETURNING pg_notify(%s, %s)"
+    params = [param for _, statement_params in ctes for param in statement_params]
+    params += [run.last_event_seq, run.id, notify.CHANNEL, notify.run_topic(run.id)]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def _cancel_open_commands(write: _RunWrite, *, message: str | None) -> None:
@@ -534,7 +607,7 @@ def event_append(
     events: list[tuple[str, dict]],
     batch_key: str | None = None,
     scope: Scope = UNRESTRICTED,
-) -> tuple[list[RunEvent], bool]:
+) -> tuple[list[NewEvent | RunEvent], bool]:
     """Append a batch of runner events, all or none, with gapless seqs. Returns (events, created).
 
     The holder at the current epoch may append; after the run ended, its last holder may still
@@ -544,32 +617,29 @@ def event_append(
     """
     for event_type, payload in events:
         validate_event(event_type, payload)
-    run = _lock_run(run_id, scope)
+    batch_key = batch_key or None
+    run, batch = _lock_run_for_append(run_id, scope, batch_key)
     _check_holder(run, runner_id, lease_epoch)
-    batch_hash = None
+    extra_statements = []
     if batch_key:
         batch_hash = stable_hash([[event_type, payload] for event_type, payload in events])
-        batch = EventBatch.objects.filter(run_id=run.id, batch_key=batch_key).first()
         if batch is not None:
-            if batch.payload_hash != batch_hash:
+            payload_hash, first_seq, count = batch
+            if payload_hash != batch_hash:
                 raise conflict(SCHEMA_INVALID, "batchKey reused with different events", batchKey=batch_key)
-            replay = RunEvent.objects.filter(
-                run_id=run.id, seq__gte=batch.first_seq, seq__lt=batch.first_seq + batch.count
-            ).order_by("seq")
-            return list(replay), False
+            replay = RunEvent.objects.filter(run_id=run.id, seq__gte=first_seq, seq__lt=first_seq + count)
+            return list(replay.order_by("seq")), False
+        extra_statements.append(
+            (
+                "INSERT INTO runs_eventbatch (run_id, batch_key, payload_hash, first_seq, count, created_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                [run.id, batch_key, batch_hash, run.last_event_seq + 1, len(events), run.db_now],
+            )
+        )
     write = _RunWrite(run)
     for event_type, payload in events:
         write.emit(event_type, payload)
-    if batch_key:
-        EventBatch.objects.create(
-            run_id=run.id,
-            batch_key=batch_key,
-            payload_hash=batch_hash,
-            first_seq=write.events[0].seq if write.events else run.last_event_seq + 1,
-            count=len(write.events),
-            created_at=write.at,
-        )
-    write.save()
+    write.save(extra_statements=extra_statements)
     return write.events, True
 
 

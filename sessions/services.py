@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from django.db import transaction
+from django.db import connection, transaction
 
 from agentrun import counters
 from agentrun.errors import SCHEMA_INVALID, TENANT_POLICY_DENIED, AgentRunError
@@ -131,9 +131,14 @@ def session_resolve_for_run(
         return session_ref_from_record(session, session_ref)
 
 
-def session_touch_event(*, session_id: str, last_event_seq: int, at: datetime) -> None:
-    """Every appended event: lastEventSeq and activity, no version bump."""
-    Session.objects.filter(pk=session_id).update(last_event_seq=last_event_seq, last_activity_at=at, updated_at=at)
+def session_event_touch_sql(*, session_id: str, last_event_seq: int, at: datetime) -> tuple[str, list]:
+    """Every appended event touches its session: lastEventSeq and activity, no version bump.
+    As a statement, so the append can send it with its own writes in one round trip."""
+    return (
+        "UPDATE agent_sessions_session SET last_event_seq = %s, last_activity_at = %s, updated_at = %s "
+        "WHERE session_id = %s",
+        [last_event_seq, at, at, session_id],
+    )
 
 
 def session_touch_command_created(

@@ -110,5 +110,7 @@ LOGGING = {
 
 # Long-polls wait at most this long, whatever the client asks.
 AGENTRUN_MAX_WAIT_SECONDS = 30.0
+# How long a process trusts a key it has looked up (a revoked key works at most this long).
+AGENTRUN_AUTH_CACHE_SECONDS = float(os.environ.get("AGENTRUN_AUTH_CACHE_SECONDS", "5"))
 # The manager URL handed to runners.
 AGENTRUN_URL = os.environ.get("AGENTRUN_URL", "http://127.0.0.1:8000")

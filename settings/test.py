@@ -20,3 +20,5 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 # Scanning every static file on each test client's start costs ~80 ms; the docs test turns it on.
 WHITENOISE_USE_FINDERS = False
+# Tests revoke keys and expect the next request to fail; the cache has its own test.
+AGENTRUN_AUTH_CACHE_SECONDS = 0

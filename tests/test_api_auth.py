@@ -306,3 +306,21 @@ def test_create_api_key_refuses_run_scope_for_client():
     with pytest.raises(CommandError):
         call_command("create_api_key", "--tenant", TENANT, "--role", "client", "--run", "run_x", stdout=StringIO())
     assert not ApiKey.objects.exists()
+
+
+def test_key_cache_skips_the_lookup_and_honours_its_time(settings, django_assert_num_queries):
+    from agentrun.auth import key_cache
+
+    settings.AGENTRUN_AUTH_CACHE_SECONDS = 60
+    key_cache.clear()
+    api = make_key("client")
+    assert api.get("backends")[0] == 200
+    with django_assert_num_queries(0):
+        assert api.get("backends")[0] == 200
+    # A revoked key is refused once its entry is gone (here: the cache cleared; in service: the TTL).
+    type(api.key).objects.filter(pk=api.key.pk).update(revoked_at="2026-01-01T00:00:00Z")
+    assert api.get("backends")[0] == 200
+    key_cache.clear()
+    status, body = api.get("backends")
+    assert status == 401 and body["error"]["kind"] == "auth-required"
+    key_cache.clear()

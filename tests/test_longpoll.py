@@ -110,15 +110,18 @@ def test_many_waiters_share_one_listening_connection_and_hold_no_other():
     topic = notify.run_topic(run.id)
     waiters = [in_thread(lambda: api.get(f"runs/{run.id}/events", afterSeq="2", wait="20")) for _ in range(12)]
     assert wait_until(lambda: waiting_count(topic) == 12)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FILTER (WHERE query = 'LISTEN agentrun'), count(*) "
-            "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-        listening, others = cursor.fetchone()
-    assert listening == 1
-    # Sleeping requests give their connection back: only the listener remains besides this one.
-    assert others == 1
+
+    def connections():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FILTER (WHERE query = 'LISTEN agentrun'), count(*) "
+                "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            return cursor.fetchone()
+
+    # A waiter subscribes, checks once more, then gives its connection back before it sleeps.
+    # Sleeping requests hold none: only the listener remains besides this one.
+    assert wait_until(lambda: connections() == (1, 1)), connections()
     runner.post(f"runs/{run.id}/events", {"runnerId": "r", "leaseEpoch": 1, "type": "error", "payload": {}})
     for thread, _ in waiters:
         thread.join(20)
@@ -131,3 +134,36 @@ def test_wait_param_validation():
     for bad in ("-1", "abc", "nan"):
         status, body = api.get(f"runs/{run.id}/events", wait=bad)
         assert status == 400 and body["error"]["kind"] == "schema-invalid"
+
+
+def test_waiters_woken_together_share_one_fetch():
+    from agentrun.notify import NotificationHub
+
+    hub = NotificationHub()
+    hub._ensure_started = lambda: None  # no listener needed: wake-ups are delivered by hand
+    calls = []
+    release = threading.Event()
+
+    def fetch():
+        calls.append(1)
+        release.wait(5)
+        return ["row"]
+
+    results = []
+    with hub.subscribe("t") as first, hub.subscribe("t"):
+        hub._wake("t")
+        threads = [threading.Thread(target=lambda: results.append(hub.shared_fetch("t", "k", fetch))) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: len(calls) == 1)
+        release.set()
+        for thread in threads:
+            thread.join(5)
+        assert results == [["row"]] * 10 and len(calls) == 1
+        # A later notification means newer rows may exist: the next waiter fetches again.
+        hub._wake("t")
+        assert hub.shared_fetch("t", "k", fetch) == ["row"] and len(calls) == 2
+        # Another question is never answered with this one's rows.
+        assert hub.shared_fetch("t", "other", fetch) == ["row"] and len(calls) == 3
+        assert first.event.is_set()
+    assert "t" not in hub._shared

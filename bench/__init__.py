@@ -1,0 +1,1 @@
+"""Benchmarks. Scripts, not tests: they print figures and assert nothing about timing."""
