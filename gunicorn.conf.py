@@ -12,3 +12,4 @@ graceful_timeout = 10
 keepalive = 5
 accesslog = os.environ.get("AGENTRUN_ACCESS_LOG") or None
 wsgi_app = "agentrun.wsgi:application"
+

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import psycopg
 from django.db import connection, connections
+from django.http import HttpResponse, StreamingHttpResponse
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,11 @@ class _SharedFetch:
 
 
 class _Waiter:
-    __slots__ = ("event", "topic")
+    __slots__ = ("event", "topic", "question")
 
-    def __init__(self, topic: str):
+    def __init__(self, topic: str, question=None):
         self.topic = topic
+        self.question = question  # (share_key, fetch): what this waiter will ask once woken
         self.event = threading.Event()
 
 
@@ -80,23 +82,30 @@ class NotificationHub:
         self._conninfo: dict | None = None
         self._stopping = False
 
-    @contextmanager
-    def subscribe(self, topic: str):
-        waiter = _Waiter(topic)
+    def add_waiter(self, topic: str, question=None) -> _Waiter:
+        waiter = _Waiter(topic, question)
         self._ensure_started()
         with self._lock:
             self._waiters.setdefault(topic, set()).add(waiter)
+        return waiter
+
+    def remove_waiter(self, waiter: _Waiter) -> None:
+        with self._lock:
+            peers = self._waiters.get(waiter.topic)
+            if peers is not None:
+                peers.discard(waiter)
+                if not peers:
+                    del self._waiters[waiter.topic]
+                    self._shared.pop(waiter.topic, None)
+                    self._generations.pop(waiter.topic, None)
+
+    @contextmanager
+    def subscribe(self, topic: str):
+        waiter = self.add_waiter(topic)
         try:
             yield waiter
         finally:
-            with self._lock:
-                peers = self._waiters.get(topic)
-                if peers is not None:
-                    peers.discard(waiter)
-                    if not peers:
-                        del self._waiters[topic]
-                        self._shared.pop(topic, None)
-                        self._generations.pop(topic, None)
+            self.remove_waiter(waiter)
 
     def wait(self, waiter: _Waiter, timeout: float) -> bool:
         """Sleep until the topic is notified or `timeout` passes; True when notified."""
@@ -145,7 +154,7 @@ class NotificationHub:
                     self._wake_all()
                     while not self._stopping and self._conninfo == info:
                         for note in conn.notifies(timeout=0.25):
-                            self._wake(note.payload)
+                            self._answer(note.payload)
             except Exception:  # noqa: BLE001 - the listener must survive any outage
                 self._listening.clear()
                 if self._stopping:
@@ -183,9 +192,37 @@ class NotificationHub:
             return fetch()
         return shared.result
 
-    def _wake(self, topic: str) -> None:
+    def _answer(self, topic: str) -> None:
+        """A notification: fetch the answer to each distinct question its waiters will ask, here
+        and once, then wake them. Fetching before a crowd of threads wakes (and queues for the
+        GIL) is what keeps a wide fan-out fast; a waiter whose question failed asks itself."""
         with self._lock:
-            if topic in self._waiters:
+            if topic not in self._waiters:
+                return
+            generation = self._generations.get(topic, 0) + 1
+            self._generations[topic] = generation
+            questions = {w.question[0]: w.question[1] for w in self._waiters[topic] if w.question is not None}
+            fetches = self._shared.setdefault(topic, {})
+            prepared = {key: fetches.setdefault(key, _SharedFetch(generation)) for key in questions}
+            for key, shared in list(prepared.items()):
+                if shared.generation != generation:
+                    prepared[key] = fetches[key] = _SharedFetch(generation)
+        try:
+            for key, fetch in questions.items():
+                shared = prepared[key]
+                try:
+                    shared.result = fetch()
+                except Exception:  # noqa: BLE001 - the waiters will fetch for themselves
+                    shared.failed = True
+                finally:
+                    shared.done.set()
+        finally:
+            connection.close()
+            self._wake(topic, counted=True)
+
+    def _wake(self, topic: str, counted: bool = False) -> None:
+        with self._lock:
+            if topic in self._waiters and not counted:
                 self._generations[topic] = self._generations.get(topic, 0) + 1
             waiters = list(self._waiters.get(topic, ()))
         for waiter in waiters:
@@ -211,23 +248,72 @@ def release_connection() -> None:
         connection.close()
 
 
-def wait_for(topic: str, *, timeout: float, fetch, share_key=None):
-    """Return `fetch()` as soon as it is non-empty, or its last (empty) value after `timeout`.
-    Waiters passing the same `share_key` (the same question about the same topic) share the
-    fetch that follows a wake-up."""
+class _LongPoll:
+    """The body of a long-poll response: it sleeps until the topic is notified or the deadline,
+    then yields the rendered answer.
+
+    The wait happens while the WSGI server iterates the body, after Django and DRF have done
+    their part (auth, validation, the first look, middleware). A woken waiter then costs only
+    a shared fetch and a write, so one append can wake a hundred followers at once.
+    """
+
+    def __init__(self, waiter: _Waiter, *, deadline: float, fetch, share_key, render):
+        self.waiter, self.deadline, self.fetch, self.share_key, self.render = waiter, deadline, fetch, share_key, render
+        self.finished = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        if self.finished:
+            raise StopIteration
+        self.finished = True
+        result = None
+        try:
+            while True:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                woke = hub.wait(self.waiter, remaining)
+                result = hub.shared_fetch(self.waiter.topic, self.share_key, self.fetch) if woke else self.fetch()
+                release_connection()
+                if result:
+                    break
+            if not result:
+                result = self.fetch()
+        except Exception:  # noqa: BLE001 - the status (200) is sent: answer "nothing new yet"
+            logger.warning("long-poll on %s failed while waiting; answering with no items", self.waiter.topic,
+                           exc_info=True)
+            result = None
+        finally:
+            self.close()
+            release_connection()
+        return self.render(result)
+
+    def close(self) -> None:
+        hub.remove_waiter(self.waiter)
+
+
+def long_poll(topic: str, *, timeout: float, fetch, share_key, render) -> HttpResponse:
+    """Answer with `render(fetch())` as soon as `fetch()` is non-empty, or after `timeout`
+    with its last (empty) value; `render(None)` must answer "nothing yet". Waiters with the
+    same `share_key` (the same question about the same topic) share each wake-up's fetch."""
     result = fetch()
     if result or timeout <= 0:
-        return result
+        return HttpResponse(render(result), content_type="application/json")
     deadline = time.monotonic() + timeout
-    with hub.subscribe(topic) as waiter:
+    # Subscribe before looking again, so a commit between the two looks still wakes us.
+    waiter = hub.add_waiter(topic, (share_key, fetch))
+    try:
         result = fetch()
-        while not result:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            release_connection()
-            if hub.wait(waiter, remaining) and share_key is not None:
-                result = hub.shared_fetch(topic, share_key, fetch)
-            else:
-                result = fetch()
-    return result
+    except BaseException:
+        hub.remove_waiter(waiter)
+        raise
+    if result:
+        hub.remove_waiter(waiter)
+        return HttpResponse(render(result), content_type="application/json")
+    release_connection()
+    return StreamingHttpResponse(
+        _LongPoll(waiter, deadline=deadline, fetch=fetch, share_key=share_key, render=render),
+        content_type="application/json",
+    )

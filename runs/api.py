@@ -59,7 +59,7 @@ def _created(record, created: bool, serializer_class) -> Response:
 
 
 class _Page:
-    """A seq page, rendered to JSON once however many waiters it is shared with."""
+    """A seq page. Its JSON is rendered once, however many woken waiters share the page."""
 
     __slots__ = ("items", "serializer_class", "after_seq", "_body")
 
@@ -69,14 +69,14 @@ class _Page:
     def __bool__(self) -> bool:
         return bool(self.items)
 
-    def response(self) -> HttpResponse:
+    def body(self) -> bytes:
         if self._body is None:
             cursor = str(self.items[-1].seq) if self.items else str(self.after_seq)
-            # The same bytes DRF's JSONRenderer writes (compact, UTF-8), without its per-request cost.
+            # The bytes DRF's JSONRenderer writes (compact, UTF-8), without its per-request cost.
             self._body = json.dumps(
                 render_page(self.items, self.serializer_class, cursor=cursor), ensure_ascii=False, separators=(",", ":")
             ).encode()
-        return HttpResponse(self._body, content_type="application/json")
+        return self._body
 
 
 def _page(request, *, run_id: str, maximum: int, fetch, serializer_class) -> HttpResponse:
@@ -84,13 +84,13 @@ def _page(request, *, run_id: str, maximum: int, fetch, serializer_class) -> Htt
     after_seq = query_int(request.query_params, "afterSeq", default=0, minimum=0)
     limit = query_int(request.query_params, "limit", default=DEFAULT_PAGE, minimum=1, maximum=maximum)
     wait = query_wait(request.query_params, maximum=settings.AGENTRUN_MAX_WAIT_SECONDS)
-    page = notify.wait_for(
+    return notify.long_poll(
         notify.run_topic(run_id),
         timeout=wait,
         fetch=lambda: _Page(fetch(run_id=run_id, after_seq=after_seq, limit=limit), serializer_class, after_seq),
         share_key=(fetch.__name__, after_seq, limit),
+        render=lambda page: (page or _Page([], serializer_class, after_seq)).body(),
     )
-    return page.response()
 
 
 class RunViewSet(viewsets.ViewSet):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from rest_framework.test import APIClient
 
@@ -38,7 +40,9 @@ class KeyClient:
             response = call(url, **kwargs)
         else:
             response = call(url, body, format="json", **kwargs)
-        data = response.json() if response.content and response["Content-Type"].startswith("application/json") else None
+        # A long-poll that had to wait streams its one JSON body.
+        content = b"".join(response.streaming_content) if response.streaming else response.content
+        data = json.loads(content) if content and response["Content-Type"].startswith("application/json") else None
         return response.status_code, data
 
     def get(self, path, **params):

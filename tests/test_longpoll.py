@@ -167,3 +167,14 @@ def test_waiters_woken_together_share_one_fetch():
         assert hub.shared_fetch("t", "other", fetch) == ["row"] and len(calls) == 3
         assert first.event.is_set()
     assert "t" not in hub._shared
+
+
+def test_a_client_that_goes_away_leaves_no_waiter_behind():
+    api = make_key("client")
+    run = make_run()
+    response = api.client.get(f"/api/v1/runs/{run.id}/events", {"afterSeq": "1", "wait": "20"})
+    assert response.status_code == 200 and response.streaming
+    topic = notify.run_topic(run.id)
+    assert waiting_count(topic) == 1
+    response.close()  # what the WSGI server does when the connection drops before the body
+    assert waiting_count(topic) == 0
