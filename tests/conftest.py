@@ -60,6 +60,16 @@ class KeyClient:
         return response.status_code, response.json() if response.content else None
 
 
+def assert_error(status, body, code, kind):
+    """The one error envelope: {"error": {"kind", "message", "details"}} with this status and kind."""
+    assert status == code, body
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"kind", "message", "details"}, body
+    assert body["error"]["kind"] == kind, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["details"], dict)
+
+
 def make_key(role: str, *, tenant: str = TENANT, project: str | None = PROJECT, run: str | None = None) -> KeyClient:
     key, raw = api_key_create(tenant_id=tenant, project_id=project, role=role, run_id=run)
     return KeyClient(raw, key)

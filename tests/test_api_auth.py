@@ -12,17 +12,9 @@ from django.utils import timezone
 from agentrun.models import ApiKey
 from runs import services
 from runs.models import Command, Run, RunEvent, Runner, RunnerJob
-from tests.conftest import PROJECT, TENANT, KeyClient, claim, make_key, make_run
+from tests.conftest import PROJECT, TENANT, KeyClient, assert_error, claim, make_key, make_run
 
 pytestmark = pytest.mark.django_db
-
-
-def assert_error(status, body, code, kind):
-    assert status == code, body
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"kind", "message", "details"}, body
-    assert body["error"]["kind"] == kind, body
-    assert isinstance(body["error"]["details"], dict)
 
 
 def job_body():

@@ -9,7 +9,7 @@ import pytest
 from runs import services
 from runs.models import Command, Run
 from sessions.models import Session
-from tests.conftest import claim, events_of, make_run, phases
+from tests.conftest import assert_error, claim, events_of, make_run, phases
 
 pytestmark = pytest.mark.django_db
 
@@ -19,14 +19,6 @@ COMMAND_KEYS = {
     "id", "runId", "seq", "type", "payload", "idempotencyKey", "payloadHash", "state", "acknowledgedAt",
     "terminalStatus", "failureKind", "failureMessage", "threadId", "turnId", "createdAt", "updatedAt",
 }
-
-
-def assert_error(status, body, code, kind):
-    assert status == code, body
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"kind", "message", "details"}, body
-    assert body["error"]["kind"] == kind, body
-    assert isinstance(body["error"]["details"], dict)
 
 
 def claimed_run(runner_id="runner-1", times=1, **kwargs):

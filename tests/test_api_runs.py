@@ -9,7 +9,7 @@ import pytest
 
 from runs import services
 from runs.models import Command, EventBatch, Run, RunEvent, Runner, RunnerJob
-from tests.conftest import PROJECT, TENANT, claim, events_of, make_key, make_run, phases
+from tests.conftest import PROJECT, TENANT, assert_error, claim, events_of, make_key, make_run, phases
 
 pytestmark = pytest.mark.django_db
 
@@ -31,15 +31,6 @@ JOB_KEYS = {
     "managerUrl", "image", "sourceCommit", "serviceAccountName", "result", "createdAt", "updatedAt",
 }
 GHP = "ghp_" + "a" * 36
-
-
-def assert_error(status, body, code, kind):
-    assert status == code, body
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"kind", "message", "details"}, body
-    assert body["error"]["kind"] == kind, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert isinstance(body["error"]["details"], dict)
 
 
 def db_run(run_id) -> Run:
