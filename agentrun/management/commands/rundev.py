@@ -29,6 +29,16 @@ def _database_url() -> str:
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
+def _die_with_parent() -> None:
+    """In the child: if this command dies without stopping it, the server goes too (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Command(BaseCommand):
     help = "Development server: gunicorn (gthread) on the embedded or configured PostgreSQL."
 
@@ -48,7 +58,9 @@ class Command(BaseCommand):
             "AGENTRUN_BIND": bind,
         }
         web = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(settings.BASE_DIR / "gunicorn.conf.py")], env=env
+            [sys.executable, "-m", "gunicorn", "-c", str(settings.BASE_DIR / "gunicorn.conf.py")],
+            env=env,
+            preexec_fn=_die_with_parent,
         )
         base = f"http://{bind}/api/v1"
         self.stdout.write(
