@@ -32,12 +32,12 @@ MIDDLEWARE = [
     "agentrun.middleware.BodySizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
+    "agentrun.middleware.SiteOnlySessionMiddleware",
     "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "agentrun.middleware.SiteOnlyCsrfViewMiddleware",
+    "agentrun.middleware.SiteOnlyAuthenticationMiddleware",
+    "agentrun.middleware.SiteOnlyMessageMiddleware",
+    "agentrun.middleware.SiteOnlyXFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "agentrun.urls"

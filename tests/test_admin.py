@@ -77,3 +77,14 @@ def test_revoke_action(staff):
     staff.post("/admin/agentrun/apikey/", {"action": "revoke", "_selected_action": [key.pk]}, follow=True)
     key.refresh_from_db()
     assert key.revoked_at is not None
+
+
+def test_site_middleware_runs_for_admin_and_not_for_the_api():
+    client = Client(enforce_csrf_checks=True)
+    login = client.get("/admin/login/")
+    assert login.status_code == 200 and "csrftoken" in login.cookies and login["X-Frame-Options"] == "DENY"
+    # Without the CSRF token the admin refuses a form post; the API never asks for one.
+    assert client.post("/admin/login/", {"username": "x", "password": "y"}).status_code == 403
+    api = Client(enforce_csrf_checks=True)
+    response = api.get("/api/v1/health")
+    assert response.status_code == 200 and not response.cookies and "X-Frame-Options" not in response
