@@ -9,7 +9,7 @@ import logging
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
@@ -97,8 +97,6 @@ def to_agentrun_error(exc: BaseException) -> AgentRunError | None:
         return AgentRunError(SCHEMA_INVALID, "bad request", status=400)
     if _is_database_outage(exc):
         return AgentRunError(INFRA_FAILED, "the database is unavailable", status=503)
-    if isinstance(exc, DatabaseError):
-        return None
     return None
 
 

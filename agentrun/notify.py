@@ -272,15 +272,11 @@ class _LongPoll:
         try:
             while True:
                 remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                woke = hub.wait(self.waiter, remaining)
+                woke = remaining > 0 and hub.wait(self.waiter, remaining)
                 result = hub.shared_fetch(self.waiter.topic, self.share_key, self.fetch) if woke else self.fetch()
                 release_connection()
-                if result:
+                if result or self.deadline <= time.monotonic():
                     break
-            if not result:
-                result = self.fetch()
         except Exception:  # noqa: BLE001 - the status (200) is sent: answer "nothing new yet"
             logger.warning("long-poll on %s failed while waiting; answering with no items", self.waiter.topic,
                            exc_info=True)
@@ -298,11 +294,10 @@ def long_poll(topic: str, *, timeout: float, fetch, share_key, render) -> HttpRe
     """Answer with `render(fetch())` as soon as `fetch()` is non-empty, or after `timeout`
     with its last (empty) value; `render(None)` must answer "nothing yet". Waiters with the
     same `share_key` (the same question about the same topic) share each wake-up's fetch."""
-    result = fetch()
-    if result or timeout <= 0:
-        return HttpResponse(render(result), content_type="application/json")
+    if timeout <= 0:
+        return HttpResponse(render(fetch()), content_type="application/json")
     deadline = time.monotonic() + timeout
-    # Subscribe before looking again, so a commit between the two looks still wakes us.
+    # Subscribe before the first look, so a commit right after it still wakes us.
     waiter = hub.add_waiter(topic, (share_key, fetch))
     try:
         result = fetch()

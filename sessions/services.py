@@ -120,9 +120,10 @@ def session_resolve_for_run(
                 storage_kind=StorageKind.NONE,
                 version=counters.next_version(counters.SESSIONS),
             )
-            created = Session.objects.bulk_create([candidate], ignore_conflicts=True)
+            Session.objects.bulk_create([candidate], ignore_conflicts=True)
             session = lock_session(candidate.session_id)
-            if session.version == candidate.version and created:
+            # Versions are unique: the row carries ours only if our insert won.
+            if session.version == candidate.version:
                 return session_ref_from_record(session, session_ref)
         check_boundary(session, tenant_id=tenant_id, project_id=project_id, backend_profile=backend_profile)
         # createRun's touch of an existing session: lastRunId and activity, no version bump.
