@@ -5,6 +5,7 @@ Imported by settings, so it must not import Django models.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -34,8 +35,27 @@ def start_embedded(var_dir: Path) -> str:
         import pgserver
 
     var_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(var_dir / "pgdata", cleanup_mode="stop")
+    pgdata = var_dir / "pgdata"
+    with pgserver.PostgresServer._lock:
+        _forget_dead_handles(pgdata)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
     return server.get_uri()
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """pgserver stops the server when the last attached process exits, going by a list of pids
+    in the data directory. A process that was killed never takes itself off that list, and then
+    the server would never be stopped again: drop the pids that no longer run."""
+    import psutil
+
+    handles = pgdata / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
 
 
 def django_database(url: str, *, pool: bool, adapter: str) -> dict:
