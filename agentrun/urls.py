@@ -6,7 +6,8 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from agentrun.api import BackendsView, HealthView, livez, readyz
-from runs.api import CommandViewSet, RunnerViewSet, RunViewSet
+from runs.api import CommandViewSet, RunnerViewSet, RunViewSet, SessionEventViewSet
+from sessions.api import SessionViewSet
 
 router = SimpleRouter()
 # Routes answer with or without a trailing slash.
@@ -14,6 +15,8 @@ router.trailing_slash = "/?"
 router.register("runs", RunViewSet, basename="run")
 router.register("commands", CommandViewSet, basename="command")
 router.register("runners", RunnerViewSet, basename="runner")
+router.register("sessions", SessionViewSet, basename="session")
+router.register("sessions", SessionEventViewSet, basename="session-events")
 
 api_v1 = [
     path("health", HealthView.as_view(), name="health"),

@@ -12,6 +12,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from agentrun import notify
+from agentrun.fields import validated
 from agentrun.wire import query_int, query_wait
 from runs import selectors, services
 from runs.serializers import (
@@ -46,12 +47,6 @@ PAGE_PARAMETERS = [
 ]
 
 
-def _validated(serializer_class, data):
-    serializer = serializer_class(data=data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
-
-
 def _created(record, created: bool, serializer_class) -> Response:
     return Response(
         serializer_class().to_representation(record), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
@@ -61,10 +56,11 @@ def _created(record, created: bool, serializer_class) -> Response:
 class _Page:
     """A seq page. Its JSON is rendered once, however many woken waiters share the page."""
 
-    __slots__ = ("items", "serializer_class", "after_seq", "_body")
+    __slots__ = ("items", "serializer_class", "after_seq", "head", "_body")
 
-    def __init__(self, items, serializer_class, after_seq: int):
-        self.items, self.serializer_class, self.after_seq, self._body = items, serializer_class, after_seq, None
+    def __init__(self, items, serializer_class, after_seq: int, head: dict | None = None):
+        self.items, self.serializer_class, self.after_seq, self.head = items, serializer_class, after_seq, head
+        self._body = None
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -73,23 +69,29 @@ class _Page:
         if self._body is None:
             cursor = str(self.items[-1].seq) if self.items else str(self.after_seq)
             # The bytes DRF's JSONRenderer writes (compact, UTF-8), without its per-request cost.
-            self._body = json.dumps(
-                render_page(self.items, self.serializer_class, cursor=cursor), ensure_ascii=False, separators=(",", ":")
-            ).encode()
+            page = render_page(self.items, self.serializer_class, cursor=cursor)
+            self._body = json.dumps({**self.head, **page} if self.head else page, ensure_ascii=False,
+                                    separators=(",", ":")).encode()
         return self._body
 
 
-def _page(request, *, run_id: str, maximum: int, fetch, serializer_class) -> HttpResponse:
-    """A seq page, long-polled when `wait` is given. An empty page echoes afterSeq."""
+def _page_parameters(request, maximum: int) -> tuple[int, int, float]:
     after_seq = query_int(request.query_params, "afterSeq", default=0, minimum=0)
     limit = query_int(request.query_params, "limit", default=DEFAULT_PAGE, minimum=1, maximum=maximum)
     wait = query_wait(request.query_params, maximum=settings.AGENTRUN_MAX_WAIT_SECONDS)
+    return after_seq, limit, wait
+
+
+def _page(request, *, run_id: str, maximum: int, fetch, serializer_class, head: dict | None = None) -> HttpResponse:
+    """A seq page, long-polled when `wait` is given. An empty page echoes afterSeq. `head` goes
+    before the page's keys (a session's trace names its session and run)."""
+    after_seq, limit, wait = _page_parameters(request, maximum)
     return notify.long_poll(
         notify.run_topic(run_id),
         timeout=wait,
-        fetch=lambda: _Page(fetch(run_id=run_id, after_seq=after_seq, limit=limit), serializer_class, after_seq),
+        fetch=lambda: _Page(fetch(run_id=run_id, after_seq=after_seq, limit=limit), serializer_class, after_seq, head),
         share_key=(fetch.__name__, after_seq, limit),
-        render=lambda page: (page or _Page([], serializer_class, after_seq)).body(),
+        render=lambda page: (page or _Page([], serializer_class, after_seq, head)).body(),
     )
 
 
@@ -111,7 +113,7 @@ class RunViewSet(viewsets.ViewSet):
 
     @extend_schema(request=RunCreateIn, responses={201: RunOut, 200: RunOut})
     def create(self, request):
-        data = _validated(RunCreateIn, request.data)
+        data = validated(RunCreateIn, request.data)
         tenant_id, project_id = request.scope.fill(data.get("tenantId"), data.get("projectId"))
         known = set(RunCreateIn().fields)
         extra = {key: value for key, value in request.data.items() if key not in known and key not in RunOut().fields}
@@ -137,14 +139,14 @@ class RunViewSet(viewsets.ViewSet):
     @extend_schema(request=ClaimIn, responses=RunOut)
     @action(detail=True, methods=["post"])
     def claim(self, request, pk=None):
-        data = _validated(ClaimIn, request.data)
+        data = validated(ClaimIn, request.data)
         run = services.run_claim(run_id=pk, runner_id=data["runnerId"], lease_ms=data["leaseMs"], scope=request.scope)
         return Response(RunOut().to_representation(run))
 
     @extend_schema(request=HeartbeatIn, responses=RunOut)
     @action(detail=True, methods=["post"])
     def heartbeat(self, request, pk=None):
-        data = _validated(HeartbeatIn, request.data)
+        data = validated(HeartbeatIn, request.data)
         run = services.run_heartbeat(
             run_id=pk, runner_id=data["runnerId"], lease_epoch=data["leaseEpoch"], lease_ms=data["leaseMs"],
             scope=request.scope,
@@ -154,7 +156,7 @@ class RunViewSet(viewsets.ViewSet):
     @extend_schema(request=FinishIn, responses=RunOut)
     @action(detail=True, methods=["post"])
     def finish(self, request, pk=None):
-        data = _validated(FinishIn, request.data)
+        data = validated(FinishIn, request.data)
         run = services.run_finish(
             run_id=pk,
             runner_id=data["runnerId"],
@@ -171,7 +173,7 @@ class RunViewSet(viewsets.ViewSet):
     @extend_schema(request=CancelIn, responses=RunOut)
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
-        data = _validated(CancelIn, request.data)
+        data = validated(CancelIn, request.data)
         run = services.run_cancel(run_id=pk, reason=data.get("reason"), scope=request.scope)
         return Response(RunOut().to_representation(run))
 
@@ -205,7 +207,7 @@ class RunViewSet(viewsets.ViewSet):
             selectors.run_exists(run_id=pk, scope=request.scope)
             return _page(request, run_id=pk, maximum=MAX_COMMANDS_PAGE, fetch=selectors.command_list,
                          serializer_class=CommandOut)
-        data = _validated(CommandCreateIn, request.data)
+        data = validated(CommandCreateIn, request.data)
         command, created = services.command_create(
             run_id=pk,
             command_type=data["type"],
@@ -223,7 +225,7 @@ class RunViewSet(viewsets.ViewSet):
             selectors.run_exists(run_id=pk, scope=request.scope)
             jobs = selectors.runner_job_list(run_id=pk, command_id=request.query_params.get("commandId") or None)
             return Response(render_page(jobs, RunnerJobOut, cursor=None))
-        data = _validated(RunnerJobIn, request.data)
+        data = validated(RunnerJobIn, request.data)
         fields = {
             "command_id": data["commandId"],
             "payload_hash": data["payloadHash"],
@@ -260,7 +262,7 @@ class CommandViewSet(viewsets.ViewSet):
     @extend_schema(request=LeaseIn, responses=CommandOut)
     @action(detail=True, methods=["post"])
     def ack(self, request, pk=None):
-        data = _validated(LeaseIn, request.data)
+        data = validated(LeaseIn, request.data)
         command = services.command_ack(
             command_id=pk, runner_id=data["runnerId"], lease_epoch=data["leaseEpoch"], scope=request.scope
         )
@@ -269,7 +271,7 @@ class CommandViewSet(viewsets.ViewSet):
     @extend_schema(request=FinishIn, responses=CommandOut)
     @action(detail=True, methods=["post"])
     def finish(self, request, pk=None):
-        data = _validated(FinishIn, request.data)
+        data = validated(FinishIn, request.data)
         command = services.command_finish(
             command_id=pk,
             runner_id=data["runnerId"],
@@ -286,7 +288,7 @@ class CommandViewSet(viewsets.ViewSet):
     @extend_schema(request=CancelIn, responses=CommandOut)
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
-        data = _validated(CancelIn, request.data)
+        data = validated(CancelIn, request.data)
         command = services.command_cancel(command_id=pk, reason=data.get("reason"), scope=request.scope)
         return Response(CommandOut().to_representation(command))
 
@@ -296,9 +298,38 @@ class RunnerViewSet(viewsets.ViewSet):
 
     @extend_schema(request=RunnerRegisterIn, responses={201: RunnerOut, 200: RunnerOut})
     def create(self, request):
-        data = _validated(RunnerRegisterIn, request.data)
+        data = validated(RunnerRegisterIn, request.data)
         attributes = request.data if isinstance(request.data, dict) else {}
         runner, created = services.runner_register(
             tenant_id=request.scope.tenant_id, runner_id=data.get("runnerId"), attributes=attributes
         )
         return _created(runner, created, RunnerOut)
+
+
+class SessionEventViewSet(viewsets.ViewSet):
+    """A session's events: those of its active run, else its last run, else of `runId`."""
+
+    lookup_value_regex = "[^/]+"
+    roles = {"trace": {CLIENT}, "output": {CLIENT}}
+
+    def _events(self, request, session_id: str, fetch) -> HttpResponse:
+        run_id = selectors.session_run_id(
+            session_id=session_id, run_id=request.query_params.get("runId") or None, scope=request.scope
+        )
+        head = {"sessionId": session_id, "runId": run_id}
+        if run_id is None:
+            after_seq, _, _ = _page_parameters(request, MAX_EVENTS_PAGE)
+            return Response({**head, "items": [], "count": 0, "cursor": str(after_seq)})
+        return _page(request, run_id=run_id, maximum=MAX_EVENTS_PAGE, fetch=fetch, serializer_class=EventOut,
+                     head=head)
+
+    @extend_schema(parameters=[OpenApiParameter("runId", str), *PAGE_PARAMETERS], responses=EventOut(many=True))
+    @action(detail=True, methods=["get"])
+    def trace(self, request, pk=None):
+        return self._events(request, pk, selectors.event_list)
+
+    @extend_schema(parameters=[OpenApiParameter("runId", str), *PAGE_PARAMETERS], responses=EventOut(many=True))
+    @action(detail=True, methods=["get"])
+    def output(self, request, pk=None):
+        """Only output events (SPEC §4.10), filtered before the limit (A3)."""
+        return self._events(request, pk, selectors.output_event_list)

@@ -44,6 +44,8 @@ class Run(models.Model):
     project_id = models.CharField(max_length=200)
     backend_profile = models.CharField(max_length=32)
     session_ref = models.JSONField(null=True, blank=True)
+    # The session the run belongs to (its sessionRef's id), for the session's trace and runs.
+    session_id = models.CharField(max_length=200, null=True, blank=True, db_collation="C")
     resource_bundle_ref = models.JSONField(null=True, blank=True)
     provider_id = models.CharField(max_length=200, null=True, blank=True)
     workspace_ref = models.JSONField(null=True, blank=True)
@@ -73,6 +75,7 @@ class Run(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["tenant_id", "project_id", "created_at"], name="run_scope_created"),
+            models.Index(fields=["session_id", "created_at"], name="run_session_created"),
             models.Index(fields=["lease_expires_at"], name="run_active_lease", condition=models.Q(status__in=RUN_ACTIVE)),
         ]
         constraints = [
@@ -90,9 +93,6 @@ class Run(models.Model):
     def is_terminal(self) -> bool:
         return self.status in RUN_TERMINAL
 
-    @property
-    def session_id(self) -> str | None:
-        return (self.session_ref or {}).get("sessionId")
 
 
 class Command(models.Model):

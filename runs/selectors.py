@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from agentrun.auth import Scope
-from agentrun.errors import not_found
+from agentrun.errors import SCHEMA_INVALID, AgentRunError, not_found
+from agentrun.vocabulary import OUTPUT_EVENT_TYPES
 from runs.models import Command, Run, RunEvent, RunnerJob
+from sessions import selectors as session_selectors
 
 UNRESTRICTED = Scope.unrestricted()
+_OUTPUT_TYPES = sorted(OUTPUT_EVENT_TYPES)
 
 
 def run_get(*, run_id: str, scope: Scope = UNRESTRICTED) -> Run:
@@ -27,6 +30,25 @@ def event_list(*, run_id: str, after_seq: int, limit: int, types=None) -> list[R
     if types is not None:
         events = events.filter(type__in=types)
     return list(events.order_by("seq")[:limit])
+
+
+def output_event_list(*, run_id: str, after_seq: int, limit: int) -> list[RunEvent]:
+    return event_list(run_id=run_id, after_seq=after_seq, limit=limit, types=_OUTPUT_TYPES)
+
+
+def session_run_id(*, session_id: str, run_id: str | None, scope: Scope = UNRESTRICTED) -> str | None:
+    """The run whose events a session's trace shows: `run_id`, which must belong to the session
+    (404 otherwise), else the session's active run, else its last one (or None)."""
+    session = session_selectors.session_get(session_id=session_id, scope=scope)
+    if not run_id:
+        return session.active_run_id or session.last_run_id
+    run = Run.objects.filter(scope.q(run="id"), pk=run_id).only("session_id").first()
+    if run is None:
+        raise not_found("run", run_id)
+    if run.session_id != session_id:
+        raise AgentRunError(SCHEMA_INVALID, f"run {run_id} does not belong to session {session_id}", status=404,
+                            details={"sessionId": session_id, "runId": run_id})
+    return run_id
 
 
 def command_list(*, run_id: str, after_seq: int, limit: int) -> list[Command]:

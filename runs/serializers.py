@@ -8,37 +8,13 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
+from agentrun.fields import JSONObjectField, StrictCharField, StrictIntegerField
 from agentrun.vocabulary import FAILURE_KINDS, TERMINAL_STATUSES
 from agentrun.wire import iso
 
 MAX_LEASE_MS = 3_600_000
 DEFAULT_LEASE_MS = 60_000
 MAX_BATCH_EVENTS = 500
-
-
-class StrictIntegerField(serializers.IntegerField):
-    """An integer that is a JSON number, not a string or a bool."""
-
-    def to_internal_value(self, data):
-        if isinstance(data, bool) or not isinstance(data, (int, float)) or (isinstance(data, float) and not data.is_integer()):
-            self.fail("invalid")
-        return super().to_internal_value(data)
-
-
-class StrictCharField(serializers.CharField):
-    """A JSON string; numbers are not silently turned into strings."""
-
-    def to_internal_value(self, data):
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
-
-
-class JSONObjectField(serializers.JSONField):
-    def to_internal_value(self, data):
-        if not isinstance(data, dict):
-            raise serializers.ValidationError("must be a JSON object")
-        return data
 
 
 # --- input --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from psycopg.types.json import Jsonb
 
 from agentrun import backends, notify
 from agentrun.auth import Scope
+from agentrun.clock import db_now
 from agentrun.errors import (
     CANCELLED,
     RUNNER_LEASE_CONFLICT,
@@ -39,13 +40,6 @@ RUN_FINISHED_MESSAGE = "run finished"
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def _db_now() -> datetime:
-    # The database's clock, like Now() in the lock queries (statement_timestamp() on PostgreSQL).
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT statement_timestamp()")
-        return cursor.fetchone()[0]
 
 
 def _lock_run(run_id: str, scope: Scope) -> Run:
@@ -72,7 +66,7 @@ def _lock_run_for_append(run_id: str, scope: Scope, batch_key: str | None) -> tu
             params.append(value)
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT r.status, r.claimed_by, r.lease_epoch, r.last_event_seq, r.session_ref ->> 'sessionId', "
+            "SELECT r.status, r.claimed_by, r.lease_epoch, r.last_event_seq, r.session_id, "
             "statement_timestamp(), b.payload_hash, b.first_seq, b.count "
             "FROM runs_run r LEFT JOIN runs_eventbatch b ON b.run_id = r.id AND b.batch_key = %s "
             f"WHERE {' AND '.join(conditions)} FOR NO KEY UPDATE OF r",
@@ -88,7 +82,7 @@ def _lock_run_for_append(run_id: str, scope: Scope, batch_key: str | None) -> tu
         claimed_by=claimed_by,
         lease_epoch=lease_epoch,
         last_event_seq=last_event_seq,
-        session_ref={"sessionId": session_id} if session_id else None,
+        session_id=session_id,
     )
     run.db_now = db_now
     return run, (tuple(batch) if batch[0] is not None else None)
@@ -453,7 +447,7 @@ def _run_replay(tenant_id: str, project_id: str, idempotency_key: str, payload_h
 
 @transaction.atomic(durable=True)
 def _run_insert(fields: dict, *, idempotency_key: str | None, payload_hash: str) -> Run:
-    at = _db_now()
+    at = db_now()
     run = Run(
         id=new_id("run"),
         **fields,
@@ -464,6 +458,7 @@ def _run_insert(fields: dict, *, idempotency_key: str | None, payload_hash: str)
         updated_at=at,
     )
     if run.session_ref is not None:
+        run.session_id = run.session_ref["sessionId"]
         run.session_ref = session_services.session_resolve_for_run(
             session_ref=run.session_ref,
             tenant_id=run.tenant_id,
@@ -852,7 +847,7 @@ def runner_register(*, tenant_id: str, runner_id: str | None = None, attributes:
     kept, except the ones the server owns (id, timestamps). Error: 403 when the id belongs to
     another tenant."""
     attributes = {k: v for k, v in (attributes or {}).items() if k not in _RUNNER_SERVER_FIELDS}
-    at = _db_now()
+    at = db_now()
     if not runner_id:
         runner = Runner.objects.create(
             id=new_id("runner"), tenant_id=tenant_id, attributes=attributes, registered_at=at, heartbeat_at=at
@@ -926,7 +921,7 @@ def _runner_job_replay(run_id: str, idempotency_key: str, payload_hash: str) -> 
 
 @transaction.atomic(durable=True)
 def _runner_job_write(*, run_id: str, fields: dict, job_id: str | None, idempotency_key: str | None):
-    at = _db_now()
+    at = db_now()
     if job_id:
         existing = RunnerJob.objects.select_for_update().filter(pk=job_id).first()
         if existing is not None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from django.db import models
-from django.db.models.functions import Now
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 
 
 class ExecutionState(models.TextChoices):
@@ -16,6 +17,11 @@ class StorageKind(models.TextChoices):
     NONE = "none"
     PVC = "pvc"
     EVICTED = "evicted"
+
+
+RUNNING = Q(execution_state=ExecutionState.RUNNING)
+# Last activity (or the update time when there was none) newest first, then update time, then id.
+INBOX_ORDER = (Coalesce("last_activity_at", "updated_at").desc(), F("updated_at").desc(), F("session_id").asc())
 
 
 class Session(models.Model):
@@ -54,7 +60,22 @@ class Session(models.Model):
 
     class Meta:
         indexes = [
+            # The change feed (version order) and its watermark, per tenant and per project.
+            models.Index(fields=["tenant_id", "version"], name="session_tenant_version"),
             models.Index(fields=["tenant_id", "project_id", "version"], name="session_scope_version"),
+            # The inbox order (SPEC §4.4) inside each attention group; running sessions have
+            # their own partial indexes so the active group never scans the idle ones.
+            *(
+                models.Index(*scope, *INBOX_ORDER, name=name, condition=condition)
+                for scope, name, condition in (
+                    ((F("tenant_id"),), "session_inbox", None),
+                    ((F("tenant_id"), F("project_id")), "session_inbox_project", None),
+                    ((F("tenant_id"),), "session_inbox_running", RUNNING),
+                    ((F("tenant_id"), F("project_id")), "session_inbox_project_running", RUNNING),
+                )
+            ),
+            # Sessions changed since a walk of the inbox began (its tail, see selectors).
+            models.Index(fields=["tenant_id", "updated_at"], name="session_tenant_updated"),
             models.Index(fields=["backend_profile"], name="session_backend"),
             models.Index(
                 fields=["updated_at"],
@@ -71,3 +92,16 @@ class Session(models.Model):
     def active(self) -> bool:
         # SPEC §7 A13: active means a turn is open; a claim alone does not make a session active.
         return self.execution_state == ExecutionState.RUNNING
+
+
+class SessionReadCursor(models.Model):
+    """How far one reader has read a session: the session's version when they last read it."""
+
+    pk = models.CompositePrimaryKey("session", "reader_id")
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="read_cursors")
+    reader_id = models.CharField(max_length=200, db_collation="C")
+    session_version = models.BigIntegerField()
+    read_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.session_id} read by {self.reader_id}"

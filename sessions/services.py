@@ -8,9 +8,12 @@ from datetime import datetime
 from django.db import connection, transaction
 
 from agentrun import counters
-from agentrun.errors import SCHEMA_INVALID, TENANT_POLICY_DENIED, AgentRunError
+from agentrun.auth import Scope
+from agentrun.clock import db_now
+from agentrun.errors import SCHEMA_INVALID, TENANT_POLICY_DENIED, AgentRunError, conflict, invalid, not_found
+from agentrun.kube import KubeError
 from agentrun.wire import iso, parse_iso
-from sessions.models import ExecutionState, Session, StorageKind
+from sessions.models import ExecutionState, Session, SessionReadCursor, StorageKind
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -91,6 +94,15 @@ def check_boundary(session: Session, *, tenant_id: str, project_id: str, backend
 
 def lock_session(session_id: str) -> Session | None:
     return Session.objects.select_for_update(no_key=True).filter(pk=session_id).first()
+
+
+def _lock_scoped(session_id: str, scope: Scope) -> Session:
+    """The session, row-locked, if the key may see it (another tenant's or project's is 404). A
+    run-scoped key reaches only the session its run is the current or last run of."""
+    session = Session.objects.select_for_update(no_key=True).filter(scope.q(), pk=session_id).first()
+    if session is None or (scope.run_id is not None and scope.run_id not in (session.active_run_id, session.last_run_id)):
+        raise not_found("session", session_id)
+    return session
 
 
 def session_resolve_for_run(
@@ -265,3 +277,190 @@ def session_thread_update(
         session.version = counters.next_version(counters.SESSIONS)
         session.save()
         return session_ref_from_record(session, run_session_ref)
+
+
+# --- the session API -----------------------------------------------------------------------
+
+
+@transaction.atomic(durable=True)
+def session_upsert(
+    *,
+    session_id: str,
+    tenant_id: str,
+    project_id: str,
+    backend_profile: str,
+    conversation_id: str | None = None,
+    thread_id: str | None = None,
+    metadata: dict | None = None,
+    expires_at: datetime | None = None,
+    codex_rollout_subdir: str | None = None,
+) -> tuple[Session, bool]:
+    """PUT a session: create it, or overwrite its descriptive fields. Returns (session, created).
+
+    The boundary of §4.3 holds here too (A11): a session of another tenant or project is 403,
+    of another backend 400. Every write takes the next global version (A1). A new session gets
+    the defaults of every creation path (A9): title from metadata, activity now. An update keeps
+    the run state, activity and storage, and the title unless the metadata brings one."""
+    metadata = metadata or {}
+    at = db_now()
+    session = lock_session(session_id)
+    if session is None:
+        candidate = Session(
+            session_id=session_id,
+            tenant_id=tenant_id,
+            project_id=project_id,
+            backend_profile=backend_profile,
+            conversation_id=conversation_id or None,
+            thread_id=thread_id or None,
+            metadata=metadata,
+            expires_at=expires_at,
+            codex_rollout_subdir=codex_rollout_subdir or None,
+            title=title_from_metadata(metadata),
+            last_activity_at=at,
+            created_at=at,
+            updated_at=at,
+            version=counters.next_version(counters.SESSIONS),
+        )
+        Session.objects.bulk_create([candidate], ignore_conflicts=True)
+        session = lock_session(session_id)
+        if session.version == candidate.version:
+            return session, True
+    check_boundary(session, tenant_id=tenant_id, project_id=project_id, backend_profile=backend_profile)
+    session.conversation_id = conversation_id or None
+    session.thread_id = thread_id or None
+    session.metadata = metadata
+    session.expires_at = expires_at
+    session.codex_rollout_subdir = codex_rollout_subdir or None
+    session.title = title_from_metadata(metadata) or session.title
+    session.updated_at = at
+    session.version = counters.next_version(counters.SESSIONS)
+    session.save(
+        update_fields=[
+            "conversation_id", "thread_id", "metadata", "expires_at", "codex_rollout_subdir", "title",
+            "updated_at", "version",
+        ]
+    )
+    return session, False
+
+
+@transaction.atomic(durable=True)
+def session_mark_read(*, session_id: str, reader_id: str, scope: Scope) -> SessionReadCursor:
+    """The reader has seen the session as it is now. The session itself does not change."""
+    session = Session.objects.filter(scope.q(), pk=session_id).only("version").first()
+    if session is None:
+        raise not_found("session", session_id)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO agent_sessions_sessionreadcursor (session_id, reader_id, session_version, read_at) "
+            "VALUES (%s, %s, %s, statement_timestamp()) "
+            "ON CONFLICT (session_id, reader_id) DO UPDATE "
+            "SET session_version = EXCLUDED.session_version, read_at = EXCLUDED.read_at "
+            "RETURNING session_version, read_at",
+            [session_id, reader_id, session.version],
+        )
+        version, read_at = cursor.fetchone()
+    return SessionReadCursor(session_id=session_id, reader_id=reader_id, session_version=version, read_at=read_at)
+
+
+STORAGE_FIELDS = (
+    "storage_pvc_name", "storage_namespace", "storage_pvc_phase", "storage_size_bytes", "storage_files_count",
+    "storage_sha256",
+)
+
+
+@transaction.atomic(durable=True)
+def session_storage_refresh(
+    *,
+    session_id: str,
+    storage_kind: str,
+    pvc_name: str | None = None,
+    namespace: str | None = None,
+    pvc_phase: str | None = None,
+    size_bytes: int | None = None,
+    files_count: int | None = None,
+    sha256: str | None = None,
+    codex_rollout_subdir: str | None = None,
+    scope: Scope = Scope.unrestricted(),
+) -> Session:
+    """A runner reports the session's storage. Every storage field is replaced (absent ones
+    become null); the rollout subdir falls back to the current one, then `sessions`. A PVC
+    again after an eviction is no longer evicted (A15)."""
+    if storage_kind not in StorageKind.values:
+        raise invalid(f"storageKind must be one of {', '.join(StorageKind.values)}", field="storageKind")
+    session = _lock_scoped(session_id, scope)
+    at = db_now()
+    values = dict(zip(STORAGE_FIELDS, (pvc_name, namespace, pvc_phase, size_bytes, files_count, sha256), strict=True))
+    for field, value in values.items():
+        setattr(session, field, value)
+    session.storage_kind = storage_kind
+    session.codex_rollout_subdir = codex_rollout_subdir or session.codex_rollout_subdir or "sessions"
+    if storage_kind == StorageKind.PVC:
+        session.storage_evicted_at = None
+    session.storage_updated_at = session.updated_at = at
+    session.version = counters.next_version(counters.SESSIONS)
+    session.save(
+        update_fields=[
+            *STORAGE_FIELDS, "storage_kind", "codex_rollout_subdir", "storage_evicted_at", "storage_updated_at",
+            "updated_at", "version",
+        ]
+    )
+    return session
+
+
+def _mark_evicted(session: Session, at: datetime) -> None:
+    session.storage_kind = StorageKind.EVICTED
+    session.storage_evicted_at = session.storage_updated_at = session.updated_at = at
+    session.version = counters.next_version(counters.SESSIONS)
+    session.save(update_fields=["storage_kind", "storage_evicted_at", "storage_updated_at", "updated_at", "version"])
+
+
+@transaction.atomic(durable=True)
+def session_storage_evict(*, session_id: str, pvc_name: str, scope: Scope = Scope.unrestricted()) -> Session:
+    """The session's PVC is gone. Only when `pvc_name` is still the session's PVC (A15): a stale
+    eviction must not clobber a newer volume. Evicting the same PVC again changes nothing."""
+    session = _lock_scoped(session_id, scope)
+    if session.storage_pvc_name != pvc_name:
+        raise conflict(
+            SCHEMA_INVALID,
+            "pvcName is not the session's current PVC",
+            sessionId=session_id,
+            currentPvcName=session.storage_pvc_name,
+            requestedPvcName=pvc_name,
+        )
+    if session.storage_kind != StorageKind.EVICTED:
+        _mark_evicted(session, db_now())
+    return session
+
+
+# --- storage collection (gc_sessions and the admin) -----------------------------------------
+
+
+class StorageOutcome:
+    DELETED = "deleted"  # the PVC was deleted and the session marked evicted
+    ABSENT = "absent"  # the PVC was already gone; the session is marked evicted all the same
+    SKIPPED = "skipped"  # someone else holds or already collected the session
+    FAILED = "failed"  # the Kubernetes API refused; the session is unchanged
+
+
+def session_storage_collect(*, session_id: str, delete_pvc, default_namespace: str, expired_at=None) -> tuple[str, str]:
+    """Delete a session's PVC and mark the session evicted, under the session's row lock, so two
+    collectors never both delete it (the second skips the locked row, then finds it evicted).
+    `delete_pvc(namespace, name)` returns True when it deleted, False when the PVC was already
+    gone, and raises otherwise. With `expired_at`, only a session expired by then is collected.
+    Returns (outcome, detail)."""
+    with transaction.atomic(durable=True):
+        sessions = Session.objects.select_for_update(no_key=True, skip_locked=True).filter(
+            pk=session_id, storage_kind=StorageKind.PVC
+        ).exclude(storage_pvc_name__isnull=True).exclude(storage_pvc_name="")
+        if expired_at is not None:
+            sessions = sessions.filter(expires_at__lte=expired_at)
+        session = sessions.first()
+        if session is None:
+            return StorageOutcome.SKIPPED, "not a collectable PVC session (or another collector holds it)"
+        namespace = session.storage_namespace or default_namespace
+        try:
+            deleted = delete_pvc(namespace, session.storage_pvc_name)
+        except KubeError as exc:
+            return StorageOutcome.FAILED, f"{namespace}/{session.storage_pvc_name}: {exc}"
+        _mark_evicted(session, db_now())
+        return (StorageOutcome.DELETED if deleted else StorageOutcome.ABSENT), f"{namespace}/{session.storage_pvc_name}"

@@ -114,3 +114,8 @@ AGENTRUN_MAX_WAIT_SECONDS = 30.0
 AGENTRUN_AUTH_CACHE_SECONDS = float(os.environ.get("AGENTRUN_AUTH_CACHE_SECONDS", "5"))
 # The manager URL handed to runners.
 AGENTRUN_URL = os.environ.get("AGENTRUN_URL", "http://127.0.0.1:8000")
+# Kubernetes: the namespace of runner Jobs and session PVCs (when a session names none).
+AGENTRUN_NAMESPACE = os.environ.get("AGENTRUN_NAMESPACE", "agentrun")
+# gc_sessions: how many expired sessions one pass collects by default, and at most.
+AGENTRUN_GC_DEFAULT_LIMIT = 50
+AGENTRUN_GC_MAX_LIMIT = 500

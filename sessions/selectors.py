@@ -1,0 +1,288 @@
+"""Reads of sessions: one session's summary, the inbox, the change feed, GC candidates.
+
+The inbox (no cursor) is sorted as SPEC §4.4 says: active first, then unread, then newest
+activity, then update time, then id. Attention splits it into three groups (active, unread,
+read); each group is one index-ordered scan, so a page of 50 reads about 50 rows however large
+the tenant. Paging goes on with an opaque `pageToken`, a keyset position plus a snapshot:
+
+- The walk is a snapshot of the inbox as it stood when its first page was read (time T). A
+  later page skips the sessions that changed after T, so a session that moved because it
+  changed can't come twice, and one that kept its place can't be skipped.
+- The sessions that changed after T come after the snapshot, in the order they changed (the
+  walk's tail), and again each time they change while the tail is read. So a walk never skips a
+  session, and shows one twice only to show it changed after it was shown.
+
+With a `cursor` (or `updatedAfter`) the list is a change feed instead (SPEC §7 A2): sessions
+whose version is above the cursor, in version order. Versions come from one counter whose
+order is commit order, so a follower of the feed sees every committed change.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import connection, transaction
+
+from agentrun.auth import Scope
+from agentrun.errors import invalid, not_found
+from sessions.models import ExecutionState, Session, StorageKind
+
+STATES = ("default", "running", "unread", "terminal", "idle", "all")
+ACTIVE, UNREAD, READ = 0, 1, 2
+GROUPS = {"default": (ACTIVE, UNREAD), "running": (ACTIVE,), "unread": (UNREAD,), "terminal": (UNREAD, READ),
+          "idle": (UNREAD, READ), "all": (ACTIVE, UNREAD, READ)}
+_RUNNING = f"s.execution_state = '{ExecutionState.RUNNING}'"
+_UNREAD = f"s.execution_state <> '{ExecutionState.RUNNING}' AND (c.session_version IS NULL OR c.session_version < s.version)"
+_GROUP_CONDITION = {
+    ACTIVE: _RUNNING,
+    UNREAD: _UNREAD,
+    READ: f"s.execution_state <> '{ExecutionState.RUNNING}' AND c.session_version >= s.version",
+}
+_STATE_CONDITION = {
+    "default": f"({_RUNNING} OR ({_UNREAD}))",
+    "running": _RUNNING,
+    "unread": _UNREAD,
+    "terminal": f"s.execution_state = '{ExecutionState.TERMINAL}'",
+    "idle": f"s.execution_state = '{ExecutionState.IDLE}'",
+    "all": "TRUE",
+}
+_ACTIVITY = "COALESCE(s.last_activity_at, s.updated_at)"
+_ORDER = f"{_ACTIVITY} DESC, s.updated_at DESC, s.session_id"
+_CHANGED = "GREATEST(s.updated_at, COALESCE(c.read_at, s.updated_at))"
+# A write takes its timestamp a little before it commits: a session whose change time is this
+# close to T may not have been visible at T, so the snapshot leaves it to the tail.
+SNAPSHOT_MARGIN = timedelta(seconds=2)
+
+
+@dataclass
+class SessionPage:
+    sessions: list  # Session instances, each with `cursor_version` and `cursor_read_at`
+    cursor: str | None
+    next_page_token: str | None
+
+
+# --- one session ---------------------------------------------------------------------------
+
+
+def session_get(*, session_id: str, scope: Scope) -> Session:
+    session = Session.objects.filter(scope.q(), pk=session_id).first()
+    if session is None:
+        raise not_found("session", session_id)
+    return session
+
+
+def session_with_cursor(*, session_id: str, reader_id: str | None, scope: Scope) -> Session:
+    """The session, with the reader's cursor (`cursor_version`, `cursor_read_at`, or None)."""
+    session = session_get(session_id=session_id, scope=scope)
+    session.cursor_version = session.cursor_read_at = None
+    if reader_id is not None:
+        cursor = session.read_cursors.filter(reader_id=reader_id).values_list("session_version", "read_at").first()
+        if cursor is not None:
+            session.cursor_version, session.cursor_read_at = cursor
+    return session
+
+
+# --- the inbox and the feed ----------------------------------------------------------------
+
+
+class _Query:
+    """The FROM and WHERE every list query shares: the key's scope, the backend, the reader."""
+
+    def __init__(self, *, scope: Scope, backend_profile: str | None, reader_id: str | None):
+        self.params: dict = {"reader": reader_id}
+        conditions = []
+        for column, value in (("tenant_id", scope.tenant_id), ("project_id", scope.project_id),
+                              ("backend_profile", backend_profile)):
+            if value is not None:
+                conditions.append(f"s.{column} = %({column})s")
+                self.params[column] = value
+        self.where = " AND ".join(conditions) or "TRUE"
+        if reader_id is None:
+            self.source = "agent_sessions_session s"
+            self.columns = "s.*, NULL::bigint AS cursor_version, NULL::timestamptz AS cursor_read_at"
+            self.join_free = True
+        else:
+            self.source = (
+                "agent_sessions_session s LEFT JOIN agent_sessions_sessionreadcursor c "
+                "ON c.session_id = s.session_id AND c.reader_id = %(reader)s"
+            )
+            self.columns = "s.*, c.session_version AS cursor_version, c.read_at AS cursor_read_at"
+            self.join_free = False
+
+    def sql(self, condition: str) -> str:
+        return f"SELECT {self.columns} FROM {self.source} WHERE {self.where} AND {condition}"
+
+    def run(self, sql: str, params: dict) -> list[Session]:
+        if self.join_free:  # no reader: no cursor, every inactive session is unread
+            sql = sql.replace("c.session_version", "NULL::bigint").replace("c.read_at", "NULL::timestamptz")
+        return list(Session.objects.raw(sql, {**self.params, **params}))
+
+
+def _keyset(prefix: str) -> str:
+    """After a position in the inbox order (activity and update time descending, id ascending)."""
+    return (
+        f"({_ACTIVITY} <= %({prefix}a)s AND ({_ACTIVITY} < %({prefix}a)s OR s.updated_at < %({prefix}u)s "
+        f"OR (s.updated_at = %({prefix}u)s AND s.session_id > %({prefix}i)s)))"
+    )
+
+
+def _main_page(query: _Query, *, state, position, snapshot_at, limit: int) -> list[Session]:
+    branches, params = [], {"limit": limit}
+    for group in GROUPS[state]:
+        if position is not None and group < position["g"]:
+            continue
+        conditions = [_GROUP_CONDITION[group]]
+        if state in ("terminal", "idle"):
+            conditions.append(_STATE_CONDITION[state])
+        if position is not None and group == position["g"]:
+            conditions.append(_keyset("k_"))
+            params.update(k_a=position["a"], k_u=position["u"], k_i=position["i"])
+        if snapshot_at is not None:
+            conditions.append("s.updated_at <= %(snapshot)s AND (c.read_at IS NULL OR c.read_at <= %(snapshot)s)")
+            params["snapshot"] = snapshot_at
+        sql = query.sql(" AND ".join(conditions)).replace("SELECT ", f"SELECT {group} AS attention_group, ", 1)
+        branches.append(f"({sql} ORDER BY {_ORDER} LIMIT %(limit)s)")
+    if not branches:
+        return []
+    order = _ORDER.replace("s.", "")
+    return query.run(f"SELECT * FROM ({' UNION ALL '.join(branches)}) page ORDER BY attention_group, {order} "
+                     "LIMIT %(limit)s", params)
+
+
+def _tail_page(query: _Query, *, state, snapshot_at, position, seen, limit: int) -> list[Session]:
+    conditions = [_STATE_CONDITION[state], f"{_CHANGED} > %(snapshot)s"]
+    params = {"snapshot": snapshot_at, "limit": limit}
+    if position is not None:
+        conditions.append(f"({_CHANGED}, s.session_id) > (%(t_c)s, %(t_i)s)")
+        params.update(t_c=position["c"], t_i=position["i"])
+    if seen:
+        conditions.append(
+            f"NOT EXISTS (SELECT 1 FROM unnest(%(seen_ids)s::text[], %(seen_at)s::timestamptz[]) AS seen(id, at) "
+            f"WHERE seen.id = s.session_id AND seen.at = {_CHANGED})"
+        )
+        params.update(seen_ids=[item[0] for item in seen], seen_at=[item[1] for item in seen])
+    sql = query.sql(" AND ".join(conditions)).replace("SELECT ", f"SELECT {_CHANGED} AS changed_at, ", 1)
+    return query.run(f"{sql} ORDER BY {_CHANGED}, s.session_id LIMIT %(limit)s", params)
+
+
+def _watermark(query: _Query, state: str) -> str | None:
+    rows = query.run(query.sql(_STATE_CONDITION[state]) + " ORDER BY s.version DESC LIMIT 1", {})
+    return str(rows[0].version) if rows else None
+
+
+def _filters_key(state, backend_profile, reader_id) -> list:
+    return [state, backend_profile, reader_id]
+
+
+def _encode_token(token: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(token, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode_token(raw: str, filters: list) -> dict:
+    try:
+        token = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        if token["f"] != filters or token["p"] not in ("main", "tail"):
+            raise ValueError("token of another listing")
+        token["t"] = datetime.fromisoformat(token["t"])
+        position = token.get("k")
+        if position is not None:
+            for key in ("a", "u", "c"):
+                if key in position:
+                    position[key] = datetime.fromisoformat(position[key])
+            if token["p"] == "main" and position["g"] not in (ACTIVE, UNREAD, READ):
+                raise ValueError("bad group")
+        token["s"] = [(str(item[0]), datetime.fromisoformat(item[1])) for item in token.get("s", [])]
+        return token
+    except (ValueError, KeyError, TypeError, IndexError, binascii.Error, UnicodeDecodeError, AttributeError):
+        raise invalid("pageToken is not a token of this listing; start again without it", parameter="pageToken") from None
+
+
+def _main_position(session: Session) -> dict:
+    activity = session.last_activity_at or session.updated_at
+    return {"g": session.attention_group, "a": activity.isoformat(), "u": session.updated_at.isoformat(),
+            "i": session.session_id}
+
+
+def session_list(
+    *,
+    scope: Scope,
+    state: str = "default",
+    backend_profile: str | None = None,
+    reader_id: str | None = None,
+    cursor: int | None = None,
+    page_token: str | None = None,
+    limit: int = 50,
+) -> SessionPage:
+    """The inbox (sorted, paged by `page_token`) or, with `cursor`, the change feed."""
+    if state not in STATES:
+        raise invalid(f"state must be one of {', '.join(STATES)}", parameter="state")
+    if cursor is not None and page_token is not None:
+        raise invalid("give either cursor (the change feed) or pageToken (the inbox), not both", parameter="pageToken")
+    query = _Query(scope=scope, backend_profile=backend_profile, reader_id=reader_id)
+    if cursor is not None:
+        sessions = query.run(
+            query.sql(f"{_STATE_CONDITION[state]} AND s.version > %(cursor)s") + " ORDER BY s.version LIMIT %(limit)s",
+            {"cursor": cursor, "limit": limit},
+        )
+        return SessionPage(sessions, str(sessions[-1].version) if sessions else str(cursor), None)
+    filters = _filters_key(state, backend_profile, reader_id)
+    token = _decode_token(page_token, filters) if page_token is not None else None
+    nested = connection.in_atomic_block
+    with transaction.atomic():
+        with connection.cursor() as db:
+            if not nested:  # one snapshot for the page, its tail and its watermark
+                db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            db.execute("SELECT statement_timestamp()")
+            now = db.fetchone()[0]
+        watermark = _watermark(query, state)
+        if token is None:
+            snapshot_at = now - SNAPSHOT_MARGIN
+            main = _main_page(query, state=state, position=None, snapshot_at=None, limit=limit + 1)
+            seen = [(s.session_id, _changed_at(s)) for s in main[:limit] if _changed_at(s) > snapshot_at]
+            phase, position = "main", None
+        else:
+            snapshot_at, seen, phase, position = token["t"], token["s"], token["p"], token.get("k")
+            main = []
+            if phase == "main":
+                main = _main_page(query, state=state, position=position, snapshot_at=snapshot_at, limit=limit + 1)
+        # One row more than the page tells whether there is a next page.
+        if len(main) > limit:
+            sessions = main[:limit]
+            next_token = {"p": "main", "k": _main_position(sessions[-1])}
+        else:
+            sessions = main
+            remaining = limit - len(sessions)
+            tail = _tail_page(query, state=state, snapshot_at=snapshot_at,
+                              position=position if phase == "tail" else None, seen=seen, limit=remaining + 1)
+            sessions += tail[:remaining]
+            if len(tail) <= remaining:
+                next_token = None
+            elif remaining == 0:
+                next_token = {"p": "tail", "k": None}  # the snapshot ended with this page
+            else:
+                last = tail[remaining - 1]
+                next_token = {"p": "tail", "k": {"c": last.changed_at.isoformat(), "i": last.session_id}}
+    if next_token is not None:
+        next_token.update(f=filters, t=snapshot_at.isoformat(), s=[(i, at.isoformat()) for i, at in seen])
+    return SessionPage(sessions, watermark, _encode_token(next_token) if next_token is not None else None)
+
+
+def _changed_at(session: Session) -> datetime:
+    return max(session.updated_at, session.cursor_read_at or session.updated_at)
+
+
+# --- storage collection --------------------------------------------------------------------
+
+
+def gc_candidates(*, now: datetime, limit: int) -> list[Session]:
+    """Sessions whose PVC has expired (the boundary counts), oldest update first (SPEC §3.5)."""
+    return list(
+        Session.objects.filter(storage_kind=StorageKind.PVC, expires_at__isnull=False, expires_at__lte=now)
+        .exclude(storage_pvc_name__isnull=True)
+        .exclude(storage_pvc_name="")
+        .order_by("updated_at", "session_id")[:limit]
+    )
