@@ -67,7 +67,7 @@ def delete_pvc(namespace: str, name: str) -> bool:
     try:
         api.delete_namespaced_persistent_volume_claim(
             name, namespace, body=client.V1DeleteOptions(propagation_policy="Background"),
-            _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            _headers={"Content-Type": "application/json"}, _request_timeout=REQUEST_TIMEOUT_SECONDS,
         )
     except ApiException as exc:
         if exc.status == 404:
