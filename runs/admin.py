@@ -1,12 +1,19 @@
 """Operators read runs here; the event log, commands and runner jobs are read-only."""
 
+import json
+
 from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
 from runs import services
 from runs.models import Command, Run, RunEvent, RunnerJob
+from sessions.admin import SessionAdmin
+from sessions.models import Session
 
 # The change page shows the tail of the event log, not all of it.
 RECENT_EVENTS = 50
+RECENT_RUNS = 20
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -77,3 +84,38 @@ class RunAdmin(admin.ModelAdmin):
             run = services.run_cancel(run_id=run_id, reason=f"cancelled by operator {request.user}")
             cancelled += run.status == "cancelled"
         self.message_user(request, f"Cancelled {cancelled} runs.", messages.SUCCESS)
+
+
+class SessionWithRunsAdmin(SessionAdmin):
+    """The session page with what runs own: the session's runs and its current run's last events."""
+
+    fieldsets = (*SessionAdmin.fieldsets, ("Runs and events", {"fields": ("runs", "recent_events")}))
+    readonly_fields = (*SessionAdmin.readonly_fields, "runs", "recent_events")
+
+    @admin.display(description="runs (newest first)")
+    def runs(self, session):
+        runs = Run.objects.filter(session_id=session.session_id).order_by("-created_at")[:RECENT_RUNS]
+        rows = format_html_join(
+            "", "<tr><td><a href='{}'>{}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((reverse("admin:runs_run_change", args=[run.id]), run.id, run.status, run.claimed_by or "",
+              run.created_at) for run in runs),
+        )
+        return format_html("<table><tr><th>run</th><th>status</th><th>claimed by</th><th>created</th></tr>{}</table>",
+                           rows) if runs else "none"
+
+    @admin.display(description=f"events of the active or last run (the last {RECENT_EVENTS})")
+    def recent_events(self, session):
+        run_id = session.active_run_id or session.last_run_id
+        if run_id is None:
+            return "none"
+        events = list(RunEvent.objects.filter(run_id=run_id).order_by("-seq")[:RECENT_EVENTS])[::-1]
+        rows = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            ((event.seq, event.created_at, event.type, json.dumps(event.payload)[:300]) for event in events),
+        )
+        return format_html("<p>run {}</p><table><tr><th>seq</th><th>at</th><th>type</th><th>payload</th></tr>{}"
+                           "</table>", run_id, rows)
+
+
+admin.site.unregister(Session)
+admin.site.register(Session, SessionWithRunsAdmin)

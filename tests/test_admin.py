@@ -88,3 +88,68 @@ def test_site_middleware_runs_for_admin_and_not_for_the_api():
     api = Client(enforce_csrf_checks=True)
     response = api.get("/api/v1/health")
     assert response.status_code == 200 and not response.cookies and "X-Frame-Options" not in response
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+
+def _session_setup():
+    from sessions import services as session_services
+
+    run = make_run(session_id="adm-s1", session_ref={"metadata": {"title": "Payments bug"}})
+    services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
+    services.event_append(run_id=run.id, runner_id="r", lease_epoch=1, events=[("assistant_message", {"n": 7})])
+    session_services.session_upsert(session_id="adm-s2", tenant_id="acme", project_id="web", backend_profile="codex")
+    session_services.session_storage_refresh(session_id="adm-s1", storage_kind="pvc", pvc_name="pvc-adm",
+                                             namespace="agents")
+    return run
+
+
+def test_session_changelist_filters_and_search(staff):
+    from sessions.models import Session
+
+    _session_setup()
+    Session.objects.filter(pk="adm-s1").update(expires_at="2000-01-01T00:00:00Z")
+    body = staff.get("/admin/agent_sessions/session/", {"storage_kind__exact": "pvc"}).content.decode()
+    assert "adm-s1" in body and "adm-s2" not in body
+    body = staff.get("/admin/agent_sessions/session/", {"backend_profile__exact": "codex"}).content.decode()
+    assert "adm-s2" in body and "adm-s1" not in body
+    body = staff.get("/admin/agent_sessions/session/", {"expired": "yes"}).content.decode()
+    assert "adm-s1" in body and "adm-s2" not in body
+    body = staff.get("/admin/agent_sessions/session/", {"q": "Payments"}).content.decode()
+    assert "adm-s1" in body and "adm-s2" not in body
+    body = staff.get("/admin/agent_sessions/session/", {"execution_state__exact": "idle"}).content.decode()
+    assert "adm-s1" in body and "adm-s2" in body
+
+
+def test_session_change_page_shows_runs_events_and_storage(staff):
+    run = _session_setup()
+    response = staff.get("/admin/agent_sessions/session/adm-s1/change/")
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert run.id in body and "pvc-adm" in body and "assistant_message" in body
+    assert f"/admin/runs/run/{run.id}/change/" in body
+
+
+def test_mark_read_for_me_action(staff):
+    from sessions.models import SessionReadCursor
+
+    _session_setup()
+    staff.post("/admin/agent_sessions/session/", {"action": "mark_read", "_selected_action": ["adm-s1", "adm-s2"]})
+    cursors = SessionReadCursor.objects.filter(reader_id="ops")
+    assert sorted(cursors.values_list("session_id", flat=True)) == ["adm-s1", "adm-s2"]
+
+
+def test_evict_storage_asks_first_then_deletes_the_pvc(staff, fake_kube):
+    from sessions.models import Session
+
+    _session_setup()
+    selected = {"action": "evict_storage", "_selected_action": ["adm-s1", "adm-s2"]}
+    response = staff.post("/admin/agent_sessions/session/", selected)
+    assert response.status_code == 200 and "agents/pvc-adm" in response.content.decode()
+    assert Session.objects.get(pk="adm-s1").storage_kind == "pvc"  # nothing yet: it asked
+    fake_kube.pvc("agents", "pvc-adm")
+    response = staff.post("/admin/agent_sessions/session/", {**selected, "confirmed": "yes"}, follow=True)
+    assert "Evicted the storage of 1 session(s)." in response.content.decode()
+    assert Session.objects.get(pk="adm-s1").storage_kind == "evicted"
+    assert [path for _, path in fake_kube.calls] == ["/api/v1/namespaces/agents/persistentvolumeclaims/pvc-adm"]

@@ -17,7 +17,6 @@ from agentrun.clock import db_now
 from sessions import services
 from sessions.models import Session
 from tests.conftest import PROJECT, TENANT
-from tests.kube_fake import fake_kube  # noqa: F401 - a fixture
 
 NS = "agents"
 
