@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(PY) bench/bench_runner_protocol.py
+	$(PY) bench/bench_sessions_inbox.py
 
 clean:
 	rm -rf $(VENV) var

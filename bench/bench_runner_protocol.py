@@ -46,19 +46,22 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import httpx
 import psycopg
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # for agentrun.database when run as a script
+from benchlib import (
+    run_on_fresh_database,
+    ROOT,
+    BenchmarkError,
+    describe_server,
+    manage,
+    percentile,
+    server_facts,
+)
 
 BENCH_DB = "agentrun_bench"
-MAINTENANCE_DB = "postgres"
 TENANT = PROJECT = "bench"
 EVENT_TYPE = "assistant_message"
 EVENT_TEXT = ("The runner streamed another line of assistant output while it worked on the turn; "
@@ -76,8 +79,6 @@ TARGET_SINGLE_RATIO = 0.25
 TARGET_P99_SLACK_MS = 15.0
 
 
-class BenchmarkError(Exception):
-    """The benchmark could not measure (setup failed, a request failed); not a missed target."""
 
 
 @dataclass(frozen=True)
@@ -129,15 +130,6 @@ class Latencies:
         return percentile(self.from_send if from_send else self.samples, q) * 1000.0
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (q in 0..100)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 # --- threads -------------------------------------------------------------------------------
@@ -180,58 +172,18 @@ def timed_parallel(loops: list[Callable[[float], int]], duration: float) -> Thro
 # --- database ------------------------------------------------------------------------------
 
 
-def server_url() -> tuple[str, str]:
-    """(libpq URL of the server, what it is). The embedded server stays up until we exit."""
-    url = (os.environ.get("DATABASE_URL") or "").strip()
-    if url:
-        return url, "DATABASE_URL"
-    from agentrun.database import start_embedded
-
-    return start_embedded(ROOT / "var"), "embedded (var/pgdata)"
 
 
-def with_dbname(url: str, dbname: str) -> str:
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
 
 
-def describe_server(url: str) -> str:
-    params = conninfo_to_dict(url)
-    return f"host={params.get('host') or 'localhost'} port={params.get('port') or 5432}"
 
 
-def drop_database(server: str, name: str) -> None:
-    """Drop it from the maintenance database; FORCE ends any session a crash left behind."""
-    with psycopg.connect(with_dbname(server, MAINTENANCE_DB), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def recreate_database(server: str, name: str) -> None:
-    drop_database(server, name)
-    with psycopg.connect(with_dbname(server, MAINTENANCE_DB), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
-def server_facts(db_url: str) -> dict[str, str]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        facts = {
-            name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]
-            for name in ("server_version", "max_connections", "synchronous_commit", "shared_buffers")
-        }
-        facts["connections_in_use"] = str(conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone()[0])
-    return facts
 
 
-def manage(db_url: str, *args: str) -> str:
-    """Run a management command against the bench database; return its stdout."""
-    env = {**os.environ, "DATABASE_URL": db_url, "DJANGO_SETTINGS_MODULE": "settings.dev"}
-    done = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
-    )
-    if done.returncode != 0:
-        raise BenchmarkError(f"manage.py {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return done.stdout.strip()
 
 
 def create_key(db_url: str, role: str) -> str:
@@ -786,13 +738,9 @@ def measure(config: Config, db_url: str, web: WebServer, client_key: str, runner
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    began = time.monotonic()
-    server, source = server_url()
-    db_url = with_dbname(server, BENCH_DB)
-    try:
-        recreate_database(server, BENCH_DB)
-        print(f"setup: database {BENCH_DB}: migrate, keys, gunicorn ...", flush=True)
-        manage(db_url, "migrate", "--no-input", "-v", "0")
+
+    def measure_all(db_url: str, server: str, source: str) -> None:
+        print("setup: keys, gunicorn ...", flush=True)
         client_key = create_key(db_url, "client")
         runner_key = create_key(db_url, "runner")
         with WebServer(db_url, config) as web:
@@ -803,16 +751,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"gunicorn log (tail):\n{web.log_tail()}", file=sys.stderr)
                 raise
         print_report(results, config)
-        print(f"\ntook {time.monotonic() - began:.0f} s")
-        return 0
-    except (BenchmarkError, psycopg.OperationalError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        try:
-            drop_database(server, BENCH_DB)
-        except psycopg.Error as exc:
-            print(f"could not drop database {BENCH_DB}: {exc}", file=sys.stderr)
+
+    return run_on_fresh_database(BENCH_DB, measure_all)
 
 
 if __name__ == "__main__":

@@ -94,13 +94,25 @@ class _Query:
 
     def __init__(self, *, scope: Scope, backend_profile: str | None, reader_id: str | None):
         self.params: dict = {"reader": reader_id}
-        conditions = []
+        conditions, ranges, scoped = [], [], []
         for column, value in (("tenant_id", scope.tenant_id), ("project_id", scope.project_id),
                               ("backend_profile", backend_profile)):
             if value is not None:
                 conditions.append(f"s.{column} = %({column})s")
                 self.params[column] = value
+                if column != "backend_profile":
+                    scoped.append(f"s.{column}")
+                    ranges.append(f"s.{column} BETWEEN %({column})s AND %({column})s")
+                else:
+                    ranges.append(conditions[-1])
         self.where = " AND ".join(conditions) or "TRUE"
+        # Version order, led by the scope's columns. Written as ranges, the scope's columns stay
+        # in the sort (an equality would make the planner drop them), so only the scope's own
+        # version index yields that order: the global one, filtered, may walk past other
+        # tenants' newer rows first.
+        self.version_where = " AND ".join(ranges) or "TRUE"
+        self.version_order = ", ".join([*scoped, "s.version"])
+        self.version_order_desc = ", ".join(f"{column} DESC" for column in [*scoped, "s.version"])
         if reader_id is None:
             self.source = "agent_sessions_session s"
             self.columns = "s.*, NULL::bigint AS cursor_version, NULL::timestamptz AS cursor_read_at"
@@ -113,13 +125,17 @@ class _Query:
             self.columns = "s.*, c.session_version AS cursor_version, c.read_at AS cursor_read_at"
             self.join_free = False
 
-    def sql(self, condition: str) -> str:
-        return f"SELECT {self.columns} FROM {self.source} WHERE {self.where} AND {condition}"
+    def sql(self, condition: str, *, version_ordered: bool = False) -> str:
+        where = self.version_where if version_ordered else self.where
+        return f"SELECT {self.columns} FROM {self.source} WHERE {where} AND {condition}"
 
-    def run(self, sql: str, params: dict) -> list[Session]:
+    def finish(self, sql: str) -> str:
         if self.join_free:  # no reader: no cursor, every inactive session is unread
             sql = sql.replace("c.session_version", "NULL::bigint").replace("c.read_at", "NULL::timestamptz")
-        return list(Session.objects.raw(sql, {**self.params, **params}))
+        return sql
+
+    def run(self, sql: str, params: dict) -> list[Session]:
+        return list(Session.objects.raw(self.finish(sql), {**self.params, **params}))
 
 
 def _keyset(prefix: str) -> str:
@@ -169,9 +185,15 @@ def _tail_page(query: _Query, *, state, snapshot_at, position, seen, limit: int)
     return query.run(f"{sql} ORDER BY {_CHANGED}, s.session_id LIMIT %(limit)s", params)
 
 
-def _watermark(query: _Query, state: str) -> str | None:
-    rows = query.run(query.sql(_STATE_CONDITION[state]) + " ORDER BY s.version DESC LIMIT 1", {})
-    return str(rows[0].version) if rows else None
+def _clock_and_watermark(query: _Query, state: str) -> tuple[datetime, str | None]:
+    """The database's time and the highest version among the matching sessions, in one trip."""
+    sql = query.sql(_STATE_CONDITION[state], version_ordered=True).replace(
+        f"SELECT {query.columns} ", "SELECT s.version ", 1
+    ) + f" ORDER BY {query.version_order_desc} LIMIT 1"
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT statement_timestamp(), ({query.finish(sql)})", query.params)
+        now, version = cursor.fetchone()
+    return now, (str(version) if version is not None else None)
 
 
 def _filters_key(state, backend_profile, reader_id) -> list:
@@ -225,7 +247,8 @@ def session_list(
     query = _Query(scope=scope, backend_profile=backend_profile, reader_id=reader_id)
     if cursor is not None:
         sessions = query.run(
-            query.sql(f"{_STATE_CONDITION[state]} AND s.version > %(cursor)s") + " ORDER BY s.version LIMIT %(limit)s",
+            query.sql(f"{_STATE_CONDITION[state]} AND s.version > %(cursor)s", version_ordered=True)
+            + f" ORDER BY {query.version_order} LIMIT %(limit)s",
             {"cursor": cursor, "limit": limit},
         )
         return SessionPage(sessions, str(sessions[-1].version) if sessions else str(cursor), None)
@@ -233,12 +256,10 @@ def session_list(
     token = _decode_token(page_token, filters) if page_token is not None else None
     nested = connection.in_atomic_block
     with transaction.atomic():
-        with connection.cursor() as db:
-            if not nested:  # one snapshot for the page, its tail and its watermark
+        if not nested:  # one snapshot for the page, its tail and its watermark
+            with connection.cursor() as db:
                 db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            db.execute("SELECT statement_timestamp()")
-            now = db.fetchone()[0]
-        watermark = _watermark(query, state)
+        now, watermark = _clock_and_watermark(query, state)
         if token is None:
             snapshot_at = now - SNAPSHOT_MARGIN
             main = _main_page(query, state=state, position=None, snapshot_at=None, limit=limit + 1)

@@ -53,7 +53,6 @@ def write(writer: int, index: int, rng: random.Random) -> tuple[str, int]:
 
 @pytest.mark.parametrize("round_number", range(20))
 def test_a_follower_sees_every_committed_change(round_number):
-    rng = random.Random(round_number)
     for writer in range(WRITERS):
         for index in range(WRITES):
             if (writer + index) % 3:  # refreshed or bumped: the session exists beforehand
