@@ -178,3 +178,22 @@ def test_a_client_that_goes_away_leaves_no_waiter_behind():
     assert waiting_count(topic) == 1
     response.close()  # what the WSGI server does when the connection drops before the body
     assert waiting_count(topic) == 0
+
+
+def test_session_output_waits_through_trace_only_events_until_output_arrives():
+    client = make_key("client")
+    run = make_run(session_id="lp-session")
+    services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
+    topic = notify.run_topic(run.id)
+    thread, result = in_thread(lambda: client.get("sessions/lp-session/output", afterSeq="0", wait="20"))
+    assert wait_until(lambda: waiting_count(topic) == 1)
+    services.event_append(run_id=run.id, runner_id="r", lease_epoch=1, events=[("reasoning", {"text": "hm"})])
+    time.sleep(0.3)
+    assert thread.is_alive()  # a trace-only event does not answer an output page
+    services.event_append(run_id=run.id, runner_id="r", lease_epoch=1,
+                          events=[("assistant_message", {"text": "done"})])
+    thread.join(10)
+    status, body = result["value"]
+    assert status == 200 and body["sessionId"] == "lp-session" and body["runId"] == run.id
+    assert [event["type"] for event in body["items"]] == ["assistant_message"]
+    assert body["cursor"] == str(body["items"][0]["seq"])
