@@ -20,21 +20,28 @@ from django.http import HttpResponse, StreamingHttpResponse
 logger = logging.getLogger(__name__)
 
 CHANNEL = "agentrun"
+# The background worker's channel: few notifications, none of the per-run event traffic.
+WORK_CHANNEL = "agentrun_work"
 # If the listener cannot connect, waiters re-check this often instead of hanging until the deadline.
 DEGRADED_POLL_SECONDS = 0.5
+
+
+RUNS_ENDED = "runs:ended"  # some run finished or was cancelled
+QUEUE_CHANGED = "queue:changed"  # a queue task was created, or may be dispatched again
+WORK_TOPICS = frozenset({RUNS_ENDED, QUEUE_CHANGED})
 
 
 def notify(topic: str) -> None:
     """Queue a notification for `topic`; it is delivered when the current transaction commits."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, topic])
+        cursor.execute("SELECT pg_notify(%s, %s)", [WORK_CHANNEL if topic in WORK_TOPICS else CHANNEL, topic])
 
 
 def run_topic(run_id: str) -> str:
     return f"run:{run_id}"
 
 
-def _conninfo(alias: str = "default") -> dict:
+def conninfo(alias: str = "default") -> dict:
     settings_dict = connections[alias].settings_dict
     params = {
         "dbname": settings_dict["NAME"],
@@ -128,10 +135,10 @@ class NotificationHub:
 
     def _ensure_started(self) -> None:
         if self._thread is not None and self._thread.is_alive():
-            if self._conninfo == _conninfo():
+            if self._conninfo == conninfo():
                 return
         with self._lock:
-            info = _conninfo()
+            info = conninfo()
             if self._thread is not None and self._thread.is_alive() and self._conninfo == info:
                 return
             # The database changed (a test database was set up): listen there instead.

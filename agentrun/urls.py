@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from agentrun.api import BackendsView, HealthView, livez, readyz
+from queues.api import QueueTaskViewSet, QueueViewSet
 from runs.api import CommandViewSet, RunnerViewSet, RunViewSet, SessionEventViewSet
 from sessions.api import SessionViewSet
 
@@ -17,6 +18,8 @@ router.register("commands", CommandViewSet, basename="command")
 router.register("runners", RunnerViewSet, basename="runner")
 router.register("sessions", SessionViewSet, basename="session")
 router.register("sessions", SessionEventViewSet, basename="session-events")
+router.register("queue-tasks", QueueTaskViewSet, basename="queue-task")
+router.register("queues", QueueViewSet, basename="queue")
 
 api_v1 = [
     path("health", HealthView.as_view(), name="health"),

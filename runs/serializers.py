@@ -20,6 +20,25 @@ MAX_BATCH_EVENTS = 500
 # --- input --------------------------------------------------------------------------------
 
 
+def validate_execution_policy(value):
+    """maxAttempts >= 1, non-negative backoffSeconds and timeoutSeconds, retryOn of failure kinds."""
+    if value is None:
+        return value
+    max_attempts = value.get("maxAttempts")
+    if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1):
+        raise serializers.ValidationError("maxAttempts must be an integer of at least 1")
+    for key in ("backoffSeconds", "timeoutSeconds"):
+        seconds = value.get(key)
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0):
+            raise serializers.ValidationError(f"{key} must be a non-negative number")
+    retry_on = value.get("retryOn")
+    if retry_on is not None and (
+        not isinstance(retry_on, list) or not all(isinstance(kind, str) and kind in FAILURE_KINDS for kind in retry_on)
+    ):
+        raise serializers.ValidationError("retryOn must be a list of failure kinds")
+    return value
+
+
 class RunCreateIn(serializers.Serializer):
     tenantId = StrictCharField(required=False, allow_null=True, max_length=200)
     projectId = StrictCharField(required=False, allow_null=True, max_length=200)
@@ -33,21 +52,7 @@ class RunCreateIn(serializers.Serializer):
     idempotencyKey = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
 
     def validate_executionPolicy(self, value):
-        if value is None:
-            return value
-        max_attempts = value.get("maxAttempts")
-        if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1):
-            raise serializers.ValidationError("maxAttempts must be an integer of at least 1")
-        for key in ("backoffSeconds", "timeoutSeconds"):
-            seconds = value.get(key)
-            if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0):
-                raise serializers.ValidationError(f"{key} must be a non-negative number")
-        retry_on = value.get("retryOn")
-        if retry_on is not None and (
-            not isinstance(retry_on, list) or not all(isinstance(kind, str) and kind in FAILURE_KINDS for kind in retry_on)
-        ):
-            raise serializers.ValidationError("retryOn must be a list of failure kinds")
-        return value
+        return validate_execution_policy(value)
 
 
 class ClaimIn(serializers.Serializer):

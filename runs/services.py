@@ -1,7 +1,8 @@
 """Every write to runs, commands, events, runners and runner jobs.
 
-Each public service is one durable transaction. Locks are taken in one order: run, then
-command, then session, then the session version counter. Runner writes are fenced: they carry
+Each public service is one transaction (a savepoint when a caller composes services in its own
+transaction, as the queue's dispatcher does). Locks are taken in one order: queue task, run,
+command, session, the session version counter, the queue version counter. Runner writes are fenced: they carry
 the `leaseEpoch` of their claim and change nothing when it is no longer the run's.
 """
 
@@ -259,6 +260,8 @@ def _end_run(
         "terminal_status",
         {"terminalStatus": terminal_status, "failureKind": failure_kind, "message": failure_message},
     )
+    # Whoever follows runs (the queue) learns at commit that one ended.
+    notify.notify(notify.RUNS_ENDED)
     if run.session_id:
         session_services.session_touch_run_ended(
             session_id=run.session_id,
@@ -281,7 +284,7 @@ def _end_run(
 # --- runs ----------------------------------------------------------------------------------
 
 
-def _validate_session_ref(session_ref) -> dict | None:
+def validate_session_ref(session_ref) -> dict | None:
     if session_ref is None:
         return None
     if not isinstance(session_ref, dict):
@@ -299,7 +302,7 @@ def _validate_session_ref(session_ref) -> dict | None:
     return session_ref
 
 
-def _validate_resource_bundle_ref(ref) -> dict | None:
+def validate_resource_bundle_ref(ref) -> dict | None:
     if ref is None:
         return None
     if not isinstance(ref, dict):
@@ -407,8 +410,8 @@ def run_create(
     used with another input. A repeated key with the same input returns the first run.
     """
     backends.require_profile(backend_profile)
-    session_ref = _validate_session_ref(session_ref)
-    resource_bundle_ref = _validate_resource_bundle_ref(resource_bundle_ref)
+    session_ref = validate_session_ref(session_ref)
+    resource_bundle_ref = validate_resource_bundle_ref(resource_bundle_ref)
     idempotency_key = idempotency_key or None
     fields = {
         "tenant_id": tenant_id,
@@ -445,7 +448,7 @@ def _run_replay(tenant_id: str, project_id: str, idempotency_key: str, payload_h
     return existing
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def _run_insert(fields: dict, *, idempotency_key: str | None, payload_hash: str) -> Run:
     at = db_now()
     run = Run(
@@ -483,7 +486,7 @@ def _run_insert(fields: dict, *, idempotency_key: str | None, payload_hash: str)
     return run
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def run_claim(*, run_id: str, runner_id: str, lease_ms: int, scope: Scope = UNRESTRICTED) -> Run:
     """Claim the run for `runner_id` for `lease_ms`, bumping its lease epoch.
 
@@ -511,7 +514,7 @@ def run_claim(*, run_id: str, runner_id: str, lease_ms: int, scope: Scope = UNRE
     return run
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def run_heartbeat(*, run_id: str, runner_id: str, lease_epoch: int, lease_ms: int, scope: Scope = UNRESTRICTED) -> Run:
     """Renew the holder's lease. A terminal run is returned unchanged, whoever asks.
     Errors: 404; 409 `runner-lease-conflict` for anyone but the holder at its current epoch."""
@@ -523,7 +526,7 @@ def run_heartbeat(*, run_id: str, runner_id: str, lease_epoch: int, lease_ms: in
     return run
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def run_finish(
     *,
     run_id: str,
@@ -553,7 +556,7 @@ def run_finish(
     )
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def run_cancel(*, run_id: str, reason: str | None = None, scope: Scope = UNRESTRICTED) -> Run:
     """Cancel the run and its open commands. A terminal run is returned unchanged. Error: 404."""
     run = _lock_run(run_id, scope)
@@ -565,7 +568,7 @@ def run_cancel(*, run_id: str, reason: str | None = None, scope: Scope = UNRESTR
     )
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def run_expire(*, run_id: str, terminal_status: str, failure_kind: str, message: str) -> Run | None:
     """The reaper ends a run whose runner is gone or whose time is up, bumping the epoch so a
     runner that comes back is fenced out. Returns None when the run is already terminal."""
@@ -593,7 +596,7 @@ def validate_event(event_type, payload) -> None:
         raise invalid("event payload must be an object", field="payload")
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def event_append(
     *,
     run_id: str,
@@ -641,7 +644,7 @@ def event_append(
 # --- commands ------------------------------------------------------------------------------
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def command_create(
     *,
     run_id: str,
@@ -715,7 +718,7 @@ def _lock_command(command_id: str, scope: Scope) -> tuple[Run, Command]:
     return run, command
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def command_ack(*, command_id: str, runner_id: str, lease_epoch: int, scope: Scope = UNRESTRICTED) -> Command:
     """The runner took the command. A terminal or acknowledged command is returned unchanged.
     Errors: 404; 409 `runner-lease-conflict` for a stale holder or epoch."""
@@ -731,7 +734,7 @@ def command_ack(*, command_id: str, runner_id: str, lease_epoch: int, scope: Sco
     return command
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def command_finish(
     *,
     command_id: str,
@@ -794,7 +797,7 @@ def command_finish(
     return command
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def command_cancel(*, command_id: str, reason: str | None = None, scope: Scope = UNRESTRICTED) -> Command:
     """Cancel one command (the run goes on). A terminal command is returned unchanged. Error: 404."""
     run, command = _lock_command(command_id, scope)
@@ -841,7 +844,7 @@ def command_cancel(*, command_id: str, reason: str | None = None, scope: Scope =
 _RUNNER_SERVER_FIELDS = {"id", "runnerId", "registeredAt", "heartbeatAt", "tenantId"}
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def runner_register(*, tenant_id: str, runner_id: str | None = None, attributes: dict | None = None) -> tuple[Runner, bool]:
     """Register (or re-register) a runner. Returns (runner, created). The caller's fields are
     kept, except the ones the server owns (id, timestamps). Error: 403 when the id belongs to
@@ -919,7 +922,7 @@ def _runner_job_replay(run_id: str, idempotency_key: str, payload_hash: str) -> 
     return existing
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic
 def _runner_job_write(*, run_id: str, fields: dict, job_id: str | None, idempotency_key: str | None):
     at = db_now()
     if job_id:

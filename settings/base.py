@@ -119,3 +119,5 @@ AGENTRUN_NAMESPACE = os.environ.get("AGENTRUN_NAMESPACE", "agentrun")
 # gc_sessions: how many expired sessions one pass collects by default, and at most.
 AGENTRUN_GC_DEFAULT_LIMIT = 50
 AGENTRUN_GC_MAX_LIMIT = 500
+# worker: seconds between storage collection passes.
+AGENTRUN_GC_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_GC_INTERVAL_SECONDS", "300"))

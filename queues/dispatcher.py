@@ -1,0 +1,79 @@
+"""The dispatcher: moves queue tasks. It settles the attempts whose run ended, then starts every
+task that may start, then sleeps until a task is created, a run ends, or a backoff expires
+(LISTEN on the worker channel: it never polls on a timer to find work)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg
+from django.db import close_old_connections, connection
+
+from agentrun import notify
+from agentrun.clock import db_now
+from queues import services
+
+logger = logging.getLogger(__name__)
+# However quiet, look again this often (a notification lost with a dropped connection).
+IDLE_SECONDS = 30.0
+
+
+class Dispatcher:
+    def __init__(self, *, on_dispatched: Callable[[services.Dispatched], None] | None = None):
+        self.on_dispatched = on_dispatched
+
+    def run_once(self) -> tuple[int, int]:
+        """One pass: (attempts settled, tasks dispatched)."""
+        settled = 0
+        for attempt_id in services.ended_attempts(limit=500):
+            settled += services.settle(attempt_id=attempt_id) is not None
+        dispatched = 0
+        while (started := services.dispatch_one()) is not None:
+            dispatched += 1
+            if self.on_dispatched is not None and started.run_id is not None:
+                try:
+                    self.on_dispatched(started)
+                except Exception:  # noqa: BLE001 - the run exists; the launcher's own loop retries it
+                    logger.exception("launching a runner for run %s failed", started.run_id)
+        return settled, dispatched
+
+    def _sleep_seconds(self) -> float:
+        retry_at = services.next_retry_at()
+        if retry_at is None:
+            return IDLE_SECONDS
+        return max(0.0, min(IDLE_SECONDS, (retry_at - db_now()).total_seconds()))
+
+    @staticmethod
+    def _wait(listener: psycopg.Connection, stop: threading.Event, timeout: float) -> None:
+        """Until a notification, `timeout` or `stop` (checked every second). Notifications that
+        came with the first are drained, so one pass serves them all."""
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            if any(True for _ in listener.notifies(timeout=min(remaining, 1.0), stop_after=1)):
+                for _ in listener.notifies(timeout=0.01):
+                    pass
+                return
+
+    def serve(self, stop: threading.Event) -> None:
+        """Run passes until `stop` is set; each pass starts as soon as there may be work."""
+        listener = psycopg.connect(**notify.conninfo(), autocommit=True)
+        try:
+            listener.execute(f"LISTEN {notify.WORK_CHANNEL}")
+            while not stop.is_set():
+                try:
+                    settled, dispatched = self.run_once()
+                    if settled or dispatched:
+                        logger.info("dispatcher: settled %d attempt(s), started %d task(s)", settled, dispatched)
+                    timeout = self._sleep_seconds()
+                except Exception:  # noqa: BLE001 - a lost database must not end the worker
+                    logger.exception("dispatcher pass failed; retrying")
+                    timeout = 1.0
+                finally:
+                    close_old_connections()
+                    connection.close()
+                self._wait(listener, stop, timeout)
+        finally:
+            listener.close()
