@@ -153,3 +153,47 @@ def test_evict_storage_asks_first_then_deletes_the_pvc(staff, fake_kube):
     assert "Evicted the storage of 1 session(s)." in response.content.decode()
     assert Session.objects.get(pk="adm-s1").storage_kind == "evicted"
     assert [path for _, path in fake_kube.calls] == ["/api/v1/namespaces/agents/persistentvolumeclaims/pvc-adm"]
+
+
+# --- queues ----------------------------------------------------------------------------------
+
+
+def test_queue_task_admin_filters_shows_attempts_and_runs(staff):
+    from queues import services as queue_services
+    from tests.queue_helpers import make_task
+
+    task = make_task("builds", lane="nightly", priority=1)
+    other = make_task("other")
+    started = queue_services.dispatch_one()
+    body = staff.get("/admin/queues/queuetask/", {"queue__exact": "builds"}).content.decode()
+    assert task.id in body and other.id not in body
+    body = staff.get("/admin/queues/queuetask/", {"state__exact": "pending"}).content.decode()
+    assert other.id in body and task.id not in body
+    body = staff.get(f"/admin/queues/queuetask/{task.id}/change/").content.decode()
+    assert started.run_id in body and f"/admin/runs/run/{started.run_id}/change/" in body
+
+
+def test_queue_task_cancel_and_retry_actions(staff):
+    from queues import services as queue_services
+    from queues.models import QueueTask
+    from runs.models import Run
+    from tests.queue_helpers import make_task
+
+    task = make_task()
+    started = queue_services.dispatch_one()
+    staff.post("/admin/queues/queuetask/", {"action": "cancel_tasks", "_selected_action": [task.id]})
+    assert QueueTask.objects.get(pk=task.id).state == "cancelled"
+    assert Run.objects.get(pk=started.run_id).status == "cancelled"
+    staff.post("/admin/queues/queuetask/", {"action": "retry_tasks", "_selected_action": [task.id]})
+    assert QueueTask.objects.get(pk=task.id).state == "pending"
+
+
+def test_queue_limits_and_pause_are_edited_in_admin(staff):
+    from queues.models import Queue
+
+    queue = Queue.objects.create(tenant_id="acme", name="builds")
+    response = staff.post(f"/admin/queues/queue/{queue.pk}/change/",
+                          {"tenant_id": "acme", "name": "builds", "max_running": "4", "paused": "on"})
+    assert response.status_code == 302
+    queue.refresh_from_db()
+    assert (queue.max_running, queue.paused) == (4, True)
