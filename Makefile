@@ -27,6 +27,7 @@ test: install
 bench: install
 	$(PY) bench/bench_runner_protocol.py
 	$(PY) bench/bench_sessions_inbox.py
+	$(PY) bench/bench_queue_dispatch.py
 
 clean:
 	rm -rf $(VENV) var

@@ -19,6 +19,7 @@ from queues import services
 logger = logging.getLogger(__name__)
 # However quiet, look again this often (a notification lost with a dropped connection).
 IDLE_SECONDS = 30.0
+BATCH = 50
 
 
 class Dispatcher:
@@ -26,19 +27,29 @@ class Dispatcher:
         self.on_dispatched = on_dispatched
 
     def run_once(self) -> tuple[int, int]:
-        """One pass: (attempts settled, tasks dispatched)."""
-        settled = 0
-        for attempt_id in services.ended_attempts(limit=500):
-            settled += services.settle(attempt_id=attempt_id) is not None
-        dispatched = 0
-        while (started := services.dispatch_one()) is not None:
-            dispatched += 1
-            if self.on_dispatched is not None and started.run_id is not None:
-                try:
-                    self.on_dispatched(started)
-                except Exception:  # noqa: BLE001 - the run exists; the launcher's own loop retries it
-                    logger.exception("launching a runner for run %s failed", started.run_id)
-        return settled, dispatched
+        """Settle and dispatch, a batch of each in turn, until neither has anything left:
+        (attempts settled, tasks dispatched). Taking turns keeps finished tasks from waiting
+        behind a long stream of new ones."""
+        settled = dispatched = 0
+        while True:
+            ended = services.ended_attempts(limit=BATCH)
+            for attempt_id, task_id in ended:
+                settled += services.settle(attempt_id=attempt_id, task_id=task_id) is not None
+            started_now = 0
+            while started_now < BATCH and (started := services.dispatch_one()) is not None:
+                started_now += 1
+                self._launch(started)
+            dispatched += started_now
+            if len(ended) < BATCH and started_now < BATCH:
+                return settled, dispatched
+
+    def _launch(self, started: services.Dispatched) -> None:
+        if self.on_dispatched is None or started.run_id is None:
+            return
+        try:
+            self.on_dispatched(started)
+        except Exception:  # noqa: BLE001 - the run exists; the launcher's own loop retries it
+            logger.exception("launching a runner for run %s failed", started.run_id)
 
     def _sleep_seconds(self) -> float:
         retry_at = services.next_retry_at()

@@ -21,7 +21,7 @@ from agentrun.auth import Scope
 from agentrun.clock import db_now
 from agentrun.errors import CANCELLED, SCHEMA_INVALID, AgentRunError, conflict, invalid, not_found
 from agentrun.ids import new_id, stable_hash
-from queues.models import Queue, QueueAttempt, QueueReadCursor, QueueTask, TaskState, TenantLimit
+from queues.models import QueueAttempt, QueueReadCursor, QueueTask, TaskState
 from runs import services as run_services
 from runs.models import RUN_TERMINAL, Run, RunStatus
 
@@ -227,7 +227,7 @@ class Dispatched:
 
 
 _ELIGIBLE = f"""
-SELECT t.id FROM queues_queuetask t
+SELECT t.* FROM queues_queuetask t
 WHERE t.state = '{TaskState.PENDING}' AND (t.not_before IS NULL OR t.not_before <= statement_timestamp())
   AND NOT EXISTS (
     SELECT 1 FROM queues_queue q WHERE q.tenant_id = t.tenant_id AND q.name = t.queue
@@ -244,19 +244,30 @@ LIMIT 1 FOR UPDATE OF t SKIP LOCKED
 
 def _within_limits(task: QueueTask) -> bool:
     """Under the queue's and the tenant's advisory locks (held to commit), so two dispatchers
-    never both take the last free slot."""
+    never both take the last free slot. One round trip: the locks, then the limits and counts."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(hashtext('agentrun-queue'), hashtext(%s))",
-                       [f"{task.tenant_id}/{task.queue}"])
-        cursor.execute("SELECT pg_advisory_xact_lock(hashtext('agentrun-tenant'), hashtext(%s))", [task.tenant_id])
-    queue = Queue.objects.filter(tenant_id=task.tenant_id, name=task.queue).first()
-    if queue is not None and queue.paused:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('agentrun-queue'), hashtext(%(queue_key)s)), "
+            "pg_advisory_xact_lock(hashtext('agentrun-tenant'), hashtext(%(tenant)s))",
+            {"queue_key": f"{task.tenant_id}/{task.queue}", "tenant": task.tenant_id},
+        )
+        cursor.execute(
+            "SELECT q.paused, q.max_running, l.max_running, "
+            "  CASE WHEN q.max_running IS NULL THEN 0 ELSE (SELECT count(*) FROM queues_queuetask r "
+            f"    WHERE r.state = '{TaskState.RUNNING}' AND r.tenant_id = %(tenant)s AND r.queue = %(queue)s) END, "
+            "  CASE WHEN l.max_running IS NULL THEN 0 ELSE (SELECT count(*) FROM queues_queuetask r "
+            f"    WHERE r.state = '{TaskState.RUNNING}' AND r.tenant_id = %(tenant)s) END "
+            "FROM (SELECT 1) one "
+            "LEFT JOIN queues_queue q ON q.tenant_id = %(tenant)s AND q.name = %(queue)s "
+            "LEFT JOIN queues_tenantlimit l ON l.tenant_id = %(tenant)s",
+            {"tenant": task.tenant_id, "queue": task.queue},
+        )
+        paused, queue_limit, tenant_limit, queue_running, tenant_running = cursor.fetchone()
+    if paused:
         return False
-    running = QueueTask.objects.filter(tenant_id=task.tenant_id, state=TaskState.RUNNING)
-    if queue is not None and queue.max_running is not None and running.filter(queue=task.queue).count() >= queue.max_running:
+    if queue_limit is not None and queue_running >= queue_limit:
         return False
-    limit = TenantLimit.objects.filter(tenant_id=task.tenant_id).values_list("max_running", flat=True).first()
-    return limit is None or running.count() < limit
+    return tenant_limit is None or tenant_running < tenant_limit
 
 
 def dispatch_one() -> Dispatched | None:
@@ -265,12 +276,9 @@ def dispatch_one() -> Dispatched | None:
     One transaction: a cancel waits for it, then finds the run and cancels it too."""
     for _ in range(100):
         with transaction.atomic():
-            with connection.cursor() as cursor:
-                cursor.execute(_ELIGIBLE)
-                row = cursor.fetchone()
-            if row is None:
+            task = next(iter(QueueTask.objects.raw(_ELIGIBLE)), None)
+            if task is None:
                 return None
-            task = QueueTask.objects.get(pk=row[0])
             if _within_limits(task):
                 return _start_attempt(task)
         # Another dispatcher took the last slot between our look and our lock: look again.
@@ -294,11 +302,8 @@ def _start_attempt(task: QueueTask) -> Dispatched:
                 execution_policy=task.execution_policy,
                 metadata=task.metadata,
                 extra={"queueTaskId": task.id, "queueAttempt": number},
-                idempotency_key=f"queue-task:{task.id}:{number}",
             )
-            command, _ = run_services.command_create(
-                run_id=run.id, command_type="turn", payload=task.payload or {}, idempotency_key="queue-turn"
-            )
+            command, _ = run_services.command_create(run_id=run.id, command_type="turn", payload=task.payload or {})
     except AgentRunError as error:
         # The task can never start (its session belongs elsewhere): it fails, no retry.
         attempt.state, attempt.failure_kind, attempt.failure_message = TaskState.FAILED, error.kind, error.message
@@ -339,45 +344,48 @@ def _policy(task: QueueTask) -> tuple[int, float, tuple]:
     )
 
 
-def ended_attempts(limit: int = 100) -> list[str]:
-    """Open attempts whose run has ended (or is gone): what `settle` has to do."""
+def ended_attempts(limit: int = 100) -> list[tuple[str, str]]:
+    """(attempt, task) of open attempts whose run has ended (or is gone): what `settle` does."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT a.id FROM queues_queueattempt a LEFT JOIN runs_run r ON r.id = a.run_id "
+            "SELECT a.id, a.task_id FROM queues_queueattempt a LEFT JOIN runs_run r ON r.id = a.run_id "
             f"WHERE a.state = '{TaskState.RUNNING}' AND (r.id IS NULL OR r.status = ANY(%s)) "
             "ORDER BY a.started_at LIMIT %s",
             [[str(status) for status in RUN_TERMINAL], limit],
         )
-        return [row[0] for row in cursor.fetchall()]
+        return cursor.fetchall()
 
 
 @transaction.atomic
-def settle(*, attempt_id: str) -> QueueTask | None:
+def settle(*, attempt_id: str, task_id: str) -> QueueTask | None:
     """The attempt's run ended: the task takes the run's outcome, or goes back to the queue for
     another attempt when its policy retries that failure kind (after a backoff that doubles
     each attempt). None when another settler holds the task, or it was settled already."""
-    attempt = QueueAttempt.objects.filter(pk=attempt_id, state=TaskState.RUNNING).first()
-    if attempt is None:
-        return None
-    task = QueueTask.objects.select_for_update(skip_locked=True).filter(pk=attempt.task_id).first()
+    task = QueueTask.objects.select_for_update(skip_locked=True).filter(pk=task_id).first()
     if task is None:
         return None
-    attempt = QueueAttempt.objects.filter(pk=attempt_id, state=TaskState.RUNNING).first()
-    if attempt is None:  # settled (or cancelled) while we waited for the task
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT a.number, a.run_id, a.command_id, a.started_at, r.id, r.status, r.failure_kind, r.failure_message, "
+            "statement_timestamp() FROM queues_queueattempt a LEFT JOIN runs_run r ON r.id = a.run_id "
+            f"WHERE a.id = %s AND a.state = '{TaskState.RUNNING}'",
+            [attempt_id],
+        )
+        row = cursor.fetchone()
+    if row is None:  # settled (or cancelled) while we waited for the task
         return None
-    run = Run.objects.filter(pk=attempt.run_id).only("status", "failure_kind", "failure_message").first()
-    if run is not None and run.status not in RUN_TERMINAL:
+    number, run_id, command_id, started_at, found, status, failure_kind, message, at = row
+    if found is not None and status not in RUN_TERMINAL:
         return None
-    at = db_now()
-    if run is None:
+    if found is None:
         outcome, failure_kind, message = TaskState.FAILED, "infra-failed", "the attempt's run is gone"
     else:
-        outcome, failure_kind, message = TASK_STATE_FOR_RUN[run.status], run.failure_kind, run.failure_message
-    attempt.state, attempt.failure_kind, attempt.failure_message, attempt.finished_at = (
-        outcome, failure_kind, message, at
-    )
+        outcome = TASK_STATE_FOR_RUN[status]
+    attempt = QueueAttempt(id=attempt_id, task=task, number=number, run_id=run_id, command_id=command_id,
+                           state=outcome, failure_kind=failure_kind, failure_message=message, started_at=started_at,
+                           finished_at=at)
     attempt.save(update_fields=["state", "failure_kind", "failure_message", "finished_at"])
-    if task.is_terminal or task.latest_attempt is None or task.latest_attempt.get("attemptId") != attempt.id:
+    if task.is_terminal or task.latest_attempt is None or task.latest_attempt.get("attemptId") != attempt_id:
         return task  # the task moved on (cancelled, or an operator rewrote it): only the attempt ends
     task.latest_attempt = _attempt_ref(attempt)
     max_attempts, backoff, retry_on = _policy(task)

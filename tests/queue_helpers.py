@@ -26,6 +26,6 @@ def finish_run(run_id, terminal_status="completed", failure_kind=None, runner="r
 
 def settle_all():
     settled = 0
-    for attempt_id in services.ended_attempts():
-        settled += services.settle(attempt_id=attempt_id) is not None
+    for attempt_id, task_id in services.ended_attempts():
+        settled += services.settle(attempt_id=attempt_id, task_id=task_id) is not None
     return settled
