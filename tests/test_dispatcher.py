@@ -173,3 +173,20 @@ def test_retry_sends_a_failed_task_back():
     with pytest.raises(Exception) as error:
         services.task_retry(task_id=task.id)
     assert getattr(error.value, "status", None) == 409
+
+
+def test_worker_once_runs_one_dispatcher_pass():
+    import io
+
+    from django.core.management import call_command
+
+    task = make_task()
+    out = io.StringIO()
+    call_command("worker", "--once", stdout=out)
+    assert out.getvalue().strip() == "settled 0 attempt(s), dispatched 1 task(s)"
+    stored = QueueTask.objects.get(pk=task.id)
+    finish_run(stored.latest_attempt["runId"])
+    out = io.StringIO()
+    call_command("worker", "--once", stdout=out)
+    assert out.getvalue().strip() == "settled 1 attempt(s), dispatched 0 task(s)"
+    assert QueueTask.objects.get(pk=task.id).state == "completed"
