@@ -1,0 +1,119 @@
+"""What every backend shares: a turn's result, and the agent child process (its own process
+group, JSON lines on stdout, a tail of stderr, a cancel that kills the whole group)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Emit = Callable[[str, dict], None]
+
+
+@dataclass
+class TurnResult:
+    terminal_status: str  # completed, failed, blocked, cancelled, timeout
+    failure_kind: str | None = None
+    message: str | None = None
+    thread_id: str | None = None
+
+
+class Parser:
+    """Turns an agent's JSON lines into events; decides the turn's result at the end."""
+
+    thread_id: str | None = None
+
+    def feed(self, record: dict) -> list[tuple[str, dict]]:
+        raise NotImplementedError
+
+    def finish(self, *, exit_code: int, cancelled: bool, stderr_tail: str) -> TurnResult:
+        raise NotImplementedError
+
+
+class Backend:
+    profile = ""
+    can_steer = False
+
+    def command(self, *, prompt: str, thread_id: str | None, workdir: str) -> tuple[list[str], dict, Parser]:
+        """argv, extra environment and a fresh parser for one turn."""
+        raise NotImplementedError
+
+    def start(self, *, prompt: str, thread_id: str | None, workdir: str, emit: Emit) -> AgentProcess:
+        argv, env, parser = self.command(prompt=prompt, thread_id=thread_id, workdir=workdir)
+        return AgentProcess(argv, cwd=workdir, env=env, parser=parser, emit=emit, steerable=self.can_steer)
+
+
+class AgentProcess:
+    """One turn of an agent: a child process in a new session (so a cancel reaches every process
+    it started), its stdout parsed line by line into events as they come."""
+
+    def __init__(self, argv: list[str], *, cwd: str, env: dict, parser: Parser, emit: Emit, steerable: bool = False):
+        self.parser, self.emit, self.steerable = parser, emit, steerable
+        self.cancelled = threading.Event()
+        self._stderr: deque[str] = deque(maxlen=20)
+        self.process = subprocess.Popen(
+            argv, cwd=cwd, env={**os.environ, **env}, stdin=subprocess.PIPE if steerable else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
+        )
+        self._stderr_thread = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_thread.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read_stderr(self) -> None:
+        for line in self.process.stderr:
+            self._stderr.append(line.rstrip("\n"))
+
+    def wait(self) -> TurnResult:
+        """Read the agent's lines to the end, emitting events; then the turn's result."""
+        for line in self.process.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # not a JSON line: agents may print other things
+            if isinstance(record, dict):
+                for event_type, payload in self.parser.feed(record):
+                    self.emit(event_type, payload)
+        exit_code = self.process.wait()
+        self._stderr_thread.join(timeout=5)
+        return self.parser.finish(exit_code=exit_code, cancelled=self.cancelled.is_set(),
+                                  stderr_tail="\n".join(self._stderr)[-2000:])
+
+    def steer(self, text: str) -> bool:
+        if not self.steerable or self.process.poll() is not None:
+            return False
+        try:
+            self.process.stdin.write(json.dumps({"type": "steer", "text": text}) + "\n")
+            self.process.stdin.flush()
+            return True
+        except (BrokenPipeError, ValueError):
+            return False
+
+    def cancel(self, grace_seconds: float = 5.0) -> None:
+        """SIGINT to the agent's process group (the CLIs then write their cancel result); after
+        the grace period, SIGKILL to whatever is left."""
+        self.cancelled.set()
+        for signum, wait in ((signal.SIGINT, grace_seconds), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.process.pid, signum)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            try:  # the leader is gone; its children may not be
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return

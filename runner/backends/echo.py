@@ -1,0 +1,53 @@
+"""The echo backend: our own deterministic agent (see echo_agent) behind the same process
+handling as the real CLIs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from runner.backends.base import Backend, Parser, TurnResult
+
+
+class EchoParser(Parser):
+    def __init__(self):
+        self.thread_id = None
+        self.outcome: tuple[str, str | None, str | None] | None = None
+
+    def feed(self, record: dict) -> list[tuple[str, dict]]:
+        kind = record.get("type")
+        if kind == "thread":
+            self.thread_id = record.get("id")
+        elif kind == "message":
+            return [("assistant_message", {"text": record.get("text", "")})]
+        elif kind == "output":
+            return [("command_output", {"command": record.get("command"), "output": record.get("output", ""),
+                                        "exitCode": record.get("exitCode")})]
+        elif kind == "diff":
+            return [("diff", {"path": record.get("path"), "patch": record.get("patch", "")})]
+        elif kind == "failed":
+            self.outcome = ("failed", "agent-failed", record.get("message"))
+            return [("error", {"severity": "fatal", "message": record.get("message")})]
+        elif kind == "done":
+            self.outcome = ("completed", None, None)
+        return []
+
+    def finish(self, *, exit_code: int, cancelled: bool, stderr_tail: str) -> TurnResult:
+        if cancelled:
+            return TurnResult("cancelled", "cancelled", "the turn was cancelled", self.thread_id)
+        if self.outcome is not None:
+            status, kind, message = self.outcome
+            return TurnResult(status, kind, message, self.thread_id)
+        return TurnResult("failed", "backend-unavailable", f"the echo agent exited {exit_code}: {stderr_tail}",
+                          self.thread_id)
+
+
+class EchoBackend(Backend):
+    profile = "echo"
+    can_steer = True
+
+    def command(self, *, prompt, thread_id, workdir):
+        argv = [sys.executable, str(Path(__file__).with_name("echo_agent.py")), prompt]
+        if thread_id:
+            argv += ["--thread", thread_id]
+        return argv, {}, EchoParser()

@@ -1,0 +1,155 @@
+"""The agentrun client SDK: every client and runner call of the v1 API, over httpx.
+
+Transient failures (connection errors, 502, 503, 504) are retried with exponential backoff.
+Every call retried is safe to repeat: runs and commands carry idempotency keys, event batches
+a batch key, and the runner calls return the record unchanged once it is terminal.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+
+RETRY_STATUSES = {502, 503, 504}
+DEFAULT_TIMEOUT = 40.0  # above the longest long-poll (30 s)
+
+
+class ApiError(Exception):
+    """The API answered with an error envelope (or something that is not one)."""
+
+    def __init__(self, status: int, kind: str, message: str, details: dict | None = None):
+        super().__init__(f"{status} {kind}: {message}")
+        self.status, self.kind, self.message, self.details = status, kind, message, details or {}
+
+    @property
+    def lease_lost(self) -> bool:
+        return self.status == 409 and self.kind == "runner-lease-conflict"
+
+
+class AgentRunClient:
+    def __init__(self, base_url: str, key: str, *, retries: int = 6, timeout: float = DEFAULT_TIMEOUT,
+                 transport: httpx.BaseTransport | None = None):
+        self.base_url = base_url.rstrip("/")
+        if not self.base_url.endswith("/api/v1"):
+            self.base_url += "/api/v1"
+        self.retries = retries
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
+                                 headers={"Authorization": f"Bearer {key}"})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def request(self, method: str, path: str, *, json=None, params=None) -> dict:
+        delay = 0.2
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(method, path, json=json, params=params)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                    return self._body(response)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _body(response: httpx.Response) -> dict:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400:
+            error = (body or {}).get("error") if isinstance(body, dict) else None
+            if isinstance(error, dict):
+                raise ApiError(response.status_code, error.get("kind", "unknown"), error.get("message", ""),
+                               error.get("details"))
+            raise ApiError(response.status_code, "unknown", response.text[:200])
+        return body
+
+    # --- clients ---------------------------------------------------------------------------
+
+    def create_run(self, *, backend_profile: str, session_id: str | None = None, idempotency_key: str | None = None,
+                   **fields) -> dict:
+        body = {"backendProfile": backend_profile, "idempotencyKey": idempotency_key or uuid.uuid4().hex, **fields}
+        if session_id:
+            body["sessionRef"] = {"sessionId": session_id, **body.get("sessionRef", {})}
+        return self.request("POST", "/runs", json=body)
+
+    def get_run(self, run_id: str) -> dict:
+        return self.request("GET", f"/runs/{run_id}")
+
+    def cancel_run(self, run_id: str, reason: str | None = None) -> dict:
+        return self.request("POST", f"/runs/{run_id}/cancel", json={"reason": reason} if reason else {})
+
+    def send_command(self, run_id: str, command_type: str, payload: dict, *, idempotency_key: str | None = None) -> dict:
+        return self.request("POST", f"/runs/{run_id}/commands", json={
+            "type": command_type, "payload": payload, "idempotencyKey": idempotency_key or uuid.uuid4().hex})
+
+    def send_turn(self, run_id: str, prompt: str, **kwargs) -> dict:
+        return self.send_command(run_id, "turn", {"prompt": prompt}, **kwargs)
+
+    def events(self, run_id: str, *, after_seq: int = 0, limit: int = 500, wait: float = 0) -> dict:
+        return self.request("GET", f"/runs/{run_id}/events",
+                            params={"afterSeq": after_seq, "limit": limit, "wait": wait})
+
+    def follow_events(self, run_id: str, *, after_seq: int = 0, until_terminal: bool = True) -> Iterator[dict]:
+        """Every event from `after_seq` on, as it is appended; ends after `terminal_status`."""
+        while True:
+            page = self.events(run_id, after_seq=after_seq, wait=30)
+            for event in page["items"]:
+                yield event
+                if until_terminal and event["type"] == "terminal_status":
+                    return
+            after_seq = int(page["cursor"])
+
+    def sessions(self, **params) -> dict:
+        return self.request("GET", "/sessions", params={k: v for k, v in params.items() if v is not None})
+
+    def queue_tasks(self, **params) -> dict:
+        return self.request("GET", "/queue-tasks", params={k: v for k, v in params.items() if v is not None})
+
+    def create_queue_task(self, **body) -> dict:
+        return self.request("POST", "/queue-tasks", json=body)
+
+    # --- runners ---------------------------------------------------------------------------
+
+    def claim(self, run_id: str, runner_id: str, lease_ms: int) -> dict:
+        return self.request("POST", f"/runs/{run_id}/claim", json={"runnerId": runner_id, "leaseMs": lease_ms})
+
+    def heartbeat(self, run_id: str, runner_id: str, lease_epoch: int, lease_ms: int) -> dict:
+        return self.request("POST", f"/runs/{run_id}/heartbeat",
+                            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, "leaseMs": lease_ms})
+
+    def append_events(self, run_id: str, runner_id: str, lease_epoch: int, events: list[dict], batch_key: str) -> dict:
+        return self.request("POST", f"/runs/{run_id}/events", json={
+            "runnerId": runner_id, "leaseEpoch": lease_epoch, "batchKey": batch_key, "events": events})
+
+    def commands(self, run_id: str, *, after_seq: int = 0, wait: float = 0) -> dict:
+        return self.request("GET", f"/runs/{run_id}/commands", params={"afterSeq": after_seq, "wait": wait})
+
+    def ack(self, command_id: str, runner_id: str, lease_epoch: int) -> dict:
+        return self.request("POST", f"/commands/{command_id}/ack", json={"runnerId": runner_id, "leaseEpoch": lease_epoch})
+
+    def finish_command(self, command_id: str, runner_id: str, lease_epoch: int, **result) -> dict:
+        return self.request("POST", f"/commands/{command_id}/finish",
+                            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)})
+
+    def finish_run(self, run_id: str, runner_id: str, lease_epoch: int, **result) -> dict:
+        return self.request("POST", f"/runs/{run_id}/finish",
+                            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)})
+
+
+def _compact(result: dict) -> dict:
+    return {key: value for key, value in result.items() if value is not None}

@@ -1,0 +1,319 @@
+"""The reference runner: claims one run, executes its commands through a backend, streams the
+events back, and finishes the run.
+
+- The lease is renewed in the background (every third of it). A 409 `runner-lease-conflict`
+  from any call means another runner took the run over: the backend is killed and the runner
+  stops without another write.
+- The run's own event stream is the control channel: `command-created` brings commands,
+  `cancel-requested` / `terminal_status` end the run, a `command-terminal` that cancels the
+  turn in progress stops it. The backend's process group is killed within the grace period.
+- Events go out in batches: at most every 100 ms or 50 events, each batch with a key derived
+  from the runner, the epoch and a counter, so a retried batch is never appended twice.
+- After its last turn the runner waits `idle_seconds` for another command, then finishes the
+  run with the last turn's result.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from runner.backends import AgentProcess, Backend, TurnResult, backend_for
+from runner.client import AgentRunClient, ApiError
+
+logger = logging.getLogger("agentrun.runner")
+BATCH_EVENTS = 50
+BATCH_SECONDS = 0.1
+OPEN = ("pending", "acknowledged")
+
+
+class LeaseLost(Exception):
+    """Another runner holds the run now."""
+
+
+class EventSink:
+    """Buffers events and sends them in batches from one thread, in order."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.buffer: list[dict] = []
+        self.lock = threading.Lock()
+        self.sending = threading.Lock()
+        self.wake = threading.Event()
+        self.closed = threading.Event()
+        self.batches = 0
+        self.thread = threading.Thread(target=self._loop, name="events", daemon=True)
+        self.thread.start()
+
+    def emit(self, event_type: str, payload: dict) -> None:
+        with self.lock:
+            self.buffer.append({"type": event_type, "payload": payload})
+            if len(self.buffer) >= BATCH_EVENTS:
+                self.wake.set()
+
+    def _loop(self) -> None:
+        while not self.closed.is_set():
+            self.wake.wait(BATCH_SECONDS)
+            self.wake.clear()
+            try:
+                self.flush()
+            except LeaseLost:
+                self.runner.lose_lease()
+            except Exception:  # noqa: BLE001 - kept in the buffer; the next flush retries
+                logger.warning("sending events failed; will retry", exc_info=True)
+                time.sleep(1.0)
+
+    def flush(self) -> None:
+        with self.sending:
+            while True:
+                with self.lock:
+                    batch, self.buffer = self.buffer[:BATCH_EVENTS], self.buffer[BATCH_EVENTS:]
+                if not batch:
+                    return
+                key = f"{self.runner.runner_id}:{self.runner.epoch}:{self.batches}"
+                try:
+                    self.runner.client.append_events(self.runner.run_id, self.runner.runner_id, self.runner.epoch,
+                                                     batch, key)
+                except ApiError as error:
+                    if error.lease_lost:
+                        raise LeaseLost from None
+                    if error.status >= 500:
+                        with self.lock:
+                            self.buffer[:0] = batch
+                        raise
+                    logger.error("the manager refused a batch of %d events: %s", len(batch), error)
+                except Exception:
+                    with self.lock:
+                        self.buffer[:0] = batch
+                    raise
+                self.batches += 1
+
+    def close(self) -> None:
+        self.closed.set()
+        self.wake.set()
+        self.thread.join(timeout=10)
+        self.flush()
+
+
+@dataclass
+class Turn:
+    command: dict
+    process: AgentProcess
+    thread: threading.Thread
+    result: TurnResult | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Runner:
+    def __init__(self, client: AgentRunClient, run_id: str, *, runner_id: str | None = None,
+                 lease_ms: int = 60_000, workdir: str = ".", idle_seconds: float = 10.0,
+                 first_command_seconds: float = 600.0, grace_seconds: float = 5.0,
+                 backend: Backend | None = None):
+        self.client, self.run_id = client, run_id
+        self.runner_id = runner_id or f"runner-{uuid.uuid4().hex[:12]}"
+        self.lease_ms, self.workdir = lease_ms, workdir
+        self.idle_seconds, self.first_command_seconds, self.grace_seconds = idle_seconds, first_command_seconds, grace_seconds
+        self.backend = backend
+        self.epoch = 0
+        self.stop = threading.Event()
+        self.lost = threading.Event()
+        self.ended = threading.Event()  # the run ended elsewhere (cancelled, reaped)
+        self.turn: Turn | None = None
+        self.queue: list[dict] = []
+        self.thread_id: str | None = None
+        self.last_result: TurnResult | None = None
+        self.command_seq = 0
+
+    # --- state shared with the threads ------------------------------------------------------
+
+    def lose_lease(self) -> None:
+        if not self.lost.is_set():
+            logger.warning("run %s: lease lost to another runner; stopping", self.run_id)
+        self.lost.set()
+        self.stop.set()
+        self._cancel_turn()
+
+    def _cancel_turn(self) -> None:
+        turn = self.turn
+        if turn is not None and not turn.done.is_set():
+            turn.process.cancel(self.grace_seconds)
+
+    # --- the run ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """0 when the run was finished here or ended elsewhere; 3 when the lease was lost."""
+        run = self.client.claim(self.run_id, self.runner_id, self.lease_ms)
+        self.epoch = run["leaseEpoch"]
+        self.thread_id = (run.get("sessionRef") or {}).get("threadId")
+        if self.backend is None:
+            self.backend = backend_for(run["backendProfile"])
+        logger.info("run %s claimed by %s (epoch %d, backend %s)", self.run_id, self.runner_id, self.epoch,
+                    self.backend.profile)
+        self.events = EventSink(self)
+        heartbeat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        heartbeat.start()
+        try:
+            self._loop()
+        except LeaseLost:
+            self.lose_lease()
+        finally:
+            self.stop.set()
+            self._cancel_turn()
+            if self.turn is not None:
+                self.turn.thread.join(timeout=self.grace_seconds + 10)
+            if not self.lost.is_set():
+                try:
+                    self.events.close()  # a late flush is allowed with our epoch
+                except (LeaseLost, ApiError):
+                    pass
+            heartbeat.join(timeout=2)
+        if self.lost.is_set():
+            return 3
+        return 0
+
+    def _heartbeats(self) -> None:
+        interval = max(self.lease_ms / 3000.0, 0.2)
+        while not self.stop.wait(interval):
+            try:
+                run = self.client.heartbeat(self.run_id, self.runner_id, self.epoch, self.lease_ms)
+            except ApiError as error:
+                if error.lease_lost:
+                    self.lose_lease()
+                    return
+                logger.warning("heartbeat failed: %s", error)
+                continue
+            except Exception:  # noqa: BLE001 - the lease has slack; try again
+                logger.warning("heartbeat failed", exc_info=True)
+                continue
+            if run["status"] not in ("pending", "claimed"):
+                self._ended_elsewhere()
+                return
+
+    def _ended_elsewhere(self) -> None:
+        self.ended.set()
+        self.stop.set()
+        self._cancel_turn()
+
+    def _loop(self) -> None:
+        after_seq = 0
+        idle_since = time.monotonic()
+        limit = self.first_command_seconds
+        self._take_commands()
+        while not self.stop.is_set():
+            self._settle_turn()
+            if self.turn is None and self.queue:
+                self._start(self.queue.pop(0))
+            if self.turn is None and not self.queue:
+                if self.last_result is not None:
+                    limit = self.idle_seconds
+                if time.monotonic() - idle_since >= limit:
+                    self._finish_run()
+                    return
+            else:
+                idle_since = time.monotonic()
+            wait = 0.2 if self.turn is not None else max(0.05, min(2.0, limit - (time.monotonic() - idle_since)))
+            page = self.client.events(self.run_id, after_seq=after_seq, wait=wait)
+            after_seq = int(page["cursor"])
+            for event in page["items"]:
+                self._control(event)
+
+    def _control(self, event: dict) -> None:
+        payload = event.get("payload") or {}
+        phase = payload.get("phase")
+        if event["type"] == "terminal_status" or phase == "cancel-requested":
+            self._ended_elsewhere()
+        elif phase == "command-created":
+            self._take_commands()
+        elif phase == "command-terminal" and self.turn is not None and payload.get("commandId") == self.turn.command["id"]:
+            if payload.get("state") == "cancelled":
+                self._cancel_turn()
+
+    def _take_commands(self) -> None:
+        page = self.client.commands(self.run_id, after_seq=self.command_seq)
+        for command in page["items"]:
+            self.command_seq = command["seq"]
+            if command["state"] not in OPEN:
+                continue
+            if command["type"] == "turn":
+                self.queue.append(command)
+            elif command["type"] == "steer":
+                self._steer(command)
+            else:
+                self._finish_command(command, TurnResult("failed", "schema-invalid",
+                                                         f"unknown command type {command['type']}"))
+
+    def _steer(self, command: dict) -> None:
+        self._ack(command)
+        turn = self.turn
+        text = (command.get("payload") or {}).get("text") or (command.get("payload") or {}).get("prompt") or ""
+        if turn is not None and not turn.done.is_set() and turn.process.steer(text):
+            self._finish_command(command, TurnResult("completed"))
+        else:
+            self._finish_command(command, TurnResult("failed", "agent-failed", "no turn in progress to steer"))
+
+    def _ack(self, command: dict) -> None:
+        try:
+            self.client.ack(command["id"], self.runner_id, self.epoch)
+        except ApiError as error:
+            if error.lease_lost:
+                raise LeaseLost from None
+            raise
+
+    def _start(self, command: dict) -> None:
+        self._ack(command)
+        prompt = (command.get("payload") or {}).get("prompt") or ""
+        process = self.backend.start(prompt=prompt, thread_id=self.thread_id, workdir=self.workdir,
+                                     emit=self.events.emit)
+        turn = Turn(command=command, process=process, thread=None)
+
+        def work():
+            try:
+                turn.result = process.wait()
+            except Exception as exc:  # noqa: BLE001 - the turn fails, the runner goes on
+                logger.exception("turn %s failed in the runner", command["id"])
+                turn.result = TurnResult("failed", "agent-failed", f"runner error: {exc}")
+            finally:
+                turn.done.set()
+
+        turn.thread = threading.Thread(target=work, name=f"turn-{command['seq']}", daemon=True)
+        self.turn = turn
+        turn.thread.start()
+        logger.info("turn %s started (pid %d)", command["id"], process.pid)
+
+    def _settle_turn(self) -> None:
+        turn = self.turn
+        if turn is None or not turn.done.is_set():
+            return
+        self.turn = None
+        result = turn.result
+        if result.thread_id:
+            self.thread_id = result.thread_id
+        self.events.flush()
+        self._finish_command(turn.command, result)
+        self.last_result = result
+
+    def _finish_command(self, command: dict, result: TurnResult) -> None:
+        try:
+            self.client.finish_command(command["id"], self.runner_id, self.epoch,
+                                       terminalStatus=result.terminal_status, failureKind=result.failure_kind,
+                                       failureMessage=result.message, threadId=result.thread_id)
+        except ApiError as error:
+            if error.lease_lost:
+                raise LeaseLost from None
+            raise
+
+    def _finish_run(self) -> None:
+        self.events.flush()
+        result = self.last_result or TurnResult("failed", "agent-failed", "no command arrived")
+        try:
+            self.client.finish_run(self.run_id, self.runner_id, self.epoch, terminalStatus=result.terminal_status,
+                                   failureKind=result.failure_kind, failureMessage=result.message,
+                                   threadId=self.thread_id)
+        except ApiError as error:
+            if error.lease_lost:
+                raise LeaseLost from None
+            raise
+        logger.info("run %s finished: %s", self.run_id, result.terminal_status)

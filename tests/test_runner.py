@@ -1,0 +1,144 @@
+"""The reference runner against a live server: claim, turns through the echo backend, steer,
+cancel, lease loss, retries. (The end-to-end tests with gunicorn and the worker are apart.)"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from agentrun.auth import api_key_create
+from runner.client import AgentRunClient
+from runner.runner import Runner
+from runs import services
+from runs.models import Command, Run, RunEvent
+from tests.conftest import PROJECT, TENANT, make_run
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def keys():
+    _, client_key = api_key_create(tenant_id=TENANT, project_id=PROJECT, role="client")
+    _, runner_key = api_key_create(tenant_id=TENANT, project_id=PROJECT, role="runner")
+    return client_key, runner_key
+
+
+def start_runner(live_server, key, run_id, tmp_path, **kwargs):
+    kwargs.setdefault("idle_seconds", 0.5)
+    kwargs.setdefault("lease_ms", 3000)
+    client = AgentRunClient(live_server.url, key)
+    runner = Runner(client, run_id, workdir=str(tmp_path), **kwargs)
+    result = {}
+
+    def work():
+        try:
+            result["code"] = runner.run()
+        finally:
+            client.close()  # a kept-alive connection would hold a server thread and its database connection
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    return runner, thread, result
+
+
+def types(run_id):
+    return [(e.type, e.payload.get("phase")) for e in RunEvent.objects.filter(run_id=run_id).order_by("seq")]
+
+
+def wait_for(condition, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_turn_runs_through_the_echo_backend_and_the_run_finishes(live_server, keys, tmp_path):
+    run = make_run(session_id="runner-s1")
+    command, _ = services.command_create(run_id=run.id, command_type="turn",
+                                         payload={"prompt": "hello there\nrun: echo from-shell\nedit: notes.txt"})
+    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path)
+    thread.join(30)
+    assert result["code"] == 0
+    stored = Run.objects.get(pk=run.id)
+    assert stored.status == "completed" and stored.lease_expires_at is None
+    assert Command.objects.get(pk=command.id).state == "completed"
+    events = list(RunEvent.objects.filter(run_id=run.id).order_by("seq"))
+    message = next(e for e in events if e.type == "assistant_message")
+    assert message.payload["text"].startswith("hello there")
+    output = next(e for e in events if e.type == "command_output")
+    assert output.payload["output"] == "from-shell\n" and output.payload["exitCode"] == 0
+    diff = next(e for e in events if e.type == "diff")
+    assert "+++ b/notes.txt" in diff.payload["patch"] and (tmp_path / "notes.txt").exists()
+    assert events[-1].type == "terminal_status" and events[-1].payload["terminalStatus"] == "completed"
+    assert stored.session_ref.get("threadId")  # the echo thread, recorded on the session
+
+
+def test_a_failing_turn_fails_the_run(live_server, keys, tmp_path):
+    run = make_run()
+    services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "fail"})
+    _, thread, result = start_runner(live_server, keys[1], run.id, tmp_path)
+    thread.join(30)
+    stored = Run.objects.get(pk=run.id)
+    assert result["code"] == 0 and stored.status == "failed" and stored.failure_kind == "agent-failed"
+
+
+def test_two_turns_run_in_order_on_one_thread(live_server, keys, tmp_path):
+    run = make_run(session_id="runner-s2")
+    services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "one"})
+    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, idle_seconds=3)
+    assert wait_for(lambda: Command.objects.filter(run_id=run.id, state="completed").count() == 1)
+    services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "two"})
+    thread.join(30)
+    texts = [e.payload["text"] for e in RunEvent.objects.filter(run_id=run.id, type="assistant_message").order_by("seq")]
+    assert texts == ["one", "two"]
+    commands = list(Command.objects.filter(run_id=run.id).order_by("seq"))
+    assert [c.state for c in commands] == ["completed", "completed"]
+    assert commands[0].thread_id == commands[1].thread_id  # the second turn resumed the thread
+
+
+def test_steer_reaches_the_turn_in_progress(live_server, keys, tmp_path):
+    run = make_run()
+    services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "sleep: 3"})
+    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path)
+    assert wait_for(lambda: runner.turn is not None)
+    steer, _ = services.command_create(run_id=run.id, command_type="steer", payload={"text": "left please"})
+    thread.join(30)
+    assert Command.objects.get(pk=steer.id).state == "completed"
+    texts = [e.payload["text"] for e in RunEvent.objects.filter(run_id=run.id, type="assistant_message")]
+    assert "steered: left please" in texts
+
+
+def test_cancelling_the_run_kills_the_agent_process_group(live_server, keys, tmp_path):
+    run = make_run()
+    services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "sleep: 60"})
+    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, grace_seconds=1)
+    assert wait_for(lambda: runner.turn is not None)
+    pid = runner.turn.process.pid
+    started = time.monotonic()
+    services.run_cancel(run_id=run.id, reason="enough")
+    thread.join(20)
+    assert result["code"] == 0 and time.monotonic() - started < 10
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert Run.objects.get(pk=run.id).status == "cancelled"
+
+
+def test_a_runner_whose_lease_is_taken_over_stops_and_writes_nothing_more(live_server, keys, tmp_path):
+    run = make_run()
+    services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "sleep: 60"})
+    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, lease_ms=1000, grace_seconds=1)
+    assert wait_for(lambda: runner.turn is not None)
+    pid = runner.turn.process.pid
+    Run.objects.filter(pk=run.id).update(lease_expires_at=None)  # the lease lapsed
+    services.run_claim(run_id=run.id, runner_id="usurper", lease_ms=60_000)
+    thread.join(20)
+    assert result["code"] == 3
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    stored = Run.objects.get(pk=run.id)
+    assert stored.claimed_by == "usurper" and stored.status == "claimed"
