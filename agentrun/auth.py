@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db.models import Q
+from django.db.models.functions import Now
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed, NotAuthenticated, PermissionDenied
 from rest_framework.permissions import BasePermission
@@ -46,6 +47,11 @@ def api_key_create(
         run_id=run_id or None,
     )
     return key, raw
+
+
+def api_key_revoke(*, key_id) -> None:
+    """The key stops working (within the per-process cache time)."""
+    ApiKey.objects.filter(pk=key_id, revoked_at__isnull=True).update(revoked_at=Now())
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ WORK_CHANNEL = "agentrun_work"
 DEGRADED_POLL_SECONDS = 0.5
 
 
+RUNS_CREATED = "runs:created"  # a run was created (it needs a runner)
 RUNS_ENDED = "runs:ended"  # some run finished or was cancelled
 QUEUE_CHANGED = "queue:changed"  # a queue task was created, or may be dispatched again
-WORK_TOPICS = frozenset({RUNS_ENDED, QUEUE_CHANGED})
+WORK_TOPICS = frozenset({RUNS_CREATED, RUNS_ENDED, QUEUE_CHANGED})
 
 
 def notify(topic: str) -> None:

@@ -22,6 +22,24 @@ IDLE_SECONDS = 30.0
 BATCH = 50
 
 
+def listen_for_work() -> psycopg.Connection:
+    """A connection of its own that LISTENs on the worker channel."""
+    listener = psycopg.connect(**notify.conninfo(), autocommit=True)
+    listener.execute(f"LISTEN {notify.WORK_CHANNEL}")
+    return listener
+
+
+def wait_for_work(listener: psycopg.Connection, stop: threading.Event, timeout: float) -> None:
+    """Until a notification, `timeout` or `stop` (checked every second). Notifications that came
+    with the first are drained, so one pass serves them all."""
+    deadline = time.monotonic() + timeout
+    while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
+        if any(True for _ in listener.notifies(timeout=min(remaining, 1.0), stop_after=1)):
+            for _ in listener.notifies(timeout=0.01):
+                pass
+            return
+
+
 class Dispatcher:
     def __init__(self, *, on_dispatched: Callable[[services.Dispatched], None] | None = None):
         self.on_dispatched = on_dispatched
@@ -51,40 +69,50 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - the run exists; the launcher's own loop retries it
             logger.exception("launching a runner for run %s failed", started.run_id)
 
-    def _sleep_seconds(self) -> float:
+    def sleep_seconds(self) -> float:
+        """How long the dispatcher may sleep if nothing wakes it: until the earliest backoff."""
         retry_at = services.next_retry_at()
         if retry_at is None:
             return IDLE_SECONDS
         return max(0.0, min(IDLE_SECONDS, (retry_at - db_now()).total_seconds()))
 
-    @staticmethod
-    def _wait(listener: psycopg.Connection, stop: threading.Event, timeout: float) -> None:
-        """Until a notification, `timeout` or `stop` (checked every second). Notifications that
-        came with the first are drained, so one pass serves them all."""
-        deadline = time.monotonic() + timeout
-        while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
-            if any(True for _ in listener.notifies(timeout=min(remaining, 1.0), stop_after=1)):
-                for _ in listener.notifies(timeout=0.01):
-                    pass
-                return
+    def step(self) -> float:
+        """One pass; how long to sleep if nothing wakes us."""
+        settled, dispatched = self.run_once()
+        if settled or dispatched:
+            logger.info("dispatcher: settled %d attempt(s), started %d task(s)", settled, dispatched)
+        return self.sleep_seconds()
 
     def serve(self, stop: threading.Event) -> None:
-        """Run passes until `stop` is set; each pass starts as soon as there may be work."""
-        listener = psycopg.connect(**notify.conninfo(), autocommit=True)
-        try:
-            listener.execute(f"LISTEN {notify.WORK_CHANNEL}")
-            while not stop.is_set():
+        serve_loop(stop, self.step)
+
+
+def serve_loop(stop: threading.Event, step: Callable[[], float]) -> None:
+    """Call `step` until `stop` is set; after each, sleep until work is notified or the time
+    `step` returned has passed. A failing step (a lost database) is retried after a second."""
+    listener = None
+    try:
+        while not stop.is_set():
+            try:
+                if listener is None:
+                    listener = listen_for_work()
+                timeout = step()
+            except Exception:  # noqa: BLE001 - a lost database must not end the worker
+                logger.exception("worker pass failed; retrying")
+                timeout = 1.0
+                if listener is not None and listener.closed:
+                    listener = None
+            finally:
+                close_old_connections()
+                connection.close()
+            if listener is None:
+                stop.wait(timeout)
+            else:
                 try:
-                    settled, dispatched = self.run_once()
-                    if settled or dispatched:
-                        logger.info("dispatcher: settled %d attempt(s), started %d task(s)", settled, dispatched)
-                    timeout = self._sleep_seconds()
-                except Exception:  # noqa: BLE001 - a lost database must not end the worker
-                    logger.exception("dispatcher pass failed; retrying")
-                    timeout = 1.0
-                finally:
-                    close_old_connections()
-                    connection.close()
-                self._wait(listener, stop, timeout)
-        finally:
+                    wait_for_work(listener, stop, timeout)
+                except psycopg.Error:
+                    listener.close()
+                    listener = None
+    finally:
+        if listener is not None:
             listener.close()

@@ -483,6 +483,7 @@ def _run_insert(fields: dict, *, idempotency_key: str | None, payload_hash: str)
         },
     )
     write.save()
+    notify.notify(notify.RUNS_CREATED)
     return run
 
 
@@ -912,6 +913,12 @@ def runner_job_save(
         if existing is None:
             raise
         return existing, False
+
+
+@transaction.atomic
+def runner_job_update(*, job_id: str, **fields) -> None:
+    """What the launcher learnt of a job it started (namespace, name, image, result)."""
+    RunnerJob.objects.filter(pk=job_id).update(**fields, updated_at=db_now())
 
 
 def _runner_job_replay(run_id: str, idempotency_key: str, payload_hash: str) -> RunnerJob | None:

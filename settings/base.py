@@ -121,3 +121,6 @@ AGENTRUN_GC_DEFAULT_LIMIT = 50
 AGENTRUN_GC_MAX_LIMIT = 500
 # worker: seconds between storage collection passes.
 AGENTRUN_GC_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_GC_INTERVAL_SECONDS", "300"))
+# The reaper: a lapsed lease is left this long to its runner before the run fails runner-lost.
+AGENTRUN_REAP_GRACE_SECONDS = float(os.environ.get("AGENTRUN_REAP_GRACE_SECONDS", "30"))
+AGENTRUN_REAP_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_REAP_INTERVAL_SECONDS", "5"))

@@ -183,10 +183,10 @@ def test_worker_once_runs_one_dispatcher_pass():
     task = make_task()
     out = io.StringIO()
     call_command("worker", "--once", stdout=out)
-    assert out.getvalue().strip() == "settled 0 attempt(s), dispatched 1 task(s)"
+    assert out.getvalue().strip().startswith("settled 0 attempt(s), dispatched 1 task(s)")
     stored = QueueTask.objects.get(pk=task.id)
     finish_run(stored.latest_attempt["runId"])
     out = io.StringIO()
     call_command("worker", "--once", stdout=out)
-    assert out.getvalue().strip() == "settled 1 attempt(s), dispatched 0 task(s)"
+    assert out.getvalue().strip().startswith("settled 1 attempt(s), dispatched 0 task(s)")
     assert QueueTask.objects.get(pk=task.id).state == "completed"

@@ -1,0 +1,69 @@
+"""Launchers start a runner for a run: `local` (a subprocess per run), `kubernetes` (a Job per
+run) or `none` (runners are started elsewhere). Chosen by `AGENTRUN_LAUNCHER`.
+
+A launcher knows nothing of the database: the worker hands it a `LaunchSpec` and records what
+it returns (a `Launched`) as the run's RunnerJob.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    run_id: str
+    attempt: int
+    runner_id: str
+    runner_key: str
+    manager_url: str
+    backend_profile: str
+    tenant_id: str
+    project_id: str
+    session_id: str | None = None
+    # The session's volume, if it has one (kubernetes), and whether the backend needs one.
+    pvc_name: str | None = None
+    pvc_namespace: str | None = None
+    needs_storage: bool = False
+
+
+@dataclass
+class Launched:
+    namespace: str
+    job_name: str
+    image: str
+    details: dict = field(default_factory=dict)  # pid (local), uid and pvc (kubernetes)
+
+
+class Launcher:
+    name = "none"
+
+    def launch(self, spec: LaunchSpec) -> Launched | None:
+        """Start a runner for the run; None when this launcher starts nothing."""
+        return None
+
+    def alive(self, job: dict) -> bool:
+        """Whether the runner recorded as `job` (namespace, jobName, details) may still be running."""
+        return False
+
+    def stop(self, job: dict) -> None:
+        """Stop that runner (its run ended or was deleted)."""
+
+    def poll(self) -> None:
+        """Housekeeping between passes (the local launcher reaps exited children)."""
+
+
+def launcher_from_settings(name: str | None = None) -> Launcher:
+    name = name or os.environ.get("AGENTRUN_LAUNCHER", "none")
+    if name == "local":
+        from agentrun.launcher.local import LocalLauncher
+
+        return LocalLauncher()
+    if name == "kubernetes":
+        from agentrun.launcher.kubernetes import KubernetesLauncher
+
+        return KubernetesLauncher()
+    if name == "none":
+        return Launcher()
+    raise ValueError(f"AGENTRUN_LAUNCHER must be local, kubernetes or none, not {name!r}")

@@ -1,0 +1,127 @@
+"""Starting runners: for every pending run without a live runner job, mint a run-scoped runner
+key, record the RunnerJob, and ask the launcher to start it; and stop the runners of runs that
+ended. Never two runners for one run: the decision and the record are made under the run's
+row lock (SKIP LOCKED, so two workers split the runs between them), and a record's
+idempotency key (`launch:<run>:<attempt>`) makes a repeated attempt one job."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+
+from agentrun.auth import api_key_create, api_key_revoke
+from agentrun.backends import can
+from agentrun.clock import db_now
+from agentrun.errors import INFRA_FAILED
+from agentrun.ids import stable_hash
+from agentrun.launcher import Launcher, LaunchSpec
+from runs import services
+from runs.models import RUN_TERMINAL, Run, RunnerJob, RunStatus
+from sessions.models import Session, StorageKind
+
+logger = logging.getLogger(__name__)
+MAX_LAUNCHES = 3
+# A job recorded but not yet confirmed by its launcher counts as live this long.
+LAUNCH_GRACE = timedelta(seconds=60)
+
+
+def _job_view(job: RunnerJob) -> dict:
+    return {"runId": job.run_id, "namespace": job.namespace, "jobName": job.job_name, "details": job.result or {}}
+
+
+def _live(job: RunnerJob, launcher: Launcher, now) -> bool:
+    if (job.result or {}).get("failed"):
+        return False
+    if not (job.result or {}).get("launched"):
+        return now - job.created_at < LAUNCH_GRACE
+    return launcher.alive(_job_view(job))
+
+
+def launch_pending(launcher: Launcher, *, limit: int = 50) -> int:
+    """One pass; returns how many runners were started."""
+    if launcher.name == "none":
+        return 0
+    launcher.poll()
+    started = 0
+    pending = Run.objects.filter(status=RunStatus.PENDING).order_by("created_at").values_list("id", flat=True)[:limit]
+    for run_id in pending:
+        started += _launch_one(launcher, run_id)
+    return started
+
+
+def _launch_one(launcher: Launcher, run_id: str) -> bool:
+    with transaction.atomic():
+        run = Run.objects.select_for_update(skip_locked=True).filter(pk=run_id, status=RunStatus.PENDING).first()
+        if run is None:
+            return False
+        now = db_now()
+        jobs = list(RunnerJob.objects.filter(run_id=run.id).order_by("created_at", "id"))
+        if any(_live(job, launcher, now) for job in jobs):
+            return False
+        if len(jobs) >= MAX_LAUNCHES:
+            services.run_expire(run_id=run.id, terminal_status="failed", failure_kind=INFRA_FAILED,
+                                message=f"no runner started after {len(jobs)} launches")
+            return False
+        attempt = len(jobs) + 1
+        runner_id = f"{launcher.name}-{run.id}-{attempt}"
+        key, raw_key = api_key_create(tenant_id=run.tenant_id, project_id=run.project_id, role="runner",
+                                      run_id=run.id, name=f"runner for {run.id}")
+        session = _session_storage(run)
+        spec = LaunchSpec(
+            run_id=run.id, attempt=attempt, runner_id=runner_id, runner_key=raw_key,
+            manager_url=settings.AGENTRUN_URL, backend_profile=run.backend_profile, tenant_id=run.tenant_id,
+            project_id=run.project_id, session_id=run.session_id, needs_storage=can(run.backend_profile, "resume"),
+            **session,
+        )
+        fields = {
+            "command_id": "", "payload_hash": stable_hash({"run": run.id, "attempt": attempt}),
+            "attempt_id": str(attempt), "runner_id": runner_id, "namespace": "", "job_name": "",
+            "manager_url": settings.AGENTRUN_URL, "image": "", "source_commit": "", "result": {"keyId": key.pk},
+        }
+        job, created = services.runner_job_save(run_id=run.id, fields=fields, idempotency_key=f"launch:{run.id}:{attempt}")
+        if not created:
+            return False
+    # Outside the lock: starting a Job or a process may take a while. The record holds the place.
+    try:
+        launched = launcher.launch(spec)
+    except Exception as exc:  # noqa: BLE001 - recorded; the next pass tries again, up to MAX_LAUNCHES
+        logger.exception("launching a runner for run %s failed", run_id)
+        services.runner_job_update(job_id=job.id, result={**job.result, "failed": True, "error": str(exc)[:500]})
+        return False
+    services.runner_job_update(job_id=job.id, namespace=launched.namespace, job_name=launched.job_name,
+                               image=launched.image, result={**job.result, "launched": True, **launched.details})
+    logger.info("started runner %s for run %s (%s/%s)", runner_id, run_id, launched.namespace, launched.job_name)
+    return True
+
+
+def _session_storage(run: Run) -> dict:
+    if not run.session_id:
+        return {}
+    session = Session.objects.filter(pk=run.session_id).only("storage_kind", "storage_pvc_name", "storage_namespace").first()
+    if session is None or session.storage_kind != StorageKind.PVC or not session.storage_pvc_name:
+        return {}
+    return {"pvc_name": session.storage_pvc_name, "pvc_namespace": session.storage_namespace}
+
+
+def stop_finished(launcher: Launcher, *, limit: int = 100) -> int:
+    """Stop the runners (Jobs, processes) still recorded live for runs that ended."""
+    if launcher.name == "none":
+        return 0
+    stopped = 0
+    jobs = (RunnerJob.objects.filter(run__status__in=RUN_TERMINAL, result__launched=True)
+            .filter(~Q(result__has_key="stopped")).order_by("updated_at")[:limit])
+    for job in jobs:
+        try:
+            launcher.stop(_job_view(job))
+        except Exception:  # noqa: BLE001 - the next pass tries again
+            logger.exception("stopping runner job %s failed", job.id)
+            continue
+        if (job.result or {}).get("keyId"):
+            api_key_revoke(key_id=job.result["keyId"])
+        services.runner_job_update(job_id=job.id, result={**job.result, "stopped": True})
+        stopped += 1
+    return stopped
