@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
 
@@ -41,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     with AgentRunClient(args.manager, key) as client:
         runner = Runner(client, args.run, runner_id=args.runner_id, lease_ms=args.lease_ms, workdir=workdir,
                         idle_seconds=args.idle_seconds, grace_seconds=args.grace_seconds)
+
+        def shut_down(signum, frame):
+            # Stop the agent (its own process group) and leave the run to its lease: another
+            # runner, or the reaper, takes it from there.
+            runner.stop.set()
+            runner.shut_down = True
+            client.retries = 1  # the manager may be going away too: do not linger on retries
+
+        signal.signal(signal.SIGTERM, shut_down)
+        signal.signal(signal.SIGINT, shut_down)
         try:
             return runner.run()
         except ApiError as error:

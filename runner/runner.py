@@ -126,6 +126,7 @@ class Runner:
         self.thread_id: str | None = None
         self.last_result: TurnResult | None = None
         self.command_seq = 0
+        self.shut_down = False  # a signal asked the runner to stop; the run is left to its lease
 
     # --- state shared with the threads ------------------------------------------------------
 
@@ -144,7 +145,8 @@ class Runner:
     # --- the run ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """0 when the run was finished here or ended elsewhere; 3 when the lease was lost."""
+        """0 when the run was finished here or ended elsewhere; 3 when the lease was lost; 143
+        when a signal stopped the runner first."""
         run = self.client.claim(self.run_id, self.runner_id, self.lease_ms)
         self.epoch = run["leaseEpoch"]
         self.thread_id = (run.get("sessionRef") or {}).get("threadId")
@@ -172,7 +174,7 @@ class Runner:
             heartbeat.join(timeout=2)
         if self.lost.is_set():
             return 3
-        return 0
+        return 143 if self.shut_down else 0
 
     def _heartbeats(self) -> None:
         interval = max(self.lease_ms / 3000.0, 0.2)

@@ -53,6 +53,9 @@ class Launcher:
     def poll(self) -> None:
         """Housekeeping between passes (the local launcher reaps exited children)."""
 
+    def close(self) -> None:
+        """The worker is stopping (the local launcher stops the runners it started)."""
+
 
 def launcher_from_settings(name: str | None = None) -> Launcher:
     name = name or os.environ.get("AGENTRUN_LAUNCHER", "none")

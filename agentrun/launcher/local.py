@@ -71,3 +71,17 @@ class LocalLauncher(Launcher):
         for pid, child in list(self.children.items()):
             if child.poll() is not None:
                 del self.children[pid]
+
+    def close(self) -> None:
+        for pid, child in list(self.children.items()):
+            if child.poll() is None:
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for child in list(self.children.values()):
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+        self.children.clear()

@@ -1,4 +1,5 @@
-"""`make run`: migrate, mint development keys, serve the API with gunicorn until Ctrl-C."""
+"""`make run`: migrate, mint development keys, serve the API with gunicorn and run the worker
+(with the local launcher) until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from django.conf import settings
 from django.core.management import call_command
@@ -30,7 +32,9 @@ def _database_url() -> str:
 
 
 def _die_with_parent() -> None:
-    """In the child: if this command dies without stopping it, the server goes too (Linux)."""
+    """In the child: its own process group (a Ctrl-C reaches this command alone, which stops the
+    children in order), and if this command dies without stopping it, the child goes too."""
+    os.setpgrp()
     try:
         import ctypes
 
@@ -40,60 +44,76 @@ def _die_with_parent() -> None:
 
 
 class Command(BaseCommand):
-    help = "Development server: gunicorn (gthread) on the embedded or configured PostgreSQL."
+    help = ("Development: gunicorn (gthread) and the worker with the local launcher, on the embedded or "
+            "configured PostgreSQL. Ctrl-C stops them all.")
 
     def add_arguments(self, parser):
         parser.add_argument("--bind", default=os.environ.get("AGENTRUN_BIND", "127.0.0.1:8000"))
+        parser.add_argument("--launcher", default=os.environ.get("AGENTRUN_LAUNCHER", "local"),
+                            choices=["local", "kubernetes", "none"])
 
-    def handle(self, *args, bind, **options):
+    def handle(self, *args, bind, launcher, **options):
         call_command("migrate", interactive=False, verbosity=0)
         _, client_key = api_key_create(tenant_id=DEV_TENANT, project_id=DEV_PROJECT, role="client", name="make run")
         _, runner_key = api_key_create(tenant_id=DEV_TENANT, project_id=DEV_PROJECT, role="runner", name="make run")
         connection.close()
+        url = f"http://{bind}"
         env = {
             **os.environ,
             "DATABASE_URL": _database_url(),
             "AGENTRUN_DATABASE_ADAPTER": connection.settings_dict.get("AGENTRUN_ADAPTER", "postgres"),
             "DJANGO_SETTINGS_MODULE": "settings.dev",
             "AGENTRUN_BIND": bind,
+            "AGENTRUN_URL": url,
+            "AGENTRUN_LAUNCHER": launcher,
         }
-        web = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(settings.BASE_DIR / "gunicorn.conf.py")],
-            env=env,
-            preexec_fn=_die_with_parent,
-        )
-        base = f"http://{bind}/api/v1"
+        children = [
+            subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(settings.BASE_DIR / "gunicorn.conf.py")],
+                             env=env, preexec_fn=_die_with_parent),
+            subprocess.Popen([sys.executable, str(settings.BASE_DIR / "manage.py"), "worker"],
+                             env=env, preexec_fn=_die_with_parent),
+        ]
+        base = f"{url}/api/v1"
         self.stdout.write(
             f"""
-agentrun is serving on http://{bind}  (API docs: {base}/docs/, health: {base}/health)
-database: {connection.settings_dict.get("AGENTRUN_ADAPTER")}
+agentrun is serving on {url}  (API docs: {base}/docs/, health: {base}/health)
+database: {connection.settings_dict.get("AGENTRUN_ADAPTER")}; worker with the {launcher} launcher
 
+  export AGENTRUN_URL={url}
   export AGENTRUN_KEY={client_key}
   export AGENTRUN_RUNNER_KEY={runner_key}
 
-Create a run:
+Send a turn and follow the answer (the worker starts a runner for it):
+  .venv/bin/python -m runner.cli run --backend echo --session hello "hello, agent" --follow
+
+The same with curl: create a run and send a turn
   curl -s -X POST {base}/runs -H "Authorization: Bearer $AGENTRUN_KEY" \\
-       -H 'Content-Type: application/json' \\
-       -d '{{"backendProfile": "echo", "sessionRef": {{"sessionId": "hello"}}}}'
-
-Claim it as a runner (put the run id in RUN):
-  curl -s -X POST {base}/runs/$RUN/claim -H "Authorization: Bearer $AGENTRUN_RUNNER_KEY" \\
-       -H 'Content-Type: application/json' -d '{{"runnerId": "me", "leaseMs": 60000}}'
-
-Follow its events (waits up to 30 s for new ones):
+       -H 'Content-Type: application/json' -d '{{"backendProfile": "echo", "sessionRef": {{"sessionId": "hello"}}}}'
+  curl -s -X POST {base}/runs/$RUN/commands -H "Authorization: Bearer $AGENTRUN_KEY" \\
+       -H 'Content-Type: application/json' -d '{{"type": "turn", "payload": {{"prompt": "hello"}}}}'
+then follow its events (each request waits up to 30 s for new ones):
   curl -s "{base}/runs/$RUN/events?afterSeq=0&wait=30" -H "Authorization: Bearer $AGENTRUN_KEY"
 
 Ctrl-C stops everything.
 """
         )
         self.stdout.flush()
+        stopping = []
 
-        def stop(signum, frame):
-            web.send_signal(signal.SIGTERM)
+        def stop(signum=None, frame=None):
+            stopping.append(True)
 
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         try:
-            web.wait()
-        except KeyboardInterrupt:
-            web.send_signal(signal.SIGTERM)
-            web.wait(timeout=15)
+            while not stopping and all(child.poll() is None for child in children):
+                time.sleep(0.5)
+        finally:
+            # The worker first (it stops its runners while the server still answers them), then the server.
+            for child in reversed(children):
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(timeout=40)
+                except subprocess.TimeoutExpired:
+                    child.kill()

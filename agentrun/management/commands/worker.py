@@ -76,6 +76,7 @@ class Command(BaseCommand):
         stop.wait()
         for thread in threads:
             thread.join(timeout=35)
+        worker.launcher.close()
 
     def _gc_loop(self, stop: threading.Event, interval: float) -> None:
         while not stop.wait(interval):

@@ -1,0 +1,216 @@
+"""`python -m runner.cli`: the agentrun client on the command line.
+
+  python -m runner.cli run --backend echo --session hello "write a haiku" --follow
+  python -m runner.cli turn RUN "and another" --follow
+  python -m runner.cli events RUN --follow
+  python -m runner.cli cancel RUN
+  python -m runner.cli sessions --reader ana
+  python -m runner.cli tasks --queue fixes
+  python -m runner.cli task --queue fixes "fix issue 42"
+
+The manager is `--url` (or $AGENTRUN_URL, default http://127.0.0.1:8000); the key is `--key`
+(or $AGENTRUN_KEY). Output is for people in a terminal (colours when it is one); `--json`
+prints JSON instead: one object per line when following events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from runner.client import AgentRunClient, ApiError
+
+COLOURS = {"dim": "2", "bold": "1", "red": "31", "green": "32", "yellow": "33", "blue": "34", "cyan": "36"}
+
+
+class Out:
+    def __init__(self, as_json: bool, stream=sys.stdout):
+        self.as_json, self.stream = as_json, stream
+        self.colour = stream.isatty() and not os.environ.get("NO_COLOR")
+
+    def paint(self, text: str, style: str) -> str:
+        return f"\033[{COLOURS[style]}m{text}\033[0m" if self.colour else text
+
+    def line(self, text: str = "") -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def record(self, record) -> None:
+        self.line(json.dumps(record, ensure_ascii=False))
+
+    def event(self, event: dict) -> None:
+        if self.as_json:
+            return self.record(event)
+        kind, payload = event["type"], event.get("payload") or {}
+        seq = self.paint(f"{event['seq']:>4}", "dim")
+        if kind == "assistant_message":
+            self.line(f"{seq} {self.paint('assistant', 'bold')}: {payload.get('text', '')}")
+        elif kind == "reasoning":
+            self.line(f"{seq} {self.paint('thinking: ' + str(payload.get('text', '')), 'dim')}")
+        elif kind == "command_output":
+            status = payload.get("exitCode")
+            self.line(f"{seq} {self.paint('$ ' + str(payload.get('command')), 'cyan')}"
+                      + (f" {self.paint(f'(exit {status})', 'dim')}" if status is not None else ""))
+            for text in str(payload.get("output") or "").rstrip("\n").splitlines():
+                self.line(f"     {text}")
+        elif kind == "diff":
+            self.line(f"{seq} {self.paint('diff ' + str(payload.get('path') or ''), 'blue')}")
+            for text in str(payload.get("patch") or "").rstrip("\n").splitlines():
+                style = "green" if text.startswith("+") else "red" if text.startswith("-") else "dim"
+                self.line(f"     {self.paint(text, style)}")
+        elif kind == "tool_call":
+            self.line(f"{seq} {self.paint('tool ' + str(payload.get('tool')), 'cyan')} {payload.get('status', '')}")
+        elif kind == "error":
+            self.line(f"{seq} {self.paint('error', 'red')}: {payload.get('message')}")
+        elif kind == "terminal_status":
+            status = payload.get("terminalStatus")
+            style = "green" if status == "completed" else "red"
+            detail = f" ({payload['failureKind']}: {payload.get('message')})" if payload.get("failureKind") else ""
+            self.line(f"{seq} {self.paint('== ' + str(status), style)}{detail}")
+        elif kind == "usage":
+            self.line(f"{seq} {self.paint('usage ' + json.dumps(payload), 'dim')}")
+        else:
+            self.line(f"{seq} {self.paint(str(payload.get('phase') or kind), 'dim')}")
+
+
+def follow(client: AgentRunClient, out: Out, run_id: str, after_seq: int = 0, command_id: str | None = None) -> int:
+    """Print the run's events as they come, until the run ends (or, given `command_id`, until
+    that command ends: printing starts at its creation). Exit status 0 when it completed."""
+    printing = command_id is None
+    for event in client.follow_events(run_id, after_seq=after_seq):
+        payload = event.get("payload") or {}
+        mine = command_id is not None and payload.get("commandId") == command_id
+        printing = printing or (mine and payload.get("phase") == "command-created")
+        if printing:
+            out.event(event)
+        if mine and payload.get("phase") == "command-terminal":
+            return 0 if payload.get("terminalStatus") == "completed" else 1
+        if event["type"] == "terminal_status":
+            return 0 if payload.get("terminalStatus") == "completed" else 1
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.cli", description="The agentrun client.")
+    parser.add_argument("--url", default=os.environ.get("AGENTRUN_URL", "http://127.0.0.1:8000"))
+    parser.add_argument("--key", default=os.environ.get("AGENTRUN_KEY"))
+    parser.add_argument("--json", action="store_true", help="JSON output")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="create a run and send it a turn")
+    run.add_argument("prompt")
+    run.add_argument("--backend", default="echo")
+    run.add_argument("--session", help="the session (created if new)")
+    run.add_argument("--follow", action="store_true", help="print the events until the run ends")
+
+    turn = commands.add_parser("turn", help="send a turn to a run")
+    turn.add_argument("run")
+    turn.add_argument("prompt")
+    turn.add_argument("--follow", action="store_true")
+
+    events = commands.add_parser("events", help="print a run's events")
+    events.add_argument("run")
+    events.add_argument("--after", type=int, default=0)
+    events.add_argument("--follow", action="store_true", help="keep printing until the run ends")
+
+    cancel = commands.add_parser("cancel", help="cancel a run")
+    cancel.add_argument("run")
+    cancel.add_argument("--reason")
+
+    sessions = commands.add_parser("sessions", help="list sessions (the inbox)")
+    sessions.add_argument("--state", default="default")
+    sessions.add_argument("--reader")
+    sessions.add_argument("--limit", type=int, default=50)
+
+    tasks = commands.add_parser("tasks", help="list queue tasks")
+    tasks.add_argument("--queue")
+    tasks.add_argument("--state")
+    tasks.add_argument("--limit", type=int, default=50)
+
+    task = commands.add_parser("task", help="put a task in a queue")
+    task.add_argument("prompt")
+    task.add_argument("--queue", required=True)
+    task.add_argument("--backend", default="echo")
+    task.add_argument("--priority", type=int, default=0)
+    task.add_argument("--session")
+    task.add_argument("--max-attempts", type=int)
+
+    args = parser.parse_args(argv)
+    if not args.key:
+        parser.error("set AGENTRUN_KEY (or pass --key) to a client key")
+    out = Out(args.json)
+    with AgentRunClient(args.url, args.key) as client:
+        try:
+            return _dispatch(client, out, args)
+        except ApiError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+
+
+def _dispatch(client: AgentRunClient, out: Out, args) -> int:
+    if args.command == "run":
+        run = client.create_run(backend_profile=args.backend, session_id=args.session)
+        command = client.send_turn(run["id"], args.prompt)
+        if args.json and not args.follow:
+            out.record({"run": run, "command": command})
+        elif not args.json:
+            out.line(f"run {out.paint(run['id'], 'bold')}, turn {command['id']}")
+        return follow(client, out, run["id"], command_id=command["id"]) if args.follow else 0
+    if args.command == "turn":
+        command = client.send_turn(args.run, args.prompt)
+        if not args.follow:
+            out.record(command) if args.json else out.line(f"turn {command['id']}")
+            return 0
+        return follow(client, out, args.run, command_id=command["id"])
+    if args.command == "events":
+        if args.follow:
+            return follow(client, out, args.run, after_seq=args.after)
+        page = client.events(args.run, after_seq=args.after)
+        if args.json:
+            out.record(page)
+        else:
+            for event in page["items"]:
+                out.event(event)
+        return 0
+    if args.command == "cancel":
+        run = client.cancel_run(args.run, args.reason)
+        out.record(run) if args.json else out.line(f"run {run['id']}: {run['status']}")
+        return 0
+    if args.command == "sessions":
+        page = client.sessions(state=args.state, readerId=args.reader, limit=args.limit)
+        if args.json:
+            out.record(page)
+            return 0
+        for item in page["items"]:
+            mark = {"active": out.paint("●", "green"), "unread": out.paint("●", "blue")}.get(item["attentionState"], " ")
+            out.line(f"{mark} {item['sessionId']:<28} {item['executionState']:<9} {item.get('title') or ''}")
+        out.line(out.paint(f"{page['count']} session(s)", "dim"))
+        return 0
+    if args.command == "tasks":
+        page = client.queue_tasks(queue=args.queue, state=args.state, limit=args.limit)
+        if args.json:
+            out.record(page)
+            return 0
+        for item in page["items"]:
+            out.line(f"{item['id']:<38} {item['queue']:<12} {item['state']:<10} p{item['priority']:<4} {item['title']}")
+        out.line(out.paint(f"{page['count']} task(s)", "dim"))
+        return 0
+    if args.command == "task":
+        body = {"queue": args.queue, "backendProfile": args.backend, "priority": args.priority,
+                "title": args.prompt[:120], "payload": {"prompt": args.prompt}}
+        if args.session:
+            body["sessionRef"] = {"sessionId": args.session}
+        if args.max_attempts:
+            body["executionPolicy"] = {"maxAttempts": args.max_attempts}
+        task = client.create_queue_task(**body)
+        out.record(task) if args.json else out.line(f"task {task['id']} in {task['queue']}: {task['state']}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
