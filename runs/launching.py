@@ -21,6 +21,7 @@ from agentrun.ids import stable_hash
 from agentrun.launcher import Launcher, LaunchSpec
 from runs import services
 from runs.models import RUN_TERMINAL, Run, RunnerJob, RunStatus
+from sessions import services as session_services
 from sessions.models import Session, StorageKind
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,10 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
         return False
     services.runner_job_update(job_id=job.id, namespace=launched.namespace, job_name=launched.job_name,
                                image=launched.image, result={**job.result, "launched": True, **launched.details})
+    if launched.details.get("pvcCreated") and spec.session_id:
+        # The launcher made the session a volume: the session learns of it (and GC can find it).
+        session_services.session_storage_refresh(session_id=spec.session_id, storage_kind=StorageKind.PVC,
+                                                 pvc_name=launched.details["pvc"], namespace=launched.namespace)
     logger.info("started runner %s for run %s (%s/%s)", runner_id, run_id, launched.namespace, launched.job_name)
     return True
 

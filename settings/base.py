@@ -124,3 +124,11 @@ AGENTRUN_GC_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_GC_INTERVAL_SECOND
 # The reaper: a lapsed lease is left this long to its runner before the run fails runner-lost.
 AGENTRUN_REAP_GRACE_SECONDS = float(os.environ.get("AGENTRUN_REAP_GRACE_SECONDS", "30"))
 AGENTRUN_REAP_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_REAP_INTERVAL_SECONDS", "5"))
+# The kubernetes launcher: the runner image, its service account, and session volumes.
+AGENTRUN_RUNNER_IMAGE = os.environ.get("AGENTRUN_RUNNER_IMAGE", "")
+AGENTRUN_RUNNER_SERVICE_ACCOUNT = os.environ.get("AGENTRUN_RUNNER_SERVICE_ACCOUNT", "agentrun-runner")
+AGENTRUN_RUNNER_CPU = os.environ.get("AGENTRUN_RUNNER_CPU", "500m")
+AGENTRUN_RUNNER_MEMORY = os.environ.get("AGENTRUN_RUNNER_MEMORY", "1Gi")
+AGENTRUN_SESSION_PVC_SIZE = os.environ.get("AGENTRUN_SESSION_PVC_SIZE", "5Gi")
+AGENTRUN_SESSION_STORAGE_CLASS = os.environ.get("AGENTRUN_SESSION_STORAGE_CLASS") or None
+AGENTRUN_RECONCILE_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_RECONCILE_INTERVAL_SECONDS", "30"))

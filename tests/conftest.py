@@ -9,7 +9,7 @@ from rest_framework.test import APIClient
 
 from agentrun.auth import api_key_create
 from runs import services
-from tests.kube_fake import fake_kube  # noqa: F401 - the Kubernetes API fake, a fixture for every test
+from tests.kube_fake import fake_cluster, fake_kube  # noqa: F401 - Kubernetes API fakes, fixtures for every test
 
 TENANT = "acme"
 

@@ -94,3 +94,102 @@ def fake_kube(httpserver, tmp_path, monkeypatch):
     kube.reset()
     assert not fake.problems, fake.problems
     httpserver.check_assertions()  # a request no expectation matched fails the test
+
+
+class FakeCluster:
+    """A stateful fake of the API server for Jobs, Secrets and PVCs in any namespace: creates
+    are validated against the Kubernetes schema (kubernetes-validate, strict: unknown fields are
+    errors), stored, and answered as the server would (201, 409 AlreadyExists, 404 NotFound)."""
+
+    KUBERNETES_VERSION = "1.33"
+    ROUTES = {
+        "jobs": ("/apis/batch/v1/namespaces/{ns}/jobs", "Job", "batch/v1"),
+        "secrets": ("/api/v1/namespaces/{ns}/secrets", "Secret", "v1"),
+        "persistentvolumeclaims": ("/api/v1/namespaces/{ns}/persistentvolumeclaims", "PersistentVolumeClaim", "v1"),
+    }
+
+    def __init__(self, fake: FakeKube):
+        import re
+
+        self.fake, self.objects, self.requests = fake, {}, []
+        for plural, (path, kind, api_version) in self.ROUTES.items():
+            collection = re.compile("^" + path.replace("{ns}", "(?P<ns>[a-z0-9-]+)") + "$")
+            item = re.compile("^" + path.replace("{ns}", "(?P<ns>[a-z0-9-]+)") + "/(?P<name>[a-z0-9.-]+)$")
+            fake.server.expect_request(collection, method="POST").respond_with_handler(
+                lambda request, p=plural, k=kind, a=api_version, c=collection: self._create(request, p, k, a, c))
+            fake.server.expect_request(collection, method="GET").respond_with_handler(
+                lambda request, p=plural, k=kind, a=api_version, c=collection: self._list(request, p, k, a, c))
+            fake.server.expect_request(item, method="GET").respond_with_handler(
+                lambda request, p=plural, i=item: self._read(request, p, i))
+            fake.server.expect_request(item, method="DELETE").respond_with_handler(
+                lambda request, p=plural, i=item: self._delete(request, p, i))
+
+    @staticmethod
+    def _json(body, status=200):
+        return Response(json.dumps(body), status=status, content_type="application/json")
+
+    @staticmethod
+    def _status(code, reason, message):
+        return FakeCluster._json({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code,
+                                  "reason": reason, "message": message}, code)
+
+    def _create(self, request, plural, kind, api_version, pattern):
+        import uuid
+
+        import kubernetes_validate
+
+        namespace = pattern.match(request.path).group("ns")
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            self.fake.problems.append(f"{request.path}: no bearer token")
+        body = json.loads(request.data)
+        self.requests.append(("POST", plural, body))
+        if body.get("kind") != kind or body.get("apiVersion") != api_version:
+            self.fake.problems.append(f"{request.path}: a {body.get('kind')} {body.get('apiVersion')} body")
+        try:
+            kubernetes_validate.validate(body, self.KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            self.fake.problems.append(f"{kind} fails the schema: {error.message} at {list(error.path)}")
+            return self._status(422, "Invalid", error.message)
+        name = body["metadata"]["name"]
+        if (plural, namespace, name) in self.objects:
+            return self._status(409, "AlreadyExists", f'{plural} "{name}" already exists')
+        stored = {**body, "metadata": {**body["metadata"], "namespace": namespace, "uid": str(uuid.uuid4())},
+                  "status": {}}
+        self.objects[(plural, namespace, name)] = stored
+        return self._json(stored, 201)
+
+    def _list(self, request, plural, kind, api_version, pattern):
+        namespace = pattern.match(request.path).group("ns")
+        selector = dict(part.split("=", 1) for part in request.args.get("labelSelector", "").split(",") if part)
+        items = [obj for (p, ns, _), obj in self.objects.items() if p == plural and ns == namespace
+                 and all((obj["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
+        return self._json({"apiVersion": api_version, "kind": f"{kind}List", "metadata": {}, "items": items})
+
+    def _read(self, request, plural, pattern):
+        match = pattern.match(request.path)
+        found = self.objects.get((plural, match.group("ns"), match.group("name")))
+        return self._json(found) if found else self._status(404, "NotFound", "not found")
+
+    def _delete(self, request, plural, pattern):
+        match = pattern.match(request.path)
+        self.requests.append(("DELETE", plural, match.group("name")))
+        found = self.objects.pop((plural, match.group("ns"), match.group("name")), None)
+        if found is None:
+            return self._status(404, "NotFound", "not found")
+        if plural == "jobs":  # the owner goes: what it owns goes too (the garbage collector)
+            uid = found["metadata"]["uid"]
+            for key, obj in list(self.objects.items()):
+                if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or []):
+                    del self.objects[key]
+        return self._json({"apiVersion": "v1", "kind": "Status", "status": "Success"})
+
+    def set_job_status(self, namespace, name, status):
+        self.objects[("jobs", namespace, name)]["status"] = status
+
+    def of(self, plural):
+        return {name: obj for (p, _, name), obj in self.objects.items() if p == plural}
+
+
+@pytest.fixture
+def fake_cluster(fake_kube):
+    return FakeCluster(fake_kube)

@@ -15,7 +15,7 @@ from django.db import connection
 
 from agentrun.launcher import launcher_from_settings
 from queues.dispatcher import Dispatcher, serve_loop
-from runs import launching, reaping
+from runs import launching, reaping, reconciling
 
 logger = logging.getLogger("agentrun.worker")
 
@@ -27,7 +27,7 @@ class Worker:
     def __init__(self, launcher=None):
         self.launcher = launcher or launcher_from_settings()
         self.dispatcher = Dispatcher()
-        self.next_reap = 0.0
+        self.next_reap = self.next_reconcile = 0.0
 
     def step(self) -> float:
         settled, dispatched = self.dispatcher.run_once()
@@ -37,6 +37,10 @@ class Worker:
         if time.monotonic() >= self.next_reap:
             reaped = reaping.reap()
             self.next_reap = time.monotonic() + settings.AGENTRUN_REAP_INTERVAL_SECONDS
+        if self.launcher.name == "kubernetes" and time.monotonic() >= self.next_reconcile:
+            for item in reconciling.reconcile(self.launcher):
+                logger.warning("reconciled: %s %s %s (%s)", item.action, item.run_id, item.job, item.detail)
+            self.next_reconcile = time.monotonic() + settings.AGENTRUN_RECONCILE_INTERVAL_SECONDS
         if settled or dispatched or launched or stopped or reaped:
             logger.info("worker: settled %d, dispatched %d, launched %d, stopped %d, reaped %d",
                         settled, dispatched, launched, stopped, len(reaped))

@@ -1,0 +1,175 @@
+"""The Kubernetes launcher and the reconciler against a fake API server that validates every
+body against the Kubernetes schema; and against a real cluster when KUBECONFIG is set."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+
+import pytest
+from django.core.management import call_command
+
+from agentrun.launcher import LaunchSpec
+from agentrun.launcher.kubernetes import KubernetesLauncher, job_name, session_pvc_name
+from runs import launching, reconciling, services
+from runs.models import Run, RunnerJob
+from sessions.models import Session
+from tests.conftest import claim, make_run
+
+pytestmark = pytest.mark.django_db
+NS = "agents"
+
+
+@pytest.fixture
+def k8s(fake_cluster, settings):
+    settings.AGENTRUN_NAMESPACE = NS
+    settings.AGENTRUN_URL = "http://manager.agents.svc:8000"
+    return KubernetesLauncher(image="registry.example.com/agentrun:1.0")
+
+
+def spec(**fields):
+    fields.setdefault("run_id", "run_abc")
+    fields.setdefault("attempt", 1)
+    return LaunchSpec(runner_id="kubernetes-run_abc-1", runner_key="ar_secret", manager_url="http://m:8000",
+                      backend_profile="echo", tenant_id="acme", project_id="web", **fields)
+
+
+def test_a_job_per_attempt_with_its_secret_owned_by_it(k8s, fake_cluster):
+    launched = k8s.launch(spec())
+    name = job_name(spec())
+    assert launched.job_name == name and launched.namespace == NS and launched.details["uid"]
+    job = fake_cluster.of("jobs")[name]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example.com/agentrun:1.0"
+    assert container["args"][:6] == ["python", "-m", "runner", "--manager", "http://m:8000", "--run"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["AGENTRUN_RUNNER_KEY"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "runner-key"}
+    assert "value" not in env["AGENTRUN_RUNNER_KEY"]  # the key is not in the Job
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "agentrun-runner"
+    secret = fake_cluster.of("secrets")[name]
+    assert secret["stringData"] == {"runner-key": "ar_secret"}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    assert not fake_cluster.of("persistentvolumeclaims")  # echo keeps no thread state
+
+
+def test_the_same_attempt_twice_is_one_job(k8s, fake_cluster):
+    first = k8s.launch(spec())
+    again = k8s.launch(spec())
+    assert again.details["uid"] == first.details["uid"] and len(fake_cluster.of("jobs")) == 1
+    k8s.launch(spec(attempt=2))
+    assert len(fake_cluster.of("jobs")) == 2
+
+
+def test_a_backend_that_resumes_gets_a_session_volume(k8s, fake_cluster):
+    launched = k8s.launch(spec(session_id="Sess/1", needs_storage=True))
+    pvc = session_pvc_name("Sess/1")
+    assert launched.details == {**launched.details, "pvc": pvc, "pvcCreated": True}
+    claim_body = fake_cluster.of("persistentvolumeclaims")[pvc]
+    assert claim_body["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    pod = fake_cluster.of("jobs")[launched.job_name]["spec"]["template"]["spec"]
+    assert pod["volumes"][1]["persistentVolumeClaim"]["claimName"] == pvc
+    assert {"name": "HOME", "value": "/var/lib/agentrun/session"} in pod["containers"][0]["env"]
+    second = k8s.launch(spec(session_id="Sess/1", needs_storage=True, attempt=2))
+    assert second.details["pvcCreated"] is False  # the session's volume already exists
+    existing = k8s.launch(spec(run_id="run_x", session_id="s2", pvc_name="their-pvc", pvc_namespace="other"))
+    assert existing.namespace == "other" and existing.details["pvc"] == "their-pvc"
+
+
+def test_alive_and_stop(k8s, fake_cluster):
+    launched = k8s.launch(spec())
+    view = {"namespace": NS, "jobName": launched.job_name}
+    assert k8s.alive(view)
+    fake_cluster.set_job_status(NS, launched.job_name, {"failed": 1})
+    assert not k8s.alive(view)
+    k8s.stop(view)
+    assert not fake_cluster.of("jobs") and not fake_cluster.of("secrets")  # the Secret goes with its Job
+    k8s.stop(view)  # already gone: fine
+    assert not k8s.alive(view)
+
+
+def test_the_worker_launches_a_job_and_records_it(k8s, fake_cluster):
+    run = make_run(session_id="k8s-s1", backend="codex")
+    assert launching.launch_pending(k8s) == 1
+    job = RunnerJob.objects.get(run_id=run.id)
+    assert (job.namespace, job.image) == (NS, "registry.example.com/agentrun:1.0")
+    assert job.job_name in fake_cluster.of("jobs") and job.result["launched"]
+    session = Session.objects.get(pk="k8s-s1")
+    assert (session.storage_kind, session.storage_pvc_name, session.storage_namespace) == (
+        "pvc", session_pvc_name("k8s-s1"), NS)  # GC will find the volume
+    secret = fake_cluster.of("secrets")[job.job_name]["stringData"]["runner-key"]
+    from agentrun.auth import hash_key
+    from agentrun.models import ApiKey
+
+    assert ApiKey.objects.get(key_hash=hash_key(secret)).run_id == run.id
+    assert launching.launch_pending(k8s) == 0  # its Job is alive
+    services.run_cancel(run_id=run.id)
+    assert launching.stop_finished(k8s) == 1
+    assert job.job_name not in fake_cluster.of("jobs")  # a cancelled run's Job is deleted
+
+
+def test_reconciler_fails_runs_whose_job_failed_or_vanished_and_deletes_orphan_jobs(k8s, fake_cluster):
+    failed, vanished, healthy, done = (make_run() for _ in range(4))
+    for run in (failed, vanished, healthy, done):
+        launching.launch_pending(k8s)
+        claim(run)
+    jobs = {job.run_id: job for job in RunnerJob.objects.all()}
+    fake_cluster.set_job_status(NS, jobs[failed.id].job_name, {"failed": 1, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "pod OOMKilled"}]})
+    del fake_cluster.objects[("jobs", NS, jobs[vanished.id].job_name)]
+    services.run_cancel(run_id=done.id)
+    out = io.StringIO()
+    call_command("reconcile", "--dry-run", stdout=out)
+    assert "would fail run " + failed.id in out.getvalue() and "dry run: 3 finding(s)" in out.getvalue()
+    assert Run.objects.get(pk=failed.id).status == "claimed"
+    findings = reconciling.reconcile(k8s)
+    assert sorted((f.action, f.run_id) for f in findings) == sorted([
+        ("fail-run", failed.id), ("fail-run", vanished.id), ("delete-job", done.id),
+        ("delete-job", failed.id)])  # its run ended a moment ago: the failed Job goes in the same pass
+    assert Run.objects.get(pk=failed.id).failure_kind == "runner-lost"
+    assert "OOMKilled" in Run.objects.get(pk=failed.id).failure_message
+    assert Run.objects.get(pk=vanished.id).status == "failed"
+    assert Run.objects.get(pk=healthy.id).status == "claimed"
+    assert set(fake_cluster.of("jobs")) == {jobs[healthy.id].job_name}
+    assert reconciling.reconcile(k8s) == []
+
+
+def test_the_launcher_needs_an_image(settings, fake_cluster):
+    settings.AGENTRUN_RUNNER_IMAGE = ""
+    with pytest.raises(ValueError):
+        KubernetesLauncher().launch(spec())
+    assert not fake_cluster.requests
+
+
+@pytest.mark.k8s
+def test_a_job_on_a_real_cluster():
+    """Launches a Job running the image in AGENTRUN_TEST_RUNNER_IMAGE (default busybox-like
+    `python:3.11-slim`, which fails fast without a manager) in AGENTRUN_TEST_NAMESPACE, then stops it."""
+    if not os.environ.get("KUBECONFIG"):
+        pytest.skip("needs a real cluster: set KUBECONFIG to run it")
+    from agentrun import kube
+
+    kube.reset()
+    launcher = KubernetesLauncher(namespace=os.environ.get("AGENTRUN_TEST_NAMESPACE", "default"),
+                                  image=os.environ.get("AGENTRUN_TEST_RUNNER_IMAGE", "python:3.11-slim"))
+    name = base64.b32encode(os.urandom(5)).decode().lower()
+    launched = launcher.launch(spec(run_id=f"run_{name}"))
+    view = {"namespace": launched.namespace, "jobName": launched.job_name}
+    assert launcher.read(view) is not None
+    launcher.stop(view)
+
+
+def test_the_fake_refuses_what_the_schema_refuses(k8s, fake_cluster, fake_kube):
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from agentrun import kube
+
+    bad = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "bad"},
+           "spec": {"template": {"spec": {"containers": [{"name": "x", "image": "i", "bogusField": 1}]}}}}
+    with pytest.raises(ApiException) as error:
+        client.BatchV1Api(kube.api_client()).create_namespaced_job(NS, bad)
+    assert error.value.status == 422
+    assert fake_kube.problems and "schema" in fake_kube.problems[0]
+    fake_kube.problems.clear()
