@@ -161,15 +161,14 @@ def test_a_job_on_a_real_cluster():
 
 
 def test_the_fake_refuses_what_the_schema_refuses(k8s, fake_cluster, fake_kube):
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
+    import httpx
 
-    from agentrun import kube
+    from tests.kube_fake import TOKEN
 
     bad = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "bad"},
            "spec": {"template": {"spec": {"containers": [{"name": "x", "image": "i", "bogusField": 1}]}}}}
-    with pytest.raises(ApiException) as error:
-        client.BatchV1Api(kube.api_client()).create_namespaced_job(NS, bad)
-    assert error.value.status == 422
+    response = httpx.post(fake_kube.server.url_for(f"/apis/batch/v1/namespaces/{NS}/jobs"), json=bad,
+                          headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 422 and not fake_cluster.of("jobs")
     assert fake_kube.problems and "schema" in fake_kube.problems[0]
     fake_kube.problems.clear()
