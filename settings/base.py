@@ -132,3 +132,5 @@ AGENTRUN_RUNNER_MEMORY = os.environ.get("AGENTRUN_RUNNER_MEMORY", "1Gi")
 AGENTRUN_SESSION_PVC_SIZE = os.environ.get("AGENTRUN_SESSION_PVC_SIZE", "5Gi")
 AGENTRUN_SESSION_STORAGE_CLASS = os.environ.get("AGENTRUN_SESSION_STORAGE_CLASS") or None
 AGENTRUN_RECONCILE_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_RECONCILE_INTERVAL_SECONDS", "30"))
+# Who starts runners for pending runs: local (a subprocess per run), kubernetes (a Job per run) or none.
+AGENTRUN_LAUNCHER = os.environ.get("AGENTRUN_LAUNCHER", "none")

@@ -7,7 +7,6 @@ it returns (a `Launched`) as the run's RunnerJob.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 
@@ -58,7 +57,9 @@ class Launcher:
 
 
 def launcher_from_settings(name: str | None = None) -> Launcher:
-    name = name or os.environ.get("AGENTRUN_LAUNCHER", "none")
+    from django.conf import settings
+
+    name = name or settings.AGENTRUN_LAUNCHER
     if name == "local":
         from agentrun.launcher.local import LocalLauncher
 

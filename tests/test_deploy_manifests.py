@@ -1,0 +1,76 @@
+"""deploy/: every Kubernetes manifest validates against the Kubernetes schema, and the pieces
+fit together (settings the code reads, the RBAC the launcher needs, one image)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+MANIFESTS = sorted(p for p in (DEPLOY / "kubernetes").glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def documents():
+    for path in MANIFESTS:
+        for document in yaml.safe_load_all(path.read_text()):
+            if document:
+                yield path.name, document
+
+
+@pytest.mark.parametrize(("name", "document"), list(documents()), ids=lambda v: v if isinstance(v, str) else "")
+def test_manifest_validates_against_the_kubernetes_schema(name, document):
+    kubernetes_validate.validate(document, "1.33", strict=True)
+
+
+def kinds():
+    return {(doc["kind"], doc["metadata"]["name"]) for _, doc in documents()}
+
+
+def test_the_cluster_gets_everything_it_needs():
+    needed = {
+        ("Deployment", "agentrun-manager"), ("Service", "agentrun-manager"), ("Deployment", "agentrun-worker"),
+        ("Job", "agentrun-migrate"), ("CronJob", "agentrun-gc-sessions"), ("Role", "agentrun-launcher"),
+        ("RoleBinding", "agentrun-launcher"), ("ServiceAccount", "agentrun-manager"),
+        ("ServiceAccount", "agentrun-runner"), ("ConfigMap", "agentrun"),
+    }
+    assert needed <= kinds()
+    listed = set(yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())["resources"])
+    assert listed == {path.name for path in MANIFESTS}
+
+
+def test_the_launcher_role_allows_what_the_launcher_and_gc_do():
+    role = next(doc for _, doc in documents() if doc["kind"] == "Role")
+    allowed = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+    for resource, verbs in {"jobs": ["create", "get", "list", "delete"], "secrets": ["create"],
+                            "persistentvolumeclaims": ["create", "delete"], "pods": ["get", "list"]}.items():
+        for verb in verbs:
+            assert (resource, verb) in allowed, (resource, verb)
+
+
+def test_config_names_only_settings_the_code_reads():
+    config = next(doc for _, doc in documents() if doc["kind"] == "ConfigMap")
+    source = "\n".join(p.read_text() for p in (DEPLOY.parent / "settings").glob("*.py"))
+    for variable in config["data"]:
+        assert re.search(rf'"{variable}"', source), f"{variable} is not read by settings/"
+    assert config["data"]["AGENTRUN_LAUNCHER"] == "kubernetes"
+
+
+def test_one_image_for_every_workload_and_a_recipe_for_it():
+    images = {container["image"] for _, doc in documents() for container in _containers(doc)}
+    config = next(doc for _, doc in documents() if doc["kind"] == "ConfigMap")
+    assert images == {config["data"]["AGENTRUN_RUNNER_IMAGE"]}
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "requirements.txt" in dockerfile and "USER 1000" in dockerfile
+    for package in ("agentrun", "sessions", "runs", "queues", "runner", "settings"):
+        assert f"COPY {package} {package}" in dockerfile
+
+
+def _containers(doc):
+    spec = doc.get("spec") or {}
+    for template in (spec.get("template"), (spec.get("jobTemplate") or {}).get("spec", {}).get("template")):
+        if template:
+            yield from template["spec"]["containers"]
