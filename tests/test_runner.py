@@ -3,10 +3,12 @@ cancel, lease loss, retries. (The end-to-end tests with gunicorn and the worker 
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 
+import httpx
 import pytest
 
 from agentrun.auth import api_key_create
@@ -142,3 +144,42 @@ def test_a_runner_whose_lease_is_taken_over_stops_and_writes_nothing_more(live_s
         os.kill(pid, 0)
     stored = Run.objects.get(pk=run.id)
     assert stored.claimed_by == "usurper" and stored.status == "claimed"
+
+
+class LosesResponses(httpx.HTTPTransport):
+    """Delivers every request, but loses the first answer to each event batch: the runner must
+    retry without appending anything twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+        self.lost = 0
+
+    def handle_request(self, request):
+        response = super().handle_request(request)
+        if request.method == "POST" and request.url.path.endswith("/events"):
+            key = json.loads(request.content).get("batchKey")
+            if key not in self.seen:
+                self.seen.add(key)
+                response.read()
+                self.lost += 1
+                raise httpx.ReadError("connection reset after the server answered", request=request)
+        return response
+
+
+def test_lost_answers_are_retried_and_no_event_is_appended_twice(live_server, keys, tmp_path):
+    run = make_run()
+    prompt = "\n".join(f"run: echo line-{i}" for i in range(8))
+    services.command_create(run_id=run.id, command_type="turn", payload={"prompt": prompt})
+    transport = LosesResponses()
+    client = AgentRunClient(live_server.url, keys[1], transport=transport)
+    try:
+        code = Runner(client, run.id, workdir=str(tmp_path), idle_seconds=0.3, lease_ms=3000).run()
+    finally:
+        client.close()
+    assert code == 0 and transport.lost >= 1
+    outputs = [e.payload["output"] for e in RunEvent.objects.filter(run_id=run.id, type="command_output").order_by("seq")]
+    assert outputs == [f"line-{i}\n" for i in range(8)]  # each once, in order
+    seqs = list(RunEvent.objects.filter(run_id=run.id).order_by("seq").values_list("seq", flat=True))
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert Run.objects.get(pk=run.id).status == "completed"
