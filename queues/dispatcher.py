@@ -41,8 +41,8 @@ def wait_for_work(listener: psycopg.Connection, stop: threading.Event, timeout: 
 
 
 class Dispatcher:
-    def __init__(self, *, on_dispatched: Callable[[services.Dispatched], None] | None = None):
-        self.on_dispatched = on_dispatched
+    """The queue's moves. Runners for the runs it creates are started by the worker's launch
+    pass, like any pending run's."""
 
     def run_once(self) -> tuple[int, int]:
         """Settle and dispatch, a batch of each in turn, until neither has anything left:
@@ -54,20 +54,11 @@ class Dispatcher:
             for attempt_id, task_id in ended:
                 settled += services.settle(attempt_id=attempt_id, task_id=task_id) is not None
             started_now = 0
-            while started_now < BATCH and (started := services.dispatch_one()) is not None:
+            while started_now < BATCH and services.dispatch_one() is not None:
                 started_now += 1
-                self._launch(started)
             dispatched += started_now
             if len(ended) < BATCH and started_now < BATCH:
                 return settled, dispatched
-
-    def _launch(self, started: services.Dispatched) -> None:
-        if self.on_dispatched is None or started.run_id is None:
-            return
-        try:
-            self.on_dispatched(started)
-        except Exception:  # noqa: BLE001 - the run exists; the launcher's own loop retries it
-            logger.exception("launching a runner for run %s failed", started.run_id)
 
     def sleep_seconds(self) -> float:
         """How long the dispatcher may sleep if nothing wakes it: until the earliest backoff."""

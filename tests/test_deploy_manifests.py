@@ -67,6 +67,10 @@ def test_one_image_for_every_workload_and_a_recipe_for_it():
     assert "requirements.txt" in dockerfile and "USER 1000" in dockerfile
     for package in ("agentrun", "sessions", "runs", "queues", "runner", "settings"):
         assert f"COPY {package} {package}" in dockerfile
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (DEPLOY.parent / source).exists(), f"the image copies {source}, which does not exist"
 
 
 def _containers(doc):
