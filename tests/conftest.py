@@ -106,6 +106,18 @@ def make_run(*, tenant=TENANT, project=PROJECT, backend="echo", session_id: str 
     return run
 
 
+def wait_for(condition, timeout=30.0, step=0.05) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return False
+
+
 def claim(run, runner_id="runner-1", lease_ms=60_000):
     return services.run_claim(run_id=run.id, runner_id=runner_id, lease_ms=lease_ms)
 

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from agentrun.auth import api_key_create
 from queues.models import QueueAttempt, QueueTask
 from runner.client import AgentRunClient
 from runs.models import Run, RunnerJob
-from tests.conftest import PROJECT, TENANT
+from tests.conftest import PROJECT, TENANT, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(settings.BASE_DIR)
@@ -43,13 +42,6 @@ def database_url() -> str:
     return make_conninfo(**{k: v for k, v in params.items() if v})
 
 
-def wait_for(condition, timeout=30.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return False
 
 
 def pids_matching(text: str) -> list[int]:

@@ -4,7 +4,6 @@ pending run, never two for one run; dead launches are retried, then the run fail
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from django.db import connection
@@ -14,18 +13,11 @@ from agentrun.launcher.local import LocalLauncher
 from agentrun.models import ApiKey
 from runs import launching, services
 from runs.models import Run, RunEvent, RunnerJob
-from tests.conftest import make_run
+from tests.conftest import make_run, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def wait_for(condition, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from django.db import connection
 
 from agentrun import notify
 from runs import services
-from tests.conftest import make_key, make_run
+from tests.conftest import make_key, make_run, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,13 +29,6 @@ def in_thread(work):
     return thread, result
 
 
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def waiting_count(topic):
@@ -59,7 +52,7 @@ def test_events_wait_wakes_on_append_commit():
     topic = notify.run_topic(run.id)
     started = time.monotonic()
     thread, result = in_thread(lambda: client.get(f"runs/{run.id}/events", afterSeq="2", wait="20"))
-    assert wait_until(lambda: waiting_count(topic) == 1)
+    assert wait_for(lambda: waiting_count(topic) == 1)
     status, _ = runner.post(
         f"runs/{run.id}/events", {"runnerId": "r", "leaseEpoch": 1, "type": "assistant_message", "payload": {"t": 1}}
     )
@@ -83,7 +76,7 @@ def test_commands_wait_wakes_on_command_create():
     run = make_run()
     topic = notify.run_topic(run.id)
     thread, result = in_thread(lambda: runner.get(f"runs/{run.id}/commands", afterSeq="0", wait="20"))
-    assert wait_until(lambda: waiting_count(topic) == 1)
+    assert wait_for(lambda: waiting_count(topic) == 1)
     status, command = client.post(f"runs/{run.id}/commands", {"type": "turn", "payload": {"prompt": "go"}})
     assert status == 201
     thread.join(20)
@@ -95,7 +88,7 @@ def test_a_rolled_back_write_wakes_nobody_with_false_rows():
     api = make_key("client")
     run = make_run()
     thread, result = in_thread(lambda: api.get(f"runs/{run.id}/events", afterSeq="1", wait="1"))
-    assert wait_until(lambda: waiting_count(notify.run_topic(run.id)) == 1)
+    assert wait_for(lambda: waiting_count(notify.run_topic(run.id)) == 1)
     with pytest.raises(Exception):
         services.event_append(run_id=run.id, runner_id="nobody", lease_epoch=0, events=[("error", {})])
     thread.join(10)
@@ -109,7 +102,7 @@ def test_many_waiters_share_one_listening_connection_and_hold_no_other():
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
     topic = notify.run_topic(run.id)
     waiters = [in_thread(lambda: api.get(f"runs/{run.id}/events", afterSeq="2", wait="20")) for _ in range(12)]
-    assert wait_until(lambda: waiting_count(topic) == 12)
+    assert wait_for(lambda: waiting_count(topic) == 12)
 
     def connections():
         with connection.cursor() as cursor:
@@ -121,7 +114,7 @@ def test_many_waiters_share_one_listening_connection_and_hold_no_other():
 
     # A waiter subscribes, checks once more, then gives its connection back before it sleeps.
     # Sleeping requests hold none: only the listener remains besides this one.
-    assert wait_until(lambda: connections() == (1, 1)), connections()
+    assert wait_for(lambda: connections() == (1, 1)), connections()
     runner.post(f"runs/{run.id}/events", {"runnerId": "r", "leaseEpoch": 1, "type": "error", "payload": {}})
     for thread, _ in waiters:
         thread.join(20)
@@ -155,7 +148,7 @@ def test_waiters_woken_together_share_one_fetch():
         threads = [threading.Thread(target=lambda: results.append(hub.shared_fetch("t", "k", fetch))) for _ in range(10)]
         for thread in threads:
             thread.start()
-        assert wait_until(lambda: len(calls) == 1)
+        assert wait_for(lambda: len(calls) == 1)
         release.set()
         for thread in threads:
             thread.join(5)
@@ -186,7 +179,7 @@ def test_session_output_waits_through_trace_only_events_until_output_arrives():
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
     topic = notify.run_topic(run.id)
     thread, result = in_thread(lambda: client.get("sessions/lp-session/output", afterSeq="0", wait="20"))
-    assert wait_until(lambda: waiting_count(topic) == 1)
+    assert wait_for(lambda: waiting_count(topic) == 1)
     services.event_append(run_id=run.id, runner_id="r", lease_epoch=1, events=[("reasoning", {"text": "hm"})])
     time.sleep(0.3)
     assert thread.is_alive()  # a trace-only event does not answer an output page

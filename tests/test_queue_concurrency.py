@@ -14,7 +14,7 @@ from queues import services
 from queues.dispatcher import Dispatcher
 from queues.models import Queue, QueueAttempt, QueueTask, TenantLimit
 from runs.models import Run
-from tests.conftest import PROJECT, TENANT
+from tests.conftest import PROJECT, TENANT, wait_for
 from tests.queue_helpers import finish_run, make_task, settle_all
 from tests.test_concurrency import race
 
@@ -160,10 +160,3 @@ def test_the_served_dispatcher_wakes_on_notifications():
     assert not thread.is_alive()
 
 
-def wait_for(condition, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False

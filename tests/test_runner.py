@@ -16,7 +16,7 @@ from runner.client import AgentRunClient
 from runner.runner import Runner
 from runs import services
 from runs.models import Command, Run, RunEvent
-from tests.conftest import PROJECT, TENANT, make_run
+from tests.conftest import PROJECT, TENANT, make_run, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -50,13 +50,6 @@ def types(run_id):
     return [(e.type, e.payload.get("phase")) for e in RunEvent.objects.filter(run_id=run_id).order_by("seq")]
 
 
-def wait_for(condition, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_turn_runs_through_the_echo_backend_and_the_run_finishes(live_server, keys, tmp_path):

@@ -24,15 +24,28 @@ class TurnResult:
 
 
 class Parser:
-    """Turns an agent's JSON lines into events; decides the turn's result at the end."""
+    """Turns an agent's JSON lines into events; decides the turn's result at the end: cancelled
+    when we cancelled it, else the outcome its lines gave (`outcome`: status, failure kind,
+    message), else `no_outcome`."""
 
     thread_id: str | None = None
+    outcome: tuple[str, str | None, str | None] | None = None
 
     def feed(self, record: dict) -> list[tuple[str, dict]]:
         raise NotImplementedError
 
     def finish(self, *, exit_code: int, cancelled: bool, stderr_tail: str) -> TurnResult:
-        raise NotImplementedError
+        if cancelled:
+            return TurnResult("cancelled", "cancelled", "the turn was cancelled", self.thread_id)
+        if self.outcome is not None:
+            status, kind, message = self.outcome
+            return TurnResult(status, kind, message, self.thread_id)
+        return self.no_outcome(exit_code=exit_code, stderr_tail=stderr_tail)
+
+    def no_outcome(self, *, exit_code: int, stderr_tail: str) -> TurnResult:
+        """The agent ended without saying how the turn went."""
+        return TurnResult("failed", "backend-unavailable", f"the agent exited {exit_code}: {stderr_tail}".strip(),
+                          self.thread_id)
 
 
 class Backend:

@@ -124,13 +124,11 @@ class ClaudeParser(Parser):
         })]
 
     def finish(self, *, exit_code: int, cancelled: bool, stderr_tail: str) -> TurnResult:
-        if cancelled:
-            return TurnResult("cancelled", "cancelled", "the turn was cancelled", self.thread_id)
-        if self.outcome is not None:
-            status, kind, message = self.outcome
-            if status == "cancelled":  # interrupted, but not by us
-                status, kind = "failed", "agent-failed"
-            return TurnResult(status, kind, message, self.thread_id)
+        if not cancelled and self.outcome is not None and self.outcome[0] == "cancelled":
+            self.outcome = ("failed", "agent-failed", self.outcome[2])  # interrupted, but not by us
+        return super().finish(exit_code=exit_code, cancelled=cancelled, stderr_tail=stderr_tail)
+
+    def no_outcome(self, *, exit_code: int, stderr_tail: str) -> TurnResult:
         return TurnResult("failed", "backend-unavailable",
                           f"claude exited {exit_code} without a result: {stderr_tail}".strip(), self.thread_id)
 

@@ -116,12 +116,7 @@ class CodexParser(Parser):
             payload["reasoningOutputTokens"] = usage["reasoning_output_tokens"]
         return payload
 
-    def finish(self, *, exit_code: int, cancelled: bool, stderr_tail: str) -> TurnResult:
-        if cancelled:
-            return TurnResult("cancelled", "cancelled", "the turn was cancelled", self.thread_id)
-        if self.outcome is not None:
-            status, kind, message = self.outcome
-            return TurnResult(status, kind, message, self.thread_id)
+    def no_outcome(self, *, exit_code: int, stderr_tail: str) -> TurnResult:
         if self.lines == 0:
             return TurnResult("failed", "backend-unavailable",
                               f"codex exited {exit_code} before its first line: {stderr_tail}".strip(), self.thread_id)

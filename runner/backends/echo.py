@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from runner.backends.base import Backend, Parser, TurnResult
+from runner.backends.base import Backend, Parser
 
 
 class EchoParser(Parser):
@@ -32,14 +32,6 @@ class EchoParser(Parser):
             self.outcome = ("completed", None, None)
         return []
 
-    def finish(self, *, exit_code: int, cancelled: bool, stderr_tail: str) -> TurnResult:
-        if cancelled:
-            return TurnResult("cancelled", "cancelled", "the turn was cancelled", self.thread_id)
-        if self.outcome is not None:
-            status, kind, message = self.outcome
-            return TurnResult(status, kind, message, self.thread_id)
-        return TurnResult("failed", "backend-unavailable", f"the echo agent exited {exit_code}: {stderr_tail}",
-                          self.thread_id)
 
 
 class EchoBackend(Backend):
