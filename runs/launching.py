@@ -16,7 +16,7 @@ from django.db.models import Q
 from agentrun.auth import api_key_create, api_key_revoke
 from agentrun.backends import can
 from agentrun.clock import db_now
-from agentrun.errors import INFRA_FAILED
+from agentrun.errors import INFRA_FAILED, AgentRunError
 from agentrun.ids import stable_hash
 from agentrun.launcher import Launcher, LaunchSpec
 from runs import services
@@ -91,14 +91,19 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
         launched = launcher.launch(spec)
     except Exception as exc:  # noqa: BLE001 - recorded; the next pass tries again, up to MAX_LAUNCHES
         logger.exception("launching a runner for run %s failed", run_id)
+        api_key_revoke(key_id=key.pk)  # no runner will use it
         services.runner_job_update(job_id=job.id, result={**job.result, "failed": True, "error": str(exc)[:500]})
         return False
     services.runner_job_update(job_id=job.id, namespace=launched.namespace, job_name=launched.job_name,
                                image=launched.image, result={**job.result, "launched": True, **launched.details})
     if launched.details.get("pvcCreated") and spec.session_id:
         # The launcher made the session a volume: the session learns of it (and GC can find it).
-        session_services.session_storage_refresh(session_id=spec.session_id, storage_kind=StorageKind.PVC,
-                                                 pvc_name=launched.details["pvc"], namespace=launched.namespace)
+        try:
+            session_services.session_storage_refresh(session_id=spec.session_id, storage_kind=StorageKind.PVC,
+                                                     pvc_name=launched.details["pvc"], namespace=launched.namespace)
+        except AgentRunError:
+            logger.warning("session %s is gone; nothing will collect its new volume %s",
+                           spec.session_id, launched.details["pvc"])
     logger.info("started runner %s for run %s (%s/%s)", runner_id, run_id, launched.namespace, launched.job_name)
     return True
 

@@ -106,6 +106,7 @@ def test_a_launch_that_raises_is_recorded_and_retried():
     assert launching.launch_pending(Exploding()) == 0
     job = RunnerJob.objects.get(run_id=run.id)
     assert job.result["failed"] and "no cluster today" in job.result["error"]
+    assert ApiKey.objects.get(pk=job.result["keyId"]).revoked_at is not None
     launcher = DeadOnArrival()
     assert launching.launch_pending(launcher) == 1 and launcher.specs[0].attempt == 2
 
