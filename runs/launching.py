@@ -11,7 +11,6 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
 
 from agentrun.auth import api_key_create, api_key_revoke
 from agentrun.backends import can
@@ -35,7 +34,7 @@ def _job_view(job: RunnerJob) -> dict:
 
 
 def _live(job: RunnerJob, launcher: Launcher, now) -> bool:
-    if (job.result or {}).get("failed"):
+    if job.stopped_at is not None or (job.result or {}).get("failed"):
         return False
     if not (job.result or {}).get("launched"):
         return now - job.created_at < LAUNCH_GRACE
@@ -92,7 +91,8 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
     except Exception as exc:  # noqa: BLE001 - recorded; the next pass tries again, up to MAX_LAUNCHES
         logger.exception("launching a runner for run %s failed", run_id)
         api_key_revoke(key_id=key.pk)  # no runner will use it
-        services.runner_job_update(job_id=job.id, result={**job.result, "failed": True, "error": str(exc)[:500]})
+        services.runner_job_update(job_id=job.id, result={**job.result, "failed": True, "error": str(exc)[:500]},
+                                   stopped_at=db_now())
         return False
     services.runner_job_update(job_id=job.id, namespace=launched.namespace, job_name=launched.job_name,
                                image=launched.image, result={**job.result, "launched": True, **launched.details})
@@ -122,16 +122,17 @@ def stop_finished(launcher: Launcher, *, limit: int = 100) -> int:
     if launcher.name == "none":
         return 0
     stopped = 0
-    jobs = (RunnerJob.objects.filter(run__status__in=RUN_TERMINAL, result__launched=True)
-            .filter(~Q(result__has_key="stopped")).order_by("updated_at")[:limit])
+    jobs = RunnerJob.objects.filter(stopped_at__isnull=True, run__status__in=RUN_TERMINAL).order_by("updated_at")[:limit]
     for job in jobs:
-        try:
-            launcher.stop(_job_view(job))
-        except Exception:  # noqa: BLE001 - the next pass tries again
-            logger.exception("stopping runner job %s failed", job.id)
-            continue
+        launched = (job.result or {}).get("launched")  # else recorded by a runner itself, or never started
+        if launched:
+            try:
+                launcher.stop(_job_view(job))
+            except Exception:  # noqa: BLE001 - the next pass tries again
+                logger.exception("stopping runner job %s failed", job.id)
+                continue
+            stopped += 1
         if (job.result or {}).get("keyId"):
             api_key_revoke(key_id=job.result["keyId"])
-        services.runner_job_update(job_id=job.id, result={**job.result, "stopped": True})
-        stopped += 1
+        services.runner_job_update(job_id=job.id, stopped_at=db_now())
     return stopped

@@ -76,6 +76,8 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["tenant_id", "project_id", "created_at"], name="run_scope_created"),
             models.Index(fields=["session_id", "created_at"], name="run_session_created"),
+            # What the worker's launch pass looks at: runs waiting for a runner.
+            models.Index(fields=["created_at"], name="run_pending_created", condition=models.Q(status="pending")),
             models.Index(fields=["lease_expires_at"], name="run_active_lease", condition=models.Q(status__in=RUN_ACTIVE)),
         ]
         constraints = [
@@ -189,6 +191,8 @@ class RunnerJob(models.Model):
     source_commit = models.CharField(max_length=200)
     service_account_name = models.CharField(max_length=253, null=True, blank=True)
     result = models.JSONField(default=dict, blank=True)
+    # Set when the launcher stopped the job (or it never started): the worker looks only at the others.
+    stopped_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
 
@@ -200,7 +204,10 @@ class RunnerJob(models.Model):
                 condition=models.Q(idempotency_key__isnull=False),
             )
         ]
-        indexes = [models.Index(fields=["run", "command_id", "created_at"], name="runner_job_run_command")]
+        indexes = [
+            models.Index(fields=["run", "command_id", "created_at"], name="runner_job_run_command"),
+            models.Index(fields=["run"], name="runner_job_unstopped", condition=models.Q(stopped_at__isnull=True)),
+        ]
 
     def __str__(self) -> str:
         return self.id
