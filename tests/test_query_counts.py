@@ -7,7 +7,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from runs import services
-from tests.conftest import make_key, make_run
+from tests.conftest import PROJECT, TENANT, make_key, make_run
 
 pytestmark = pytest.mark.django_db
 
@@ -67,3 +67,47 @@ def test_command_page_query_count_is_fixed():
     assert queries_for(lambda: client.get(f"runs/{run.id}/commands", limit="2")) == queries_for(
         lambda: client.get(f"runs/{run.id}/commands", limit="100")
     )
+
+
+def make_sessions(first: int, last: int) -> None:
+    from datetime import timedelta
+
+    from django.db.models.functions import Now
+
+    from agentrun.auth import Scope
+    from sessions import services as session_services
+    from sessions.models import Session, SessionReadCursor
+
+    for index in range(first, last):
+        session_services.session_upsert(session_id=f"inbox-{index}", tenant_id=TENANT, project_id=PROJECT,
+                                        backend_profile="echo")
+        if index % 3 == 0:
+            session_services.session_mark_read(session_id=f"inbox-{index}", reader_id="ana", scope=Scope.unrestricted())
+    # Older than any walk's snapshot: later pages come from the sorted scan, not the tail.
+    Session.objects.filter(session_id__startswith="inbox-").update(
+        updated_at=Now() - timedelta(hours=1), last_activity_at=Now() - timedelta(hours=1))
+    SessionReadCursor.objects.filter(reader_id="ana").update(read_at=Now() - timedelta(hours=1))
+
+
+def inbox_queries(client) -> tuple[int, int]:
+    """(queries for the first page, for the next one)."""
+    params = {"readerId": "ana", "limit": "4", "state": "all"}
+    tokens = []
+
+    def first():
+        status, body = client.get("sessions", **params)
+        tokens.append(body["nextPageToken"])
+        return status, body
+
+    first_page = queries_for(first)
+    return first_page, queries_for(lambda: client.get("sessions", **params, pageToken=tokens[0]))
+
+
+def test_inbox_pages_make_the_same_queries_for_ten_or_a_hundred_sessions():
+    client = make_key("client")
+    make_sessions(0, 10)
+    few = inbox_queries(client)
+    make_sessions(10, 100)
+    many = inbox_queries(client)
+    assert few == many, (few, many)
+    assert many == (3, 3), many  # auth; the clock with the watermark; the page (its groups in one statement)
