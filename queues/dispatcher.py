@@ -51,13 +51,13 @@ class Dispatcher:
         settled = dispatched = 0
         while True:
             ended = services.ended_attempts(limit=BATCH)
-            for attempt_id, task_id in ended:
-                settled += services.settle(attempt_id=attempt_id, task_id=task_id) is not None
+            settled_now = sum(services.settle(attempt_id=a, task_id=t) is not None for a, t in ended)
             started_now = 0
             while started_now < BATCH and services.dispatch_one() is not None:
                 started_now += 1
-            dispatched += started_now
-            if len(ended) < BATCH and started_now < BATCH:
+            settled, dispatched = settled + settled_now, dispatched + started_now
+            # Done when both ran dry, or when nothing moved (another worker holds what is left).
+            if (len(ended) < BATCH and started_now < BATCH) or not (settled_now or started_now):
                 return settled, dispatched
 
     def sleep_seconds(self) -> float:
