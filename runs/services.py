@@ -293,6 +293,9 @@ def validate_session_ref(session_ref) -> dict | None:
     if not isinstance(session_id, str) or not session_id.strip() or len(session_id) > 200:
         raise invalid("sessionRef.sessionId must be a non-empty string of at most 200 characters",
                       field="sessionRef.sessionId")
+    if "/" in session_id:
+        # The id is a path segment of /api/v1/sessions/{id}; a slash could never be addressed.
+        raise invalid("sessionRef.sessionId may not contain '/'", field="sessionRef.sessionId")
     for key in ("conversationId", "threadId"):
         if session_ref.get(key) is not None and not isinstance(session_ref[key], str):
             raise invalid(f"sessionRef.{key} must be a string", field=f"sessionRef.{key}")

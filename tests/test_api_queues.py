@@ -129,5 +129,8 @@ def test_scope_and_roles(client_api):
 
 
 def test_session_path_uses_the_api_form(client_api):
-    _, task = create(client_api, sessionRef={"sessionId": "a/b"})
-    assert task["sessionPath"] == "/api/v1/sessions/a%2Fb"
+    _, task = create(client_api, sessionRef={"sessionId": "a b&c"})
+    assert task["sessionPath"] == "/api/v1/sessions/a%20b%26c"
+    client_api.post("runs", {"backendProfile": "echo", "sessionRef": {"sessionId": "a b&c"}})
+    status, session = client_api.get(task["sessionPath"])  # the path leads to the session
+    assert status == 200 and session["sessionId"] == "a b&c"

@@ -20,15 +20,15 @@ SCOPE = Scope(tenant_id=TENANT, project_id=PROJECT)
 
 def test_create_sets_the_defaults_and_takes_the_next_queue_version():
     first = make_task()
-    task = make_task(session_ref={"sessionId": "a b/c!*'()ü"})
+    task = make_task(session_ref={"sessionId": "a b:c!*'()ü?"})
     assert task.state == "pending" and task.latest_attempt is None and task.cancelled_at is None
     assert task.version == first.version + 1
-    assert task.session_path == "/api/v1/sessions/a%20b%2Fc!*'()%C3%BC"  # encodeURIComponent
+    assert task.session_path == "/api/v1/sessions/a%20b%3Ac!*'()%C3%BC%3F"  # encodeURIComponent
     assert first.session_path is None
     expected = stable_hash({
         "tenantId": TENANT, "projectId": PROJECT, "queue": "default", "lane": "main", "title": "a task",
         "priority": 0, "backendProfile": "echo", "providerId": None, "workspaceRef": None,
-        "sessionRef": {"sessionId": "a b/c!*'()ü"}, "executionPolicy": None, "resourceBundleRef": None,
+        "sessionRef": {"sessionId": "a b:c!*'()ü?"}, "executionPolicy": None, "resourceBundleRef": None,
         "payload": {"prompt": "do the thing"}, "references": None, "metadata": None,
     })
     assert task.payload_hash == expected
