@@ -3,12 +3,12 @@ in tasks per second, beside a raw-SQL baseline of the dispatcher's claim in the 
 
 What is measured (`make bench`, or `.venv/bin/python bench/bench_queue_dispatch.py --help`):
 
-a. end to end: P producer threads create N tasks (`queues.services.task_create`); D dispatchers
-   (`queues.dispatcher.Dispatcher.serve`, woken by NOTIFY) turn each into a run and its first
-   turn; R no-op runners (threads: claim the pending run, finish it `completed`, as the local
-   launcher's runner would with the echo backend, minus the process) end the runs; the
-   dispatchers settle the tasks. From the first create to the last task completed.
-b. dispatch alone: N tasks already pending, D dispatchers, until every task runs.
+a. end to end: P producer processes create N tasks (`queues.services.task_create`); D
+   dispatcher processes (`queues.dispatcher.Dispatcher.serve`, woken by NOTIFY) turn each into a
+   run and its first turn; R no-op runner processes (claim the pending run, finish it
+   `completed`) end the runs; the dispatchers settle the tasks. From the first create to the
+   last task completed.
+b. dispatch alone: N tasks already pending, D dispatcher processes, until every task runs.
 a'. the baseline: N pending rows, D psycopg connections each claiming in a loop what the
    dispatcher claims: SELECT ... ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE SKIP
    LOCKED, UPDATE ... SET state = 'running', COMMIT. No run, no command, no Django.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -77,90 +76,122 @@ def raw_claims(db_url: str, queue: str, count: int, workers: int) -> float:
     return count / elapsed
 
 
-def agentrun_figures(count: int, producers: int, dispatchers: int, runners: int) -> tuple[float, float, float]:
+def _setup():
     import django
 
     django.setup()
-    from django.db import connection
 
+
+def _produce(ready, queue: str, indices: list[int]) -> None:
+    _setup()
     from queues import services
-    from queues.dispatcher import Dispatcher
-    from queues.models import QueueTask
-    from runs import services as run_services
-    from runs.models import Run
 
-    def make(queue: str, index: int) -> None:
+    ready.wait()
+    for index in indices:
         services.task_create(tenant_id=TENANT, project_id=PROJECT, queue=queue, lane="l", title=f"task {index}",
                              priority=index % 7, backend_profile="echo", payload={"prompt": f"task {index}"})
 
-    def in_threads(workers: int, work) -> list:
-        def one(index):
+
+def _drain(ready) -> None:
+    _setup()
+    from queues import services
+
+    ready.wait()
+    while services.dispatch_one() is not None:
+        pass
+
+
+def _serve(stop) -> None:
+    _setup()
+    from queues.dispatcher import Dispatcher
+
+    Dispatcher().serve(stop)
+
+
+def _run_noop(index: int, stop) -> None:
+    """A no-op runner: claim each pending run and finish it `completed` (what the local
+    launcher's runner does with a turn that takes no time, minus starting a process)."""
+    _setup()
+    from runs import services as run_services
+    from runs.models import Run
+
+    runner_id = f"noop-{index}"
+    while not stop.is_set():
+        pending = list(Run.objects.filter(status="pending").values_list("id", flat=True)[:20])
+        if not pending:
+            time.sleep(0.02)
+            continue
+        for run_id in pending:
             try:
-                return work(index)
-            finally:
-                connection.close()
+                run = run_services.run_claim(run_id=run_id, runner_id=runner_id, lease_ms=60_000)
+            except Exception:  # noqa: BLE001 - another runner won it
+                continue
+            run_services.run_finish(run_id=run_id, runner_id=runner_id, lease_epoch=run.lease_epoch,
+                                    terminal_status="completed")
 
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(one, range(workers)))
 
-    def wait_until(condition, stop_time: float) -> None:
-        while not condition():
-            if time.monotonic() > stop_time:
-                raise BenchmarkError("timed out waiting for the queue to drain")
-            time.sleep(0.01)
-        connection.close()
+def agentrun_figures(count: int, producers: int, dispatchers: int, runners: int) -> tuple[float, float, float]:
+    """Each producer, dispatcher and runner is a process of its own, as deployed (API clients,
+    worker replicas, runner pods), so no one interpreter lock bounds the figures."""
+    import multiprocessing
+
+    _setup()
+    from django.db import connection
+
+    from queues.models import QueueTask
+    from runs.models import Run
+
+    spawn = multiprocessing.get_context("spawn")
+
+    def run_all(targets) -> tuple[float, float]:
+        """Start the processes, let them set up, then time them from a common start:
+        (that start, on perf_counter, and the seconds until the last one ended)."""
+        ready = spawn.Barrier(len(targets) + 1)
+        processes = [spawn.Process(target=target, args=(ready, *args)) for target, args in targets]
+        for process in processes:
+            process.start()
+        ready.wait(timeout=120)
+        began = time.perf_counter()
+        for process in processes:
+            process.join(TIMEOUT_SECONDS)
+            if process.exitcode != 0:
+                raise BenchmarkError(f"a bench process failed (exit {process.exitcode})")
+        return began, time.perf_counter() - began
+
+    def split(queue: str):
+        return [(_produce, (queue, list(range(p, count, producers)))) for p in range(producers)]
 
     # b. dispatch alone
-    in_threads(producers, lambda p: [make("dispatch", i) for i in range(p, count, producers)])
-    began = time.perf_counter()
-
-    def drain(_):
-        while services.dispatch_one() is not None:
-            pass
-
-    in_threads(dispatchers, drain)
-    dispatch_rate = count / (time.perf_counter() - began)
+    run_all(split("dispatch"))
+    dispatch_rate = count / run_all([(_drain, ()) for _ in range(dispatchers)])[1]
     if QueueTask.objects.filter(queue="dispatch", state="running").count() != count:
         raise BenchmarkError("not every task was dispatched once")
     Run.objects.filter(status="pending").update(status="cancelled")  # out of the runners' way
     connection.close()
 
     # a. end to end
-    stop = threading.Event()
-    served = [threading.Thread(target=Dispatcher().serve, args=(stop,), daemon=True) for _ in range(dispatchers)]
-
-    def runner(index: int) -> None:
-        runner_id = f"noop-{index}"
-        try:
-            while not stop.is_set():
-                pending = list(Run.objects.filter(status="pending").values_list("id", flat=True)[:20])
-                if not pending:
-                    time.sleep(0.02)
-                    continue
-                for run_id in pending:
-                    try:
-                        run = run_services.run_claim(run_id=run_id, runner_id=runner_id, lease_ms=60_000)
-                    except Exception:  # noqa: BLE001 - another runner won it
-                        continue
-                    run_services.run_finish(run_id=run_id, runner_id=runner_id, lease_epoch=run.lease_epoch,
-                                            terminal_status="completed")
-        finally:
-            connection.close()
-
-    workers = [threading.Thread(target=runner, args=(i,), daemon=True) for i in range(runners)]
-    for thread in served + workers:
-        thread.start()
-    time.sleep(0.5)  # listening
-    began = time.perf_counter()
-    create_began = began
-    in_threads(producers, lambda p: [make("e2e", i) for i in range(p, count, producers)])
-    create_rate = count / (time.perf_counter() - create_began)
-    wait_until(lambda: QueueTask.objects.filter(queue="e2e", state="completed").count() == count,
-               time.monotonic() + TIMEOUT_SECONDS)
-    end_to_end = count / (time.perf_counter() - began)
-    stop.set()
-    for thread in served + workers:
-        thread.join(40)
+    stop = spawn.Event()
+    background = [spawn.Process(target=_serve, args=(stop,)) for _ in range(dispatchers)]
+    background += [spawn.Process(target=_run_noop, args=(i, stop)) for i in range(runners)]
+    for process in background:
+        process.start()
+    try:
+        time.sleep(5.0)  # started and listening
+        began, creating = run_all(split("e2e"))
+        create_rate = count / creating
+        deadline = time.monotonic() + TIMEOUT_SECONDS
+        while QueueTask.objects.filter(queue="e2e", state="completed").count() < count:
+            if time.monotonic() > deadline:
+                raise BenchmarkError("timed out waiting for the queue to drain")
+            time.sleep(0.02)
+        end_to_end = count / (time.perf_counter() - began)
+    finally:
+        stop.set()
+        for process in background:
+            process.join(45)
+            if process.is_alive():
+                process.kill()
+        connection.close()
     return end_to_end, dispatch_rate, create_rate
 
 
