@@ -21,6 +21,7 @@ from agentrun.auth import Scope
 from agentrun.clock import db_now
 from agentrun.errors import CANCELLED, SCHEMA_INVALID, AgentRunError, conflict, invalid, not_found
 from agentrun.ids import new_id, stable_hash
+from agentrun.readcursors import upsert_read_cursor
 from queues.models import QueueAttempt, QueueReadCursor, QueueTask, TaskState
 from runs import services as run_services
 from runs.models import RUN_TERMINAL, Run, RunStatus
@@ -189,16 +190,8 @@ def task_mark_read(*, task_id: str, reader_id: str, scope: Scope) -> QueueReadCu
     task = QueueTask.objects.filter(scope.q(), pk=task_id).only("version").first()
     if task is None:
         raise not_found("queue task", task_id)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO queues_queuereadcursor (task_id, reader_id, task_version, read_at) "
-            "VALUES (%s, %s, %s, statement_timestamp()) "
-            "ON CONFLICT (task_id, reader_id) DO UPDATE "
-            "SET task_version = EXCLUDED.task_version, read_at = EXCLUDED.read_at RETURNING task_version, read_at",
-            [task_id, reader_id, task.version],
-        )
-        version, read_at = cursor.fetchone()
-    return QueueReadCursor(task_id=task_id, reader_id=reader_id, task_version=version, read_at=read_at)
+    return upsert_read_cursor(QueueReadCursor, owner_field="task", version_field="task_version",
+                              owner_id=task_id, reader_id=reader_id, version=task.version)
 
 
 @transaction.atomic

@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from django.db import connection, transaction
+from django.db import transaction
 
 from agentrun import counters
 from agentrun.auth import Scope
 from agentrun.clock import db_now
 from agentrun.errors import SCHEMA_INVALID, TENANT_POLICY_DENIED, AgentRunError, conflict, invalid, not_found
 from agentrun.kube import KubeError
+from agentrun.readcursors import upsert_read_cursor
 from agentrun.wire import iso, parse_iso
 from sessions.models import ExecutionState, Session, SessionReadCursor, StorageKind
 
@@ -349,17 +350,8 @@ def session_mark_read(*, session_id: str, reader_id: str, scope: Scope) -> Sessi
     session = Session.objects.filter(scope.q(), pk=session_id).only("version").first()
     if session is None:
         raise not_found("session", session_id)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO agent_sessions_sessionreadcursor (session_id, reader_id, session_version, read_at) "
-            "VALUES (%s, %s, %s, statement_timestamp()) "
-            "ON CONFLICT (session_id, reader_id) DO UPDATE "
-            "SET session_version = EXCLUDED.session_version, read_at = EXCLUDED.read_at "
-            "RETURNING session_version, read_at",
-            [session_id, reader_id, session.version],
-        )
-        version, read_at = cursor.fetchone()
-    return SessionReadCursor(session_id=session_id, reader_id=reader_id, session_version=version, read_at=read_at)
+    return upsert_read_cursor(SessionReadCursor, owner_field="session", version_field="session_version",
+                              owner_id=session_id, reader_id=reader_id, version=session.version)
 
 
 STORAGE_FIELDS = (

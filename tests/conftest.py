@@ -106,6 +106,22 @@ def make_run(*, tenant=TENANT, project=PROJECT, backend="echo", session_id: str 
     return run
 
 
+def in_threads(count: int, work) -> list:
+    """work(i) in `count` threads at once, each closing its database connection; the results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    def one(index):
+        try:
+            return work(index)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(one, range(count)))
+
+
 def wait_for(condition, timeout=30.0, step=0.05) -> bool:
     """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
     import time

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
 
 from agentrun import kube
 from agentrun.clock import db_now
 from sessions import services
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT
+from tests.conftest import PROJECT, TENANT, in_threads
 
 NS = "agents"
 
@@ -141,19 +139,7 @@ def test_two_collectors_at_once_delete_each_pvc_once(fake_kube):
     for index, name in enumerate(names):
         make_session(name, expires_in=-timedelta(days=1), updated_ago=timedelta(minutes=60 - index))
         fake_kube.pvc(NS, f"pvc-{name}", delay=0.05)
-    results = []
-
-    def run():
-        try:
-            results.append(gc())
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    results = in_threads(2, lambda _: gc())
     assert [code for code, _, _ in results] == [0, 0]
     assert sorted(path for _, path in fake_kube.calls) == sorted(
         f"/api/v1/namespaces/{NS}/persistentvolumeclaims/pvc-{name}" for name in names

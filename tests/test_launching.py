@@ -3,17 +3,15 @@ pending run, never two for one run; dead launches are retried, then the run fail
 
 from __future__ import annotations
 
-import threading
 
 import pytest
-from django.db import connection
 
 from agentrun.launcher import Launched, Launcher, launcher_from_settings
 from agentrun.launcher.local import LocalLauncher
 from agentrun.models import ApiKey
 from runs import launching, services
 from runs.models import Run, RunEvent, RunnerJob
-from tests.conftest import make_run, wait_for
+from tests.conftest import in_threads, make_run, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -48,19 +46,7 @@ def test_the_local_launcher_runs_a_pending_run_to_its_end(local):
 def test_never_two_runners_for_one_run(local):
     run = make_run()
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "sleep: 2"})
-    results = []
-
-    def work():
-        try:
-            results.append(launching.launch_pending(local))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    results = in_threads(4, lambda _: launching.launch_pending(local))
     assert sum(results) == 1 and RunnerJob.objects.filter(run_id=run.id).count() == 1
     assert launching.launch_pending(local) == 0  # the runner is alive
     assert wait_for(lambda: Run.objects.get(pk=run.id).status == "completed")

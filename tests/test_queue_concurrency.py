@@ -5,16 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from django.db import connection
 
 from queues import services
 from queues.dispatcher import Dispatcher
 from queues.models import Queue, QueueAttempt, QueueTask, TenantLimit
 from runs.models import Run
-from tests.conftest import PROJECT, TENANT, wait_for
+from tests.conftest import PROJECT, TENANT, in_threads, wait_for
 from tests.queue_helpers import finish_run, make_task, settle_all
 from tests.test_concurrency import race
 
@@ -34,17 +32,6 @@ def bulk_tasks(count, queue="bulk", tenant=TENANT, **fields):
                   created_at=at, updated_at=at, **fields)
         for i in range(count)
     ])
-
-
-def in_threads(count, work):
-    def one(index):
-        try:
-            return work(index)
-        finally:
-            connection.close()
-
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        return list(pool.map(one, range(count)))
 
 
 def drain(_index):
