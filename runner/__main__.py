@@ -44,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         idle_seconds=args.idle_seconds, grace_seconds=args.grace_seconds)
 
         def shut_down(signum, frame):
-            # Stop the agent (its own process group) and leave the run to its lease: another
-            # runner, or the reaper, takes it from there.
-            runner.stop.set()
-            runner.shut_down = True
+            runner.leave()
             client.retries = 1  # the manager may be going away too: do not linger on retries
 
         signal.signal(signal.SIGTERM, shut_down)

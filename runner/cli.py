@@ -71,8 +71,41 @@ class Out:
             self.line(f"{seq} {self.paint('== ' + str(status), style)}{detail}")
         elif kind == "usage":
             self.line(f"{seq} {self.paint('usage ' + json.dumps(payload), 'dim')}")
+        elif kind == "backend_status" and payload.get("phase") == "event-rejected":
+            # The runner could not deliver an event and sent this instead: say what was lost.
+            size, what = payload.get("bytes"), str(payload.get("eventType"))
+            if isinstance(size, int) and not isinstance(size, bool):
+                what += f" of {size_text(size)}"
+            self.line(f"{seq} " + self.paint(f"event rejected: {what} ({payload.get('errorKind')})", "yellow"))
+            if payload.get("message"):
+                self.line("     " + self.paint(f"HTTP {payload.get('status')}: {payload['message']}", "dim"))
         else:
             self.line(f"{seq} {self.paint(str(payload.get('phase') or kind), 'dim')}")
+        for note in notes(payload):
+            self.line(f"     {self.paint(note, 'yellow')}")
+
+
+def size_text(size: int) -> str:
+    """A byte count for people: 1.5 MB, 262.1 kB, 900 bytes (decimal units, as `ls -h --si`)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def notes(payload: dict) -> list[str]:
+    """What was done to an event's payload on its way, said plainly: shortened by the runner to
+    the API's size limit, text the database cannot store replaced, secrets redacted."""
+    said = []
+    cut = payload.get("truncatedBytes")
+    if isinstance(cut, int) and not isinstance(cut, bool) and cut > 0:
+        said.append(f"(output truncated: {cut:,} bytes cut)")
+    for key, what in (("sanitizedPaths", "characters the database cannot store replaced with U+FFFD"),
+                      ("redactedPaths", "secrets redacted")):
+        paths = payload.get(key)
+        if isinstance(paths, list) and paths:
+            said.append(f"({what} in {', '.join(str(path) for path in paths)})")
+    return said
 
 
 def follow(client: AgentRunClient, out: Out, run_id: str, after_seq: int = 0, command_id: str | None = None) -> int:

@@ -1,8 +1,13 @@
 """The agentrun client SDK: every client and runner call of the v1 API, over httpx.
 
-Transient failures (connection errors, 502, 503, 504) are retried with exponential backoff.
-Every call retried is safe to repeat: runs and commands carry idempotency keys, event batches
-a batch key, and the runner calls return the record unchanged once it is terminal.
+Transient failures (connection errors, timeouts, 502, 503, 504) are retried with exponential
+backoff and jitter: `retries` times, or, while `retry_while` says so, for as long as it takes (a
+runner holding a lease waits out an outage rather than dropping the run). Every call retried is
+safe to repeat: runs and commands carry idempotency keys, event batches a batch key, and the
+runner calls return the record unchanged once it is terminal.
+
+Bodies are encoded by runner.payloads.json_bytes, not by httpx: text with a lone surrogate (which
+agents can print) cannot be UTF-8, and httpx would fail on it rather than send it escaped.
 """
 
 from __future__ import annotations
@@ -10,12 +15,27 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 
+from runner.payloads import json_bytes
+
 RETRY_STATUSES = {502, 503, 504}
 DEFAULT_TIMEOUT = 40.0  # above the longest long-poll (30 s)
+
+
+class Backoff:
+    """Delays for retries: from `first` seconds, doubling to `cap`, each drawn at random from
+    the upper half of its step so that runners retrying together spread out."""
+
+    def __init__(self, first: float = 0.2, cap: float = 10.0):
+        self.step, self.cap = first, cap
+
+    def next(self) -> float:
+        delay = random.uniform(self.step / 2, self.step)
+        self.step = min(self.step * 2, self.cap)
+        return delay
 
 
 class ApiError(Exception):
@@ -37,6 +57,7 @@ class AgentRunClient:
         if not self.base_url.endswith("/api/v1"):
             self.base_url += "/api/v1"
         self.retries = retries
+        self.retry_while: Callable[[], bool] | None = None
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
                                  headers={"Authorization": f"Bearer {key}"})
 
@@ -49,20 +70,33 @@ class AgentRunClient:
     def __exit__(self, *exc):
         self.close()
 
-    def request(self, method: str, path: str, *, json=None, params=None) -> dict:
-        delay = 0.2
-        for attempt in range(self.retries + 1):
+    def request(self, method: str, path: str, *, json=None, params=None, content: bytes | None = None,
+                retry: bool = True) -> dict:
+        """The answer's JSON, or ApiError. `content` is a body already encoded (JSON); with
+        `retry=False`, one attempt, whose transport error is raised as it is."""
+        if json is not None:
+            content = json_bytes(json)
+        headers = {"Content-Type": "application/json"} if content is not None else None
+        backoff = Backoff()
+        attempt = 0
+        while True:
             try:
-                response = self.http.request(method, path, json=json, params=params)
+                response = self.http.request(method, path, content=content, params=params, headers=headers)
             except httpx.TransportError:
-                if attempt == self.retries:
+                if not self._again(retry, attempt):
                     raise
             else:
-                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                if response.status_code not in RETRY_STATUSES or not self._again(retry, attempt):
                     return self._body(response)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
+            attempt += 1
+            time.sleep(backoff.next())
+
+    def _again(self, retry: bool, attempt: int) -> bool:
+        if not retry:
+            return False
+        if self.retry_while is not None and self.retry_while():
+            return True
+        return attempt < self.retries
 
     @staticmethod
     def _body(response: httpx.Response) -> dict:
@@ -128,11 +162,13 @@ class AgentRunClient:
     def claim(self, run_id: str, runner_id: str, lease_ms: int) -> dict:
         return self.request("POST", f"/runs/{run_id}/claim", json={"runnerId": runner_id, "leaseMs": lease_ms})
 
-    def heartbeat(self, run_id: str, runner_id: str, lease_epoch: int, lease_ms: int) -> dict:
-        return self.request("POST", f"/runs/{run_id}/heartbeat",
+    def heartbeat(self, run_id: str, runner_id: str, lease_epoch: int, lease_ms: int, *, retry: bool = True) -> dict:
+        return self.request("POST", f"/runs/{run_id}/heartbeat", retry=retry,
                             json={"runnerId": runner_id, "leaseEpoch": lease_epoch, "leaseMs": lease_ms})
 
     def append_events(self, run_id: str, runner_id: str, lease_epoch: int, events: list[dict], batch_key: str) -> dict:
+        """One batch as given. The runner sends through runner.sink, which shapes and splits batches
+        to the API's limits."""
         return self.request("POST", f"/runs/{run_id}/events", json={
             "runnerId": runner_id, "leaseEpoch": lease_epoch, "batchKey": batch_key, "events": events})
 

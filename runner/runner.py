@@ -7,8 +7,10 @@ events back, and finishes the run.
 - The run's own event stream is the control channel: `command-created` brings commands,
   `cancel-requested` / `terminal_status` end the run, a `command-terminal` that cancels the
   turn in progress stops it. The backend's process group is killed within the grace period.
-- Events go out in batches: at most every 100 ms or 50 events, each batch with a key derived
-  from the runner, the epoch and a counter, so a retried batch is never appended twice.
+- Events go out in batches (runner.sink): every 100 ms or 50 events, split to the API's
+  limits, each under a key that a retry reuses and no other batch has. Oversized payloads are
+  shortened, refused events replaced by an `event-rejected` notice, and while the lease is held
+  an outage is waited out: the runner's calls, and the lease renewal, retry until it ends.
 - After its last turn the runner waits `idle_seconds` for another command, then finishes the
   run with the last turn's result.
 """
@@ -21,81 +23,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import httpx
+
 from runner.backends import AgentProcess, Backend, TurnResult, backend_for
-from runner.client import AgentRunClient, ApiError
+from runner.client import AgentRunClient, ApiError, Backoff
+from runner.sink import SERVER_ERROR_ATTEMPTS, EventSink, LeaseLost
 
 logger = logging.getLogger("agentrun.runner")
-BATCH_EVENTS = 50
-BATCH_SECONDS = 0.1
 OPEN = ("pending", "acknowledged")
 
-
-class LeaseLost(Exception):
-    """Another runner holds the run now."""
-
-
-class EventSink:
-    """Buffers events and sends them in batches from one thread, in order."""
-
-    def __init__(self, runner: Runner):
-        self.runner = runner
-        self.buffer: list[dict] = []
-        self.lock = threading.Lock()
-        self.sending = threading.Lock()
-        self.wake = threading.Event()
-        self.closed = threading.Event()
-        self.batches = 0
-        self.thread = threading.Thread(target=self._loop, name="events", daemon=True)
-        self.thread.start()
-
-    def emit(self, event_type: str, payload: dict) -> None:
-        with self.lock:
-            self.buffer.append({"type": event_type, "payload": payload})
-            if len(self.buffer) >= BATCH_EVENTS:
-                self.wake.set()
-
-    def _loop(self) -> None:
-        while not self.closed.is_set():
-            self.wake.wait(BATCH_SECONDS)
-            self.wake.clear()
-            try:
-                self.flush()
-            except LeaseLost:
-                self.runner.lose_lease()
-            except Exception:  # noqa: BLE001 - kept in the buffer; the next flush retries
-                logger.warning("sending events failed; will retry", exc_info=True)
-                time.sleep(1.0)
-
-    def flush(self) -> None:
-        with self.sending:
-            while True:
-                with self.lock:
-                    batch, self.buffer = self.buffer[:BATCH_EVENTS], self.buffer[BATCH_EVENTS:]
-                if not batch:
-                    return
-                key = f"{self.runner.runner_id}:{self.runner.epoch}:{self.batches}"
-                try:
-                    self.runner.client.append_events(self.runner.run_id, self.runner.runner_id, self.runner.epoch,
-                                                     batch, key)
-                except ApiError as error:
-                    if error.lease_lost:
-                        raise LeaseLost from None
-                    if error.status >= 500:
-                        with self.lock:
-                            self.buffer[:0] = batch
-                        raise
-                    logger.error("the manager refused a batch of %d events: %s", len(batch), error)
-                except Exception:
-                    with self.lock:
-                        self.buffer[:0] = batch
-                    raise
-                self.batches += 1
-
-    def close(self) -> None:
-        self.closed.set()
-        self.wake.set()
-        self.thread.join(timeout=10)
-        self.flush()
+__all__ = ["EventSink", "LeaseLost", "Runner"]
 
 
 @dataclass
@@ -111,12 +48,13 @@ class Runner:
     def __init__(self, client: AgentRunClient, run_id: str, *, runner_id: str | None = None,
                  lease_ms: int = 60_000, workdir: str = ".", idle_seconds: float = 10.0,
                  first_command_seconds: float = 600.0, grace_seconds: float = 5.0,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, server_error_attempts: int = SERVER_ERROR_ATTEMPTS):
         self.client, self.run_id = client, run_id
         self.runner_id = runner_id or f"runner-{uuid.uuid4().hex[:12]}"
         self.lease_ms, self.workdir = lease_ms, workdir
         self.idle_seconds, self.first_command_seconds, self.grace_seconds = idle_seconds, first_command_seconds, grace_seconds
         self.backend = backend
+        self.server_error_attempts = server_error_attempts
         self.epoch = 0
         self.stop = threading.Event()
         self.lost = threading.Event()
@@ -127,15 +65,30 @@ class Runner:
         self.last_result: TurnResult | None = None
         self.command_seq = 0
         self.shut_down = False  # a signal asked the runner to stop; the run is left to its lease
+        self.events: EventSink | None = None
 
     # --- state shared with the threads ------------------------------------------------------
+
+    def holding(self) -> bool:
+        """Whether the lease is still ours to use: not lost, and no signal asked us to leave."""
+        return not self.lost.is_set() and not self.shut_down
 
     def lose_lease(self) -> None:
         if not self.lost.is_set():
             logger.warning("run %s: lease lost to another runner; stopping", self.run_id)
         self.lost.set()
         self.stop.set()
+        if self.events is not None:
+            self.events.interrupt()
         self._cancel_turn()
+
+    def leave(self) -> None:
+        """A signal asked the runner to stop: stop the agent (its own process group) and leave the
+        run to its lease; another runner, or the reaper, takes it from there."""
+        self.shut_down = True
+        self.stop.set()
+        if self.events is not None:
+            self.events.interrupt()
 
     def _cancel_turn(self) -> None:
         turn = self.turn
@@ -154,13 +107,20 @@ class Runner:
             self.backend = backend_for(run["backendProfile"])
         logger.info("run %s claimed by %s (epoch %d, backend %s)", self.run_id, self.runner_id, self.epoch,
                     self.backend.profile)
-        self.events = EventSink(self)
+        self.events = EventSink(self.client, run_id=self.run_id, runner_id=self.runner_id, lease_epoch=self.epoch,
+                                holding=self.holding, lease_lost=self.lose_lease,
+                                server_error_attempts=self.server_error_attempts)
+        retry_while, self.client.retry_while = self.client.retry_while, self.holding
         heartbeat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         heartbeat.start()
         try:
             self._loop()
         except LeaseLost:
             self.lose_lease()
+        except (ApiError, httpx.TransportError):
+            if self.holding():
+                raise
+            # A call that gave up because the lease was lost meanwhile, or we are leaving.
         finally:
             self.stop.set()
             self._cancel_turn()
@@ -169,27 +129,35 @@ class Runner:
             if not self.lost.is_set():
                 try:
                     self.events.close()  # a late flush is allowed with our epoch
-                except (LeaseLost, ApiError):
+                except LeaseLost:
                     pass
+            self.client.retry_while = retry_while
             heartbeat.join(timeout=2)
         if self.lost.is_set():
             return 3
         return 143 if self.shut_down else 0
 
     def _heartbeats(self) -> None:
+        """Renew the lease every third of it, whatever else is going on: this thread shares no
+        lock with the event sender, and a failed renewal is tried again soon (with backoff, never
+        later than the next renewal is due) rather than waiting inside the failing call."""
         interval = max(self.lease_ms / 3000.0, 0.2)
-        while not self.stop.wait(interval):
+        wait, backoff = interval, Backoff()
+        while not self.stop.wait(wait):
             try:
-                run = self.client.heartbeat(self.run_id, self.runner_id, self.epoch, self.lease_ms)
+                run = self.client.heartbeat(self.run_id, self.runner_id, self.epoch, self.lease_ms, retry=False)
             except ApiError as error:
                 if error.lease_lost:
                     self.lose_lease()
                     return
                 logger.warning("heartbeat failed: %s", error)
+                wait = min(interval, backoff.next())
                 continue
             except Exception:  # noqa: BLE001 - the lease has slack; try again
                 logger.warning("heartbeat failed", exc_info=True)
+                wait = min(interval, backoff.next())
                 continue
+            wait, backoff = interval, Backoff()
             if run["status"] not in ("pending", "claimed"):
                 self._ended_elsewhere()
                 return
@@ -293,7 +261,8 @@ class Runner:
         result = turn.result
         if result.thread_id:
             self.thread_id = result.thread_id
-        self.events.flush()
+        if not self.events.flush():
+            return  # the lease is lost or we are leaving: the turn's end is not ours to record
         self._finish_command(turn.command, result)
         self.last_result = result
 
@@ -308,7 +277,8 @@ class Runner:
             raise
 
     def _finish_run(self) -> None:
-        self.events.flush()
+        if not self.events.flush():
+            return
         result = self.last_result or TurnResult("failed", "agent-failed", "no command arrived")
         try:
             self.client.finish_run(self.run_id, self.runner_id, self.epoch, terminalStatus=result.terminal_status,

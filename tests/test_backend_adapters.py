@@ -1,15 +1,18 @@
 """The Codex and Claude Code adapters on real captures of the CLIs (tests/fixtures, copied from
-the shared agent-cli-formats), replayed line by line."""
+the shared agent-cli-formats), replayed line by line; and every adapter on hostile output."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from runner.backends.base import AgentProcess
 from runner.backends.claude import ClaudeParser, patch_from
 from runner.backends.codex import CodexParser, failure_kind_for
+from runner.backends.echo import EchoBackend, EchoParser
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -177,3 +180,74 @@ def test_patch_from_structured_patch():
     patch = patch_from("f.py", [{"oldStart": 1, "oldLines": 1, "newStart": 1, "newLines": 1, "lines": ["-a", "+b"]}])
     assert patch == "--- a/f.py\n+++ b/f.py\n@@ -1,1 +1,1 @@\n-a\n+b\n"
     assert patch_from("f.py", None) is None
+
+
+# --- hostile output -------------------------------------------------------------------------------
+# An agent's stdout is bytes: invalid UTF-8 (a tool's binary output, a character cut in two) and
+# NULs must reach the parser as text, and one line a parser cannot read must not end the turn.
+
+
+def run_agent(parser, tmp_path, stdout: bytes, stderr: bytes = b"", exit_code: int = 0):
+    """A fake agent printing `stdout` and `stderr` as raw bytes, run as a backend runs its CLI."""
+    script = (f"import sys; sys.stdout.buffer.write({stdout!r}); sys.stderr.buffer.write({stderr!r}); "
+              f"sys.exit({exit_code})")
+    events = []
+    process = AgentProcess([sys.executable, "-c", script], cwd=str(tmp_path), env={}, parser=parser,
+                           emit=lambda kind, payload: events.append((kind, payload)))
+    return events, process.wait()
+
+
+def test_codex_output_with_invalid_utf8_and_nul_is_read_with_replacement(tmp_path):
+    stdout = b"\n".join([
+        b'{"type":"thread.started","thread_id":"t-1"}',
+        b"\xff\xfe not a JSON line",
+        b'{"type":"item.completed","item":{"id":"i1","type":"command_execution","command":"cat bin",'
+        b'"aggregated_output":"ok \xff\xfe\\u0000 end","exit_code":0,"status":"completed"}}',
+        b'{"type":"item.completed","item":{"id":"i2","type":"agent_message","text":"caf\xc3"}}',
+        b'{"type":"turn.completed","usage":{"input_tokens":1}}',
+    ]) + b"\n"
+    events, result = run_agent(CodexParser(), tmp_path, stdout, stderr=b"warn \xff\n")
+    assert result.terminal_status == "completed" and result.thread_id == "t-1"
+    [output] = of_type(events, "command_output")
+    assert output["output"] == "ok \ufffd\ufffd\x00 end"
+    assert of_type(events, "assistant_message") == [{"text": "caf\ufffd"}]
+
+
+def test_claude_output_with_invalid_utf8_and_nul_is_read_with_replacement(tmp_path):
+    stdout = b"\n".join([
+        b'{"type":"system","subtype":"init","session_id":"s-1"}',
+        b'{"type":"assistant","message":{"id":"m1","content":[{"type":"tool_use","id":"tu1","name":"Bash",'
+        b'"input":{"command":"cat bin"}}]}}',
+        b'{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"tu1",'
+        b'"content":"a\xffb\\u0000c"}]}}',
+        b'{"type":"assistant","message":{"id":"m2","content":["not a block"]}}',  # unreadable: skipped
+        b'{"type":"assistant","message":{"id":"m3","content":[{"type":"text","text":"done \xe2\x82"}]}}',
+        b'{"type":"result","subtype":"success","is_error":false,"usage":{}}',
+    ]) + b"\n"
+    events, result = run_agent(ClaudeParser(), tmp_path, stdout)
+    assert result.terminal_status == "completed" and result.thread_id == "s-1"
+    [output] = of_type(events, "command_output")
+    assert output == {"command": "cat bin", "output": "a\ufffdb\x00c", "isError": False}
+    assert [m["text"] for m in of_type(events, "assistant_message")] == ["done \ufffd"]
+
+
+def test_echo_output_with_invalid_utf8_and_nul_is_read_with_replacement(tmp_path):
+    stdout = (b'{"type":"thread","id":"e-1"}\n{"type":"output","command":"x","output":"a\xffb\\u0000","exitCode":0}\n'
+              b'{"type":"done"}\n')
+    events, result = run_agent(EchoParser(), tmp_path, stdout, stderr=b"\xc3\x28\n", exit_code=0)
+    assert result.terminal_status == "completed"
+    assert of_type(events, "command_output") == [{"command": "x", "output": "a\ufffdb\x00", "exitCode": 0}]
+
+
+def test_an_agent_that_dies_printing_invalid_utf8_fails_the_turn_with_its_stderr(tmp_path):
+    _, result = run_agent(CodexParser(), tmp_path, b"", stderr=b"fatal: \xff\xfe bad\n", exit_code=2)
+    assert (result.terminal_status, result.failure_kind) == ("failed", "backend-unavailable")
+    assert "fatal: \ufffd\ufffd bad" in result.message
+
+
+def test_the_echo_backend_carries_nul_and_invalid_utf8_from_a_command(tmp_path):
+    events = []
+    process = EchoBackend().start(prompt="run: printf 'a\\000b \\377 c'", thread_id=None, workdir=str(tmp_path),
+                                  emit=lambda kind, payload: events.append((kind, payload)))
+    assert process.wait().terminal_status == "completed"
+    assert [p["output"] for p in of_type(events, "command_output")] == ["a\x00b \ufffd c"]

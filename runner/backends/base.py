@@ -1,9 +1,15 @@
 """What every backend shares: a turn's result, and the agent child process (its own process
-group, JSON lines on stdout, a tail of stderr, a cancel that kills the whole group)."""
+group, JSON lines on stdout, a tail of stderr, a cancel that kills the whole group).
+
+An agent's output is read as UTF-8 with errors replaced (U+FFFD): a tool that prints bytes of
+another encoding, or cuts a character in two, must not end the turn. NUL and any other text go
+through as they are; the manager stores what PostgreSQL cannot hold as U+FFFD.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 Emit = Callable[[str, dict], None]
+logger = logging.getLogger("agentrun.runner")
 
 
 @dataclass
@@ -71,7 +78,8 @@ class AgentProcess:
         self._stderr: deque[str] = deque(maxlen=20)
         self.process = subprocess.Popen(
             argv, cwd=cwd, env={**os.environ, **env}, stdin=subprocess.PIPE if steerable else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace", bufsize=1,
+            start_new_session=True,
         )
         self._stderr_thread = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_thread.start()
@@ -94,9 +102,15 @@ class AgentProcess:
                 record = json.loads(line)
             except ValueError:
                 continue  # not a JSON line: agents may print other things
-            if isinstance(record, dict):
-                for event_type, payload in self.parser.feed(record):
-                    self.emit(event_type, payload)
+            if not isinstance(record, dict):
+                continue
+            try:
+                events = self.parser.feed(record)
+            except Exception:  # noqa: BLE001 - one line the parser cannot read must not end the turn
+                logger.warning("skipped an agent line the parser could not read: %.200s", line, exc_info=True)
+                continue
+            for event_type, payload in events:
+                self.emit(event_type, payload)
         exit_code = self.process.wait()
         self._stderr_thread.join(timeout=5)
         return self.parser.finish(exit_code=exit_code, cancelled=self.cancelled.is_set(),

@@ -49,7 +49,8 @@ def main() -> int:
         word, _, rest = line.partition(":")
         word, rest = word.strip().lower(), rest.strip()
         if word == "run" and rest:
-            done = subprocess.run(rest, shell=True, capture_output=True, text=True)
+            # Command output is whatever the command printed: invalid UTF-8 is replaced, not fatal.
+            done = subprocess.run(rest, shell=True, capture_output=True, encoding="utf-8", errors="replace")
             say({"type": "output", "command": rest, "output": done.stdout + done.stderr, "exitCode": done.returncode})
         elif word == "edit" and rest:
             path = Path(rest)
