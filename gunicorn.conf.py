@@ -10,6 +10,9 @@ threads = int(os.environ.get("AGENTRUN_WEB_THREADS", "64"))
 timeout = 60
 graceful_timeout = 10
 keepalive = 5
+# Request lines up to 8 KiB reach the API (long query strings: ids, reader ids, tokens); the
+# API answers an over-long parameter in its own envelope.
+limit_request_line = 8190
 accesslog = os.environ.get("AGENTRUN_ACCESS_LOG") or None
 wsgi_app = "agentrun.wsgi:application"
 

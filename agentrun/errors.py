@@ -9,7 +9,7 @@ import logging
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
-from django.db import InterfaceError, OperationalError
+from django.db import DatabaseError, DataError, InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
@@ -57,8 +57,12 @@ def infra_failed(message: str, **details) -> AgentRunError:
 
 
 def _is_database_outage(exc: BaseException) -> bool:
+    """The database is down, unreachable, shutting down or out of resources: not a conflict."""
     if isinstance(exc, (OperationalError, InterfaceError)):
-        return True
+        from agentrun.transactions import sqlstate
+
+        state = sqlstate(exc)
+        return state is None or state[:2] in ("08", "53", "57", "58", "XX")
     try:
         from psycopg_pool import PoolTimeout
     except ImportError:  # pragma: no cover - the pool is a pinned dependency
@@ -97,6 +101,23 @@ def to_agentrun_error(exc: BaseException) -> AgentRunError | None:
         return AgentRunError(SCHEMA_INVALID, "bad request", status=400)
     if _is_database_outage(exc):
         return AgentRunError(INFRA_FAILED, "the database is unavailable", status=503)
+    if isinstance(exc, DatabaseError):
+        return _database_refusal(exc)
+    return None
+
+
+def _database_refusal(exc: DatabaseError) -> AgentRunError | None:
+    """What the database refused of a request that got past validation: a race lost every time
+    it was retried is a 409 to retry; a value out of a column's range is the client's 400."""
+    from agentrun.transactions import ABORTED, sqlstate
+
+    state = sqlstate(exc) or ""
+    if state in ABORTED:
+        return AgentRunError(SCHEMA_INVALID, "a concurrent write conflicted with this one every time it was retried; "
+                             "retry it", status=409, details={"retryable": True})
+    if isinstance(exc, DataError) or state.startswith("22"):
+        logger.warning("the database refused a value: %s", exc)
+        return AgentRunError(SCHEMA_INVALID, "a value is out of range for what it is stored in", status=400)
     return None
 
 

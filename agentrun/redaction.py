@@ -1,10 +1,13 @@
 """Secret redaction for event payloads: values under secret-named keys and secret-looking
-substrings become "[REDACTED]", and the JSON Pointers of what changed go in `redactedPaths`."""
+substrings become "[REDACTED]", and the JSON Pointers of what changed go in `redactedPaths`.
+The same walk stores unstorable text as U+FFFD and lists those strings in `sanitizedPaths`."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+from agentrun.text import UNSTORABLE, SanitizedStr, clean, sanitize_json
 
 REDACTED = "[REDACTED]"
 
@@ -69,9 +72,12 @@ def _pointer(path: tuple[Any, ...]) -> str:
     return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
 
 
-def _find_replacements(payload: dict) -> list[tuple[tuple[Any, ...], Any]]:
-    """Walk the payload (iteratively, no recursion limit) and list (path, new value) pairs."""
-    found: list[tuple[tuple[Any, ...], Any]] = []
+def _find_replacements(payload: dict) -> tuple[list[tuple[tuple[Any, ...], Any, bool]], list[tuple[Any, ...]]]:
+    """Walk the payload (iteratively, no recursion limit) and list (path, new value, redacted?), and
+    the paths of strings whose unstorable text was (or is now) replaced. A key with unstorable
+    text that the parser did not clean yet: the payload is cleaned first (in place)."""
+    found: list[tuple[tuple[Any, ...], Any, bool]] = []
+    sanitized: list[tuple[Any, ...]] = []
     stack: list[tuple[tuple[Any, ...], Any]] = [((), payload)]
     while stack:
         path, node = stack.pop()
@@ -79,34 +85,51 @@ def _find_replacements(payload: dict) -> list[tuple[tuple[Any, ...], Any]]:
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, value in items:
             child_path = path + (key,)
-            if isinstance(key, str) and is_secret_key(key):
-                # Already redacted values count as unchanged, so redact() is idempotent.
-                if value != REDACTED:
-                    found.append((child_path, REDACTED))
-            elif isinstance(value, str):
+            if isinstance(key, str):
+                if isinstance(key, SanitizedStr):
+                    sanitized.append(child_path)
+                elif UNSTORABLE.search(key):
+                    return _find_replacements(sanitize_json(payload))
+                if is_secret_key(key):
+                    # Already redacted values count as unchanged, so redact() is idempotent.
+                    if value != REDACTED:
+                        found.append((child_path, REDACTED, True))
+                    continue
+            if isinstance(value, str):
+                if isinstance(value, SanitizedStr):
+                    sanitized.append(child_path)
+                elif UNSTORABLE.search(value):
+                    value = clean(value)
+                    sanitized.append(child_path)
+                    found.append((child_path, value, False))
                 new_value, changed = redact_text(value)
                 if changed:
-                    found.append((child_path, new_value))
+                    found.append((child_path, new_value, True))
             elif isinstance(value, (dict, list)):
                 stack.append((child_path, value))
-    return found
+    return found, sanitized
 
 
-def redact(payload: dict) -> dict:
-    """Return a redacted copy of `payload`; the input is never mutated.
+def redact(payload: dict, *, list_sanitized: bool = True) -> dict:
+    """Return a redacted copy of `payload` with its unstorable text replaced; the input is not
+    mutated (unless it holds keys with unstorable text, which are cleaned in place).
 
     Containers on the way to a replaced value are copied; untouched nested containers are
-    shared with the input. Adds a sorted `redactedPaths` list only when something changed.
+    shared with the input. Adds a sorted `redactedPaths` list only when something was redacted,
+    and `sanitizedPaths` (unless `list_sanitized` is false: server-emitted events carry exactly
+    their own keys) only when text was replaced.
     """
+    replacements, sanitized = _find_replacements(payload)
     result = dict(payload)
-    replacements = _find_replacements(payload)
-    if not replacements:
+    if not replacements and not sanitized:
         return result
 
     # Copy each container on the way to a replaced value once (keyed by the original's id,
     # which stays valid because `payload` keeps every original alive), then assign into it.
+    # A string both cleaned and redacted has two replacements; the later one (redacted) wins.
     copies: dict[int, Any] = {id(payload): result}
-    for path, new_value in replacements:
+    redacted = set()
+    for path, new_value, is_redaction in replacements:
         original, node = payload, result
         for key in path[:-1]:
             original = original[key]
@@ -117,6 +140,11 @@ def redact(payload: dict) -> dict:
             node[key] = clone
             node = clone
         node[path[-1]] = new_value
+        if is_redaction:
+            redacted.add(_pointer(path))
 
-    result["redactedPaths"] = sorted({_pointer(path) for path, _ in replacements})
+    if redacted:
+        result["redactedPaths"] = sorted(redacted)
+    if sanitized and list_sanitized:
+        result["sanitizedPaths"] = sorted({_pointer(path) for path in sanitized})
     return result

@@ -33,7 +33,10 @@ def parse_iso(value, *, field: str) -> datetime | None:
         raise invalid(f"{field} must be an ISO-8601 timestamp", field=field) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # year 1 minus an offset, or year 9999 plus one
+        raise invalid(f"{field} is out of range", field=field) from None
 
 
 def query_int(params, name: str, *, default: int, minimum: int, maximum: int | None = None) -> int:

@@ -41,7 +41,7 @@ class QueueTask(models.Model):
     version = models.BigIntegerField()
     payload_hash = models.CharField(max_length=64)
     latest_attempt = models.JSONField(null=True, blank=True)
-    session_path = models.CharField(max_length=1000, null=True, blank=True)
+    session_path = models.TextField(null=True, blank=True)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
     cancelled_at = models.DateTimeField(null=True, blank=True)

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from agentrun.fields import JSONObjectField, StrictCharField, StrictIntegerField
+from agentrun.fields import IdentifierField, JSONObjectField, StrictCharField, StrictIntegerField
 from agentrun.wire import iso
 from queues.models import TASK_ACTIVE, TaskState
 from runs.serializers import validate_execution_policy
 
 
 class TaskCreateIn(serializers.Serializer):
-    tenantId = StrictCharField(required=False, allow_null=True, max_length=200)
-    projectId = StrictCharField(required=False, allow_null=True, max_length=200)
-    queue = StrictCharField(max_length=200)
-    lane = StrictCharField(required=False, default="default", max_length=200)
+    tenantId = IdentifierField(required=False, allow_null=True, max_length=200)
+    projectId = IdentifierField(required=False, allow_null=True, max_length=200)
+    queue = IdentifierField(max_length=200)
+    lane = IdentifierField(required=False, default="default", max_length=200)
     title = StrictCharField(required=False, default="", allow_blank=True, max_length=500)
     priority = StrictIntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
-    backendProfile = StrictCharField(max_length=32)
-    providerId = StrictCharField(required=False, allow_null=True, max_length=200)
+    backendProfile = IdentifierField(max_length=32)
+    providerId = IdentifierField(required=False, allow_null=True, max_length=200)
     workspaceRef = serializers.JSONField(required=False, allow_null=True)
     sessionRef = JSONObjectField(required=False, allow_null=True)
     executionPolicy = JSONObjectField(required=False, allow_null=True)
@@ -26,7 +26,7 @@ class TaskCreateIn(serializers.Serializer):
     payload = JSONObjectField(required=False, allow_null=True)
     references = serializers.JSONField(required=False, allow_null=True)
     metadata = JSONObjectField(required=False, allow_null=True)
-    idempotencyKey = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
+    idempotencyKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=200)
 
     def validate_executionPolicy(self, value):
         return validate_execution_policy(value)
@@ -35,11 +35,11 @@ class TaskCreateIn(serializers.Serializer):
 class AttemptIn(serializers.Serializer):
     state = serializers.ChoiceField(choices=TaskState.values)
     latestAttempt = JSONObjectField(allow_null=True)
-    sessionPath = StrictCharField(required=False, allow_null=True, max_length=1000)
+    sessionPath = StrictCharField(required=False, allow_null=True, max_length=4000)
 
 
 class TaskReadIn(serializers.Serializer):
-    readerId = StrictCharField(max_length=200)
+    readerId = IdentifierField(max_length=200)
 
 
 class TaskCancelIn(serializers.Serializer):

@@ -22,6 +22,7 @@ from agentrun.clock import db_now
 from agentrun.errors import CANCELLED, SCHEMA_INVALID, AgentRunError, conflict, invalid, not_found
 from agentrun.ids import new_id, stable_hash
 from agentrun.readcursors import upsert_read_cursor
+from agentrun.transactions import write_transaction
 from queues.models import QueueAttempt, QueueReadCursor, QueueTask, TaskState
 from runs import services as run_services
 from runs.models import RUN_TERMINAL, Run, RunStatus
@@ -125,7 +126,7 @@ def _task_replay(values: dict, idempotency_key: str, payload_hash: str) -> Queue
     return existing
 
 
-@transaction.atomic
+@write_transaction
 def task_attempt_update(
     *, task_id: str, state: str, latest_attempt: dict | None, session_path: str | None, scope: Scope = UNRESTRICTED
 ) -> QueueTask:
@@ -144,7 +145,7 @@ def task_attempt_update(
     return task
 
 
-@transaction.atomic
+@write_transaction
 def task_cancel(*, task_id: str, reason: str | None = None, scope: Scope = UNRESTRICTED) -> QueueTask:
     """Cancel a task and, in the same transaction, its attempt's run (or command) (A16). A run
     that is gone counts as ended; a run that had already ended keeps its status as the attempt's
@@ -185,7 +186,7 @@ def _cancel_attempt_work(attempt_ref: dict, reason: str) -> str:
     return TaskState.CANCELLED
 
 
-@transaction.atomic
+@write_transaction
 def task_mark_read(*, task_id: str, reader_id: str, scope: Scope) -> QueueReadCursor:
     task = QueueTask.objects.filter(scope.q(), pk=task_id).only("version").first()
     if task is None:
@@ -194,7 +195,7 @@ def task_mark_read(*, task_id: str, reader_id: str, scope: Scope) -> QueueReadCu
                               owner_id=task_id, reader_id=reader_id, version=task.version)
 
 
-@transaction.atomic
+@write_transaction
 def task_retry(*, task_id: str, scope: Scope = UNRESTRICTED) -> QueueTask:
     """An operator sends a failed, blocked or cancelled task back to the queue: the dispatcher
     starts a new attempt as soon as limits allow. 409 for a task that is pending, running or
@@ -349,7 +350,7 @@ def ended_attempts(limit: int = 100) -> list[tuple[str, str]]:
         return cursor.fetchall()
 
 
-@transaction.atomic
+@write_transaction
 def settle(*, attempt_id: str, task_id: str) -> QueueTask | None:
     """The attempt's run ended: the task takes the run's outcome, or goes back to the queue for
     another attempt when its policy retries that failure kind (after a backoff that doubles

@@ -47,6 +47,13 @@ PAGE_PARAMETERS = [
 ]
 
 
+def _content_length(request) -> int | None:
+    try:
+        return int(request.META.get("CONTENT_LENGTH") or "")
+    except ValueError:
+        return None
+
+
 def _created(record, created: bool, serializer_class) -> Response:
     return Response(
         serializer_class().to_representation(record), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
@@ -185,7 +192,7 @@ class RunViewSet(viewsets.ViewSet):
             selectors.run_exists(run_id=pk, scope=request.scope)
             return _page(request, run_id=pk, maximum=MAX_EVENTS_PAGE, fetch=selectors.event_list,
                          serializer_class=EventOut)
-        body = parse_event_append(request.data)
+        body = parse_event_append(request.data, body_bytes=_content_length(request))
         events, created = services.event_append(
             run_id=pk,
             runner_id=body["runner_id"],

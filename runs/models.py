@@ -45,7 +45,7 @@ class Run(models.Model):
     backend_profile = models.CharField(max_length=32)
     session_ref = models.JSONField(null=True, blank=True)
     # The session the run belongs to (its sessionRef's id), for the session's trace and runs.
-    session_id = models.CharField(max_length=200, null=True, blank=True, db_collation="C")
+    session_id = models.CharField(max_length=255, null=True, blank=True, db_collation="C")
     resource_bundle_ref = models.JSONField(null=True, blank=True)
     provider_id = models.CharField(max_length=200, null=True, blank=True)
     workspace_ref = models.JSONField(null=True, blank=True)

@@ -6,31 +6,47 @@ building, since event pages of 500 rows sit on the hot path.
 
 from __future__ import annotations
 
+import json
+
 from rest_framework import serializers
 
-from agentrun.fields import JSONObjectField, StrictCharField, StrictIntegerField
+from agentrun.errors import SCHEMA_INVALID, AgentRunError
+
+from agentrun.fields import BIGINT_MAX, IDENTIFIER_MAX_LENGTH, IdentifierField, JSONObjectField, StrictCharField, StrictIntegerField
+from agentrun.text import UNSTORABLE_MESSAGE, is_unstorable
 from agentrun.vocabulary import FAILURE_KINDS, TERMINAL_STATUSES
 from agentrun.wire import iso
 
 MAX_LEASE_MS = 3_600_000
 DEFAULT_LEASE_MS = 60_000
 MAX_BATCH_EVENTS = 500
+# One event's payload, as compact UTF-8 JSON (API.md).
+MAX_EVENT_PAYLOAD_BYTES = 256 * 1024
 
 
 # --- input --------------------------------------------------------------------------------
 
 
+MAX_ATTEMPTS = 100
+MAX_POLICY_SECONDS = {"backoffSeconds": 7 * 86400, "timeoutSeconds": 30 * 86400}
+
+
 def validate_execution_policy(value):
-    """maxAttempts >= 1, non-negative backoffSeconds and timeoutSeconds, retryOn of failure kinds."""
+    """maxAttempts 1 to 100, backoffSeconds 0 to a week, timeoutSeconds 0 to 30 days, retryOn of
+    failure kinds."""
     if value is None:
         return value
     max_attempts = value.get("maxAttempts")
-    if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1):
-        raise serializers.ValidationError("maxAttempts must be an integer of at least 1")
-    for key in ("backoffSeconds", "timeoutSeconds"):
+    if max_attempts is not None and (
+        isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= MAX_ATTEMPTS
+    ):
+        raise serializers.ValidationError(f"maxAttempts must be an integer from 1 to {MAX_ATTEMPTS}")
+    for key, limit in MAX_POLICY_SECONDS.items():
         seconds = value.get(key)
-        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0):
-            raise serializers.ValidationError(f"{key} must be a non-negative number")
+        if seconds is not None and (
+            isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= limit
+        ):
+            raise serializers.ValidationError(f"{key} must be a number of seconds from 0 to {limit}")
     retry_on = value.get("retryOn")
     if retry_on is not None and (
         not isinstance(retry_on, list) or not all(isinstance(kind, str) and kind in FAILURE_KINDS for kind in retry_on)
@@ -40,38 +56,38 @@ def validate_execution_policy(value):
 
 
 class RunCreateIn(serializers.Serializer):
-    tenantId = StrictCharField(required=False, allow_null=True, max_length=200)
-    projectId = StrictCharField(required=False, allow_null=True, max_length=200)
-    backendProfile = StrictCharField(max_length=32)
+    tenantId = IdentifierField(required=False, allow_null=True, max_length=200)
+    projectId = IdentifierField(required=False, allow_null=True, max_length=200)
+    backendProfile = IdentifierField(max_length=32)
     sessionRef = JSONObjectField(required=False, allow_null=True)
     resourceBundleRef = JSONObjectField(required=False, allow_null=True)
-    providerId = StrictCharField(required=False, allow_null=True, max_length=200)
+    providerId = IdentifierField(required=False, allow_null=True, max_length=200)
     workspaceRef = serializers.JSONField(required=False, allow_null=True)
     executionPolicy = JSONObjectField(required=False, allow_null=True)
     metadata = JSONObjectField(required=False, allow_null=True)
-    idempotencyKey = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
+    idempotencyKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=200)
 
     def validate_executionPolicy(self, value):
         return validate_execution_policy(value)
 
 
 class ClaimIn(serializers.Serializer):
-    runnerId = StrictCharField(max_length=200)
+    runnerId = IdentifierField(max_length=200)
     leaseMs = StrictIntegerField(required=False, default=DEFAULT_LEASE_MS, min_value=1, max_value=MAX_LEASE_MS)
 
 
 class HeartbeatIn(ClaimIn):
-    leaseEpoch = StrictIntegerField(min_value=0)
+    leaseEpoch = StrictIntegerField(min_value=0, max_value=BIGINT_MAX)
 
 
 class FinishIn(serializers.Serializer):
-    runnerId = StrictCharField(max_length=200)
-    leaseEpoch = StrictIntegerField(min_value=0)
+    runnerId = IdentifierField(max_length=200)
+    leaseEpoch = StrictIntegerField(min_value=0, max_value=BIGINT_MAX)
     terminalStatus = serializers.ChoiceField(choices=sorted(TERMINAL_STATUSES))
     failureKind = serializers.ChoiceField(choices=sorted(FAILURE_KINDS), required=False, allow_null=True)
     failureMessage = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=10_000)
-    threadId = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
-    turnId = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
+    threadId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
+    turnId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
 
 
 class CancelIn(serializers.Serializer):
@@ -79,12 +95,12 @@ class CancelIn(serializers.Serializer):
 
 
 class LeaseIn(serializers.Serializer):
-    runnerId = StrictCharField(max_length=200)
-    leaseEpoch = StrictIntegerField(min_value=0)
+    runnerId = IdentifierField(max_length=200)
+    leaseEpoch = StrictIntegerField(min_value=0, max_value=BIGINT_MAX)
 
 
 class EventIn(serializers.Serializer):
-    type = StrictCharField()
+    type = IdentifierField()
     payload = JSONObjectField(required=False, default=dict)
 
 
@@ -92,28 +108,34 @@ class EventAppendIn(serializers.Serializer):
     """One event `{runnerId, leaseEpoch, type, payload}` or a batch `{..., batchKey?, events}`.
     Parsed by hand: a 500-event batch through nested DRF fields costs more than the insert."""
 
-    runnerId = StrictCharField(max_length=200)
-    leaseEpoch = StrictIntegerField(min_value=0)
-    batchKey = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
-    type = StrictCharField(required=False)
+    runnerId = IdentifierField(max_length=200)
+    leaseEpoch = StrictIntegerField(min_value=0, max_value=BIGINT_MAX)
+    batchKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=200)
+    type = IdentifierField(required=False)
     payload = JSONObjectField(required=False)
     events = EventIn(many=True, required=False)
 
 
-def parse_event_append(data) -> dict:
-    """Validate an append body without DRF's per-item field machinery."""
+def parse_event_append(data, *, body_bytes: int | None = None) -> dict:
+    """Validate an append body without DRF's per-item field machinery. `body_bytes`: the
+    body's size, when known; a body no larger than the per-event limit needs no measuring
+    (compact JSON of a part is never longer than the part as sent)."""
     if not isinstance(data, dict):
         raise serializers.ValidationError({"non_field_errors": ["body must be a JSON object"]})
     errors = {}
     runner_id = data.get("runnerId")
-    if not isinstance(runner_id, str) or not runner_id or len(runner_id) > 200:
-        errors["runnerId"] = ["must be a non-empty string"]
+    if not isinstance(runner_id, str) or not runner_id or len(runner_id) > IDENTIFIER_MAX_LENGTH:
+        errors["runnerId"] = [f"must be a non-empty string of at most {IDENTIFIER_MAX_LENGTH} characters"]
+    elif is_unstorable(runner_id):
+        errors["runnerId"] = [UNSTORABLE_MESSAGE]
     lease_epoch = data.get("leaseEpoch")
     if isinstance(lease_epoch, bool) or not isinstance(lease_epoch, int) or lease_epoch < 0:
         errors["leaseEpoch"] = ["must be a non-negative integer"]
     batch_key = data.get("batchKey")
-    if batch_key is not None and (not isinstance(batch_key, str) or len(batch_key) > 200):
-        errors["batchKey"] = ["must be a string of at most 200 characters"]
+    if batch_key is not None and (not isinstance(batch_key, str) or len(batch_key) > IDENTIFIER_MAX_LENGTH):
+        errors["batchKey"] = [f"must be a string of at most {IDENTIFIER_MAX_LENGTH} characters"]
+    elif isinstance(batch_key, str) and is_unstorable(batch_key):
+        errors["batchKey"] = [UNSTORABLE_MESSAGE]
     if "events" in data:
         raw_events = data["events"]
         if not isinstance(raw_events, list) or not raw_events:
@@ -140,6 +162,8 @@ def parse_event_append(data) -> dict:
         events.append((event_type, payload))
     if errors:
         raise serializers.ValidationError(errors)
+    if body_bytes is None or body_bytes > MAX_EVENT_PAYLOAD_BYTES:
+        _check_payload_sizes(events)
     return {
         "runner_id": runner_id,
         "lease_epoch": lease_epoch,
@@ -149,29 +173,47 @@ def parse_event_append(data) -> dict:
     }
 
 
+def payload_bytes(payload) -> int:
+    """A payload's size as the limit counts it: compact JSON in UTF-8."""
+    return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+
+
+def _check_payload_sizes(events) -> None:
+    for index, (_, payload) in enumerate(events):
+        size = payload_bytes(payload)
+        if size > MAX_EVENT_PAYLOAD_BYTES:
+            raise AgentRunError(
+                SCHEMA_INVALID,
+                f"event {index}'s payload is {size} bytes of JSON; the limit is {MAX_EVENT_PAYLOAD_BYTES} "
+                "(nothing of the batch was written)",
+                status=413,
+                details={"index": index, "bytes": size, "limitBytes": MAX_EVENT_PAYLOAD_BYTES},
+            )
+
+
 class CommandCreateIn(serializers.Serializer):
-    type = StrictCharField(max_length=32)
+    type = IdentifierField(max_length=32)
     payload = JSONObjectField(required=False, default=dict)
-    idempotencyKey = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
+    idempotencyKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=200)
 
 
 class RunnerRegisterIn(serializers.Serializer):
-    runnerId = StrictCharField(required=False, allow_null=True, max_length=200)
+    runnerId = IdentifierField(required=False, allow_null=True, max_length=200)
 
 
 class RunnerJobIn(serializers.Serializer):
-    id = StrictCharField(required=False, allow_null=True, max_length=200)
-    commandId = StrictCharField(max_length=64)
-    idempotencyKey = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
-    payloadHash = StrictCharField(max_length=200)
-    attemptId = StrictCharField(max_length=200)
-    runnerId = StrictCharField(max_length=200)
-    namespace = StrictCharField(max_length=253)
-    jobName = StrictCharField(max_length=253)
+    id = IdentifierField(required=False, allow_null=True, max_length=200)
+    commandId = IdentifierField(max_length=64)
+    idempotencyKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=200)
+    payloadHash = IdentifierField(max_length=200)
+    attemptId = IdentifierField(max_length=200)
+    runnerId = IdentifierField(max_length=200)
+    namespace = IdentifierField(max_length=253)
+    jobName = IdentifierField(max_length=253)
     managerUrl = StrictCharField(max_length=2000)
     image = StrictCharField(max_length=1000)
-    sourceCommit = StrictCharField(max_length=200)
-    serviceAccountName = StrictCharField(required=False, allow_null=True, max_length=253)
+    sourceCommit = IdentifierField(max_length=200)
+    serviceAccountName = IdentifierField(required=False, allow_null=True, max_length=253)
     result = JSONObjectField(required=False, default=dict)
 
 

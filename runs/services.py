@@ -28,8 +28,10 @@ from agentrun.errors import (
     invalid,
     not_found,
 )
+from agentrun.fields import SESSION_ID_MAX_LENGTH, check_identifier
 from agentrun.ids import new_id, stable_hash
 from agentrun.redaction import redact
+from agentrun.transactions import write_transaction
 from agentrun.vocabulary import COMMAND_TYPES, EVENT_TYPES, command_state_for, run_status_for
 from agentrun.wire import parse_iso
 from runs.models import COMMAND_OPEN, Command, CommandState, Run, RunEvent, Runner, RunnerJob, RunStatus
@@ -124,14 +126,15 @@ class _RunWrite:
         self.at = run.db_now
         self.events: list[NewEvent] = []
 
-    def emit(self, event_type: str, payload: dict) -> NewEvent:
+    def emit(self, event_type: str, payload: dict, *, posted: bool = False) -> NewEvent:
+        """Add an event. `posted`: a runner's, whose payload lists what was sanitized."""
         self.run.last_event_seq += 1
         event = NewEvent(
             id=new_id("evt"),
             run_id=self.run.id,
             seq=self.run.last_event_seq,
             type=event_type,
-            payload=redact(payload),
+            payload=redact(payload, list_sanitized=posted),
             created_at=self.at,
         )
         self.events.append(event)
@@ -290,15 +293,12 @@ def validate_session_ref(session_ref) -> dict | None:
     if not isinstance(session_ref, dict):
         raise invalid("sessionRef must be an object", field="sessionRef")
     session_id = session_ref.get("sessionId")
-    if not isinstance(session_id, str) or not session_id.strip() or len(session_id) > 200:
-        raise invalid("sessionRef.sessionId must be a non-empty string of at most 200 characters",
-                      field="sessionRef.sessionId")
-    if "/" in session_id:
-        # The id is a path segment of /api/v1/sessions/{id}; a slash could never be addressed.
-        raise invalid("sessionRef.sessionId may not contain '/'", field="sessionRef.sessionId")
+    if isinstance(session_id, str) and not session_id.strip():
+        session_id = None
+    # Any text an identifier may hold, '/' included (`owner/repo#42`): paths percent-encode it.
+    check_identifier(session_id, field="sessionRef.sessionId", max_length=SESSION_ID_MAX_LENGTH)
     for key in ("conversationId", "threadId"):
-        if session_ref.get(key) is not None and not isinstance(session_ref[key], str):
-            raise invalid(f"sessionRef.{key} must be a string", field=f"sessionRef.{key}")
+        check_identifier(session_ref.get(key), field=f"sessionRef.{key}", max_length=500, required=False)
     if session_ref.get("metadata") is not None and not isinstance(session_ref["metadata"], dict):
         raise invalid("sessionRef.metadata must be an object", field="sessionRef.metadata")
     parse_iso(session_ref.get("expiresAt"), field="sessionRef.expiresAt")
@@ -451,7 +451,7 @@ def _run_replay(tenant_id: str, project_id: str, idempotency_key: str, payload_h
     return existing
 
 
-@transaction.atomic
+@write_transaction
 def _run_insert(fields: dict, *, idempotency_key: str | None, payload_hash: str) -> Run:
     at = db_now()
     run = Run(
@@ -490,7 +490,7 @@ def _run_insert(fields: dict, *, idempotency_key: str | None, payload_hash: str)
     return run
 
 
-@transaction.atomic
+@write_transaction
 def run_claim(*, run_id: str, runner_id: str, lease_ms: int, scope: Scope = UNRESTRICTED) -> Run:
     """Claim the run for `runner_id` for `lease_ms`, bumping its lease epoch.
 
@@ -518,7 +518,7 @@ def run_claim(*, run_id: str, runner_id: str, lease_ms: int, scope: Scope = UNRE
     return run
 
 
-@transaction.atomic
+@write_transaction
 def run_heartbeat(*, run_id: str, runner_id: str, lease_epoch: int, lease_ms: int, scope: Scope = UNRESTRICTED) -> Run:
     """Renew the holder's lease. A terminal run is returned unchanged, whoever asks.
     Errors: 404; 409 `runner-lease-conflict` for anyone but the holder at its current epoch."""
@@ -530,7 +530,7 @@ def run_heartbeat(*, run_id: str, runner_id: str, lease_epoch: int, lease_ms: in
     return run
 
 
-@transaction.atomic
+@write_transaction
 def run_finish(
     *,
     run_id: str,
@@ -560,7 +560,7 @@ def run_finish(
     )
 
 
-@transaction.atomic
+@write_transaction
 def run_cancel(*, run_id: str, reason: str | None = None, scope: Scope = UNRESTRICTED) -> Run:
     """Cancel the run and its open commands. A terminal run is returned unchanged. Error: 404."""
     run = _lock_run(run_id, scope)
@@ -572,7 +572,7 @@ def run_cancel(*, run_id: str, reason: str | None = None, scope: Scope = UNRESTR
     )
 
 
-@transaction.atomic
+@write_transaction
 def run_expire(*, run_id: str, terminal_status: str, failure_kind: str, message: str) -> Run | None:
     """The reaper ends a run whose runner is gone or whose time is up, bumping the epoch so a
     runner that comes back is fenced out. Returns None when the run is already terminal."""
@@ -600,7 +600,7 @@ def validate_event(event_type, payload) -> None:
         raise invalid("event payload must be an object", field="payload")
 
 
-@transaction.atomic
+@write_transaction(retry_unique=True)
 def event_append(
     *,
     run_id: str,
@@ -640,7 +640,7 @@ def event_append(
         )
     write = _RunWrite(run)
     for event_type, payload in events:
-        write.emit(event_type, payload)
+        write.emit(event_type, payload, posted=True)
     write.save(extra_statements=extra_statements)
     return write.events, True
 
@@ -648,7 +648,7 @@ def event_append(
 # --- commands ------------------------------------------------------------------------------
 
 
-@transaction.atomic
+@write_transaction
 def command_create(
     *,
     run_id: str,
@@ -722,7 +722,7 @@ def _lock_command(command_id: str, scope: Scope) -> tuple[Run, Command]:
     return run, command
 
 
-@transaction.atomic
+@write_transaction
 def command_ack(*, command_id: str, runner_id: str, lease_epoch: int, scope: Scope = UNRESTRICTED) -> Command:
     """The runner took the command. A terminal or acknowledged command is returned unchanged.
     Errors: 404; 409 `runner-lease-conflict` for a stale holder or epoch."""
@@ -738,7 +738,7 @@ def command_ack(*, command_id: str, runner_id: str, lease_epoch: int, scope: Sco
     return command
 
 
-@transaction.atomic
+@write_transaction
 def command_finish(
     *,
     command_id: str,
@@ -801,7 +801,7 @@ def command_finish(
     return command
 
 
-@transaction.atomic
+@write_transaction
 def command_cancel(*, command_id: str, reason: str | None = None, scope: Scope = UNRESTRICTED) -> Command:
     """Cancel one command (the run goes on). A terminal command is returned unchanged. Error: 404."""
     run, command = _lock_command(command_id, scope)
@@ -848,7 +848,7 @@ def command_cancel(*, command_id: str, reason: str | None = None, scope: Scope =
 _RUNNER_SERVER_FIELDS = {"id", "runnerId", "registeredAt", "heartbeatAt", "tenantId"}
 
 
-@transaction.atomic
+@write_transaction
 def runner_register(*, tenant_id: str, runner_id: str | None = None, attributes: dict | None = None) -> tuple[Runner, bool]:
     """Register (or re-register) a runner. Returns (runner, created). The caller's fields are
     kept, except the ones the server owns (id, timestamps). Error: 403 when the id belongs to
@@ -910,7 +910,8 @@ def runner_job_save(
         if existing is not None:
             return existing, False
     try:
-        return _runner_job_write(run_id=run_id, fields=fields, job_id=job_id, idempotency_key=idempotency_key)
+        return _runner_job_write(run_id=run_id, fields=fields, job_id=job_id, idempotency_key=idempotency_key,
+                                 scope=scope)
     except IntegrityError:
         existing = _runner_job_replay(run_id, idempotency_key, fields["payload_hash"]) if idempotency_key else None
         if existing is None:
@@ -918,7 +919,7 @@ def runner_job_save(
         return existing, False
 
 
-@transaction.atomic
+@write_transaction
 def runner_job_update(*, job_id: str, **fields) -> None:
     """What the launcher learnt of a job it started (namespace, name, image, result)."""
     RunnerJob.objects.filter(pk=job_id).update(**fields, updated_at=db_now())
@@ -932,13 +933,16 @@ def _runner_job_replay(run_id: str, idempotency_key: str, payload_hash: str) -> 
     return existing
 
 
-@transaction.atomic
-def _runner_job_write(*, run_id: str, fields: dict, job_id: str | None, idempotency_key: str | None):
+@write_transaction
+def _runner_job_write(*, run_id: str, fields: dict, job_id: str | None, idempotency_key: str | None, scope: Scope):
     at = db_now()
     if job_id:
         existing = RunnerJob.objects.select_for_update().filter(pk=job_id).first()
         if existing is not None:
             if existing.run_id != run_id:
+                # Only a caller who may see that other run learns the job is there.
+                if not Run.objects.filter(scope.q(run="id"), pk=existing.run_id).exists():
+                    raise not_found("runner job", job_id)
                 raise conflict(SCHEMA_INVALID, f"runner job {job_id} belongs to another run", runnerJobId=job_id)
             RunnerJob.objects.filter(pk=job_id).update(**fields, idempotency_key=idempotency_key, updated_at=at)
             existing.refresh_from_db()

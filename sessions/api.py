@@ -9,7 +9,7 @@ from rest_framework.response import Response
 
 from agentrun.backends import require_profile
 from agentrun.errors import invalid
-from agentrun.fields import validated
+from agentrun.fields import SESSION_ID_MAX_LENGTH, check_identifier, validated
 from agentrun.wire import parse_iso, query_int
 from sessions import selectors, services
 from sessions.serializers import EvictIn, ReadCursorOut, ReadIn, SessionListOut, SessionOut, SessionPutIn, StorageIn
@@ -95,6 +95,7 @@ class SessionViewSet(viewsets.ViewSet):
 
     @extend_schema(request=SessionPutIn, responses={201: SessionOut, 200: SessionOut})
     def update(self, request, pk=None):
+        check_identifier(pk, field="sessionId", max_length=SESSION_ID_MAX_LENGTH)
         data = validated(SessionPutIn, request.data)
         if data.get("sessionId") not in (None, pk):
             raise invalid("sessionId in the body must match the path", field="sessionId")

@@ -25,7 +25,7 @@ INBOX_ORDER = (Coalesce("last_activity_at", "updated_at").desc(), F("updated_at"
 
 
 class Session(models.Model):
-    session_id = models.CharField(max_length=200, primary_key=True, db_collation="C")
+    session_id = models.CharField(max_length=255, primary_key=True, db_collation="C")
     tenant_id = models.CharField(max_length=200)
     project_id = models.CharField(max_length=200)
     backend_profile = models.CharField(max_length=32)

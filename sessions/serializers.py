@@ -4,40 +4,40 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from agentrun.fields import JSONObjectField, StrictCharField, StrictIntegerField
+from agentrun.fields import BIGINT_MAX, SESSION_ID_MAX_LENGTH, IdentifierField, JSONObjectField, StrictCharField, StrictIntegerField
 from agentrun.wire import iso
 from sessions.models import Session, StorageKind
 
 
 class SessionPutIn(serializers.Serializer):
-    sessionId = StrictCharField(required=False, max_length=200)
-    tenantId = StrictCharField(required=False, allow_null=True, max_length=200)
-    projectId = StrictCharField(required=False, allow_null=True, max_length=200)
-    backendProfile = StrictCharField(max_length=32)
-    conversationId = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
-    threadId = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
+    sessionId = IdentifierField(required=False, max_length=SESSION_ID_MAX_LENGTH)
+    tenantId = IdentifierField(required=False, allow_null=True, max_length=200)
+    projectId = IdentifierField(required=False, allow_null=True, max_length=200)
+    backendProfile = IdentifierField(max_length=32)
+    conversationId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
+    threadId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
     metadata = JSONObjectField(required=False, allow_null=True)
     expiresAt = StrictCharField(required=False, allow_null=True)
     codexRolloutSubdir = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
 
 
 class ReadIn(serializers.Serializer):
-    readerId = StrictCharField(max_length=200)
+    readerId = IdentifierField(max_length=200)
 
 
 class StorageIn(serializers.Serializer):
     storageKind = serializers.ChoiceField(choices=StorageKind.values)
-    pvcName = StrictCharField(required=False, allow_null=True, max_length=253)
-    storageNamespace = StrictCharField(required=False, allow_null=True, max_length=253)
+    pvcName = IdentifierField(required=False, allow_null=True, max_length=253)
+    storageNamespace = IdentifierField(required=False, allow_null=True, max_length=253)
     pvcPhase = StrictCharField(required=False, allow_null=True, max_length=64)
-    storageSizeBytes = StrictIntegerField(required=False, allow_null=True, min_value=0)
-    storageFilesCount = StrictIntegerField(required=False, allow_null=True, min_value=0)
+    storageSizeBytes = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=BIGINT_MAX)
+    storageFilesCount = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=BIGINT_MAX)
     storageSha256 = StrictCharField(required=False, allow_null=True, max_length=64)
     codexRolloutSubdir = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
 
 
 class EvictIn(serializers.Serializer):
-    pvcName = StrictCharField(max_length=253)
+    pvcName = IdentifierField(max_length=253)
 
 
 class ReadCursorOut(serializers.Serializer):

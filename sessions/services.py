@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from django.db import transaction
+from django.db import connection, transaction
 
 from agentrun import counters
 from agentrun.auth import Scope
@@ -13,6 +13,7 @@ from agentrun.clock import db_now
 from agentrun.errors import SCHEMA_INVALID, TENANT_POLICY_DENIED, AgentRunError, conflict, invalid, not_found
 from agentrun.kube import KubeError
 from agentrun.readcursors import upsert_read_cursor
+from agentrun.transactions import write_transaction
 from agentrun.wire import iso, parse_iso
 from sessions.models import ExecutionState, Session, SessionReadCursor, StorageKind
 
@@ -97,6 +98,20 @@ def lock_session(session_id: str) -> Session | None:
     return Session.objects.select_for_update(no_key=True).filter(pk=session_id).first()
 
 
+def lock_session_or_claim_id(session_id: str) -> Session | None:
+    """The session, row-locked; or None, and then this transaction alone may create it.
+
+    Creators of one new id queue on an advisory lock of the id before they take the version
+    counter. Without it, a creator holding the counter could wait for the row lock of a session
+    another creator had just committed, while that row's new holder waits for the counter."""
+    session = lock_session(session_id)
+    if session is not None:
+        return session
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext('agentrun-session'), hashtext(%s))", [session_id])
+    return lock_session(session_id)
+
+
 def _lock_scoped(session_id: str, scope: Scope) -> Session:
     """The session, row-locked, if the key may see it (another tenant's or project's is 404). A
     run-scoped key reaches only the session its run is the current or last run of."""
@@ -113,7 +128,7 @@ def session_resolve_for_run(
     rewritten) or a new one. Returns the run's ref. A concurrent creator of the same session
     loses the insert and is checked against the winner's row."""
     with transaction.atomic():
-        session = lock_session(session_ref["sessionId"])
+        session = lock_session_or_claim_id(session_ref["sessionId"])
         if session is None:
             metadata = session_ref.get("metadata") or {}
             candidate = Session(
@@ -283,7 +298,7 @@ def session_thread_update(
 # --- the session API -----------------------------------------------------------------------
 
 
-@transaction.atomic(durable=True)
+@write_transaction(durable=True)
 def session_upsert(
     *,
     session_id: str,
@@ -304,7 +319,7 @@ def session_upsert(
     the run state, activity and storage, and the title unless the metadata brings one."""
     metadata = metadata or {}
     at = db_now()
-    session = lock_session(session_id)
+    session = lock_session_or_claim_id(session_id)
     if session is None:
         candidate = Session(
             session_id=session_id,
@@ -344,7 +359,7 @@ def session_upsert(
     return session, False
 
 
-@transaction.atomic(durable=True)
+@write_transaction(durable=True)
 def session_mark_read(*, session_id: str, reader_id: str, scope: Scope) -> SessionReadCursor:
     """The reader has seen the session as it is now. The session itself does not change."""
     session = Session.objects.filter(scope.q(), pk=session_id).only("version").first()
@@ -360,7 +375,7 @@ STORAGE_FIELDS = (
 )
 
 
-@transaction.atomic(durable=True)
+@write_transaction(durable=True)
 def session_storage_refresh(
     *,
     session_id: str,
@@ -406,7 +421,7 @@ def _mark_evicted(session: Session, at: datetime) -> None:
     session.save(update_fields=["storage_kind", "storage_evicted_at", "storage_updated_at", "updated_at", "version"])
 
 
-@transaction.atomic(durable=True)
+@write_transaction(durable=True)
 def session_storage_evict(*, session_id: str, pvc_name: str, scope: Scope = Scope.unrestricted()) -> Session:
     """The session's PVC is gone. Only when `pvc_name` is still the session's PVC (A15): a stale
     eviction must not clobber a newer volume. Evicting the same PVC again changes nothing."""

@@ -36,6 +36,8 @@ class KeyClient:
 
     def _send(self, method, path, body=None, **kwargs):
         url = path if path.startswith("/") else f"/api/v1/{path}"
+        # As gunicorn does: the path as sent, so a %2F inside an id stays in the id.
+        kwargs.setdefault("RAW_URI", url)
         call = getattr(self.client, method)
         if body is None:
             response = call(url, **kwargs)
@@ -57,7 +59,7 @@ class KeyClient:
 
     def raw(self, method, path, data: bytes, content_type="application/json"):
         url = path if path.startswith("/") else f"/api/v1/{path}"
-        response = getattr(self.client, method)(url, data=data, content_type=content_type)
+        response = getattr(self.client, method)(url, data=data, content_type=content_type, RAW_URI=url)
         return response.status_code, response.json() if response.content else None
 
 

@@ -158,13 +158,35 @@ def test_body_over_1_mib_is_413(client_api, runner_api):
 
 
 def test_body_just_under_1_mib_is_accepted(runner_api):
+    """Five events of about 200 KiB each: every payload under 256 KiB, the body exactly 1 MiB."""
     run = claimed_run()
-    body = {"runnerId": "runner-1", "leaseEpoch": 1, "type": "usage", "payload": {"blob": ""}}
+    body = {"runnerId": "runner-1", "leaseEpoch": 1,
+            "events": [{"type": "usage", "payload": {"blob": ""}} for _ in range(5)]}
     overhead = len(json.dumps(body).encode())
-    body["payload"]["blob"] = "x" * (1024 * 1024 - overhead)
+    share, rest = divmod(1024 * 1024 - overhead, 5)
+    for index, event in enumerate(body["events"]):
+        event["payload"]["blob"] = "x" * (share + (rest if index == 0 else 0))
     raw = json.dumps(body).encode()
     assert len(raw) == 1024 * 1024
-    status, _ = runner_api.raw("post", f"runs/{run.id}/events", raw)
+    status, page = runner_api.raw("post", f"runs/{run.id}/events", raw)
+    assert status == 201
+    assert page["count"] == 5
+    assert RunEvent.objects.filter(run_id=run.id, type="usage").count() == 5
+
+
+def test_one_event_over_256_kib_is_413_with_its_index_and_nothing_is_written(runner_api):
+    run = claimed_run()
+    before = RunEvent.objects.filter(run_id=run.id).count()
+    events = [{"type": "usage", "payload": {"n": 1}}, {"type": "usage", "payload": {"blob": "é" * (128 * 1024)}}]
+    status, body = runner_api.post(f"runs/{run.id}/events", {"runnerId": "runner-1", "leaseEpoch": 1, "events": events})
+    assert_error(status, body, 413, "schema-invalid")
+    size = len(json.dumps(events[1]["payload"], ensure_ascii=False, separators=(",", ":")).encode())
+    assert body["error"]["details"] == {"index": 1, "bytes": size, "limitBytes": 256 * 1024}
+    assert RunEvent.objects.filter(run_id=run.id).count() == before
+    # Just under the limit is stored.
+    fits = {"blob": "x" * (256 * 1024 - len('{"blob":""}'))}
+    status, _ = runner_api.post(f"runs/{run.id}/events",
+                                {"runnerId": "runner-1", "leaseEpoch": 1, "type": "usage", "payload": fits})
     assert status == 201
 
 

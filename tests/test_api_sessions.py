@@ -298,13 +298,3 @@ def test_wrong_method_is_405(client_api):
     put(client_api, "s1")
     assert_error(*client_api.post("sessions/s1", {}), 405, "schema-invalid")
     assert_error(*client_api._send("patch", "sessions/s1", {}), 405, "schema-invalid")
-
-
-def test_a_session_id_with_a_slash_is_refused_where_it_would_be_created(client_api):
-    status, body = client_api.post("runs", {"backendProfile": "echo", "sessionRef": {"sessionId": "a/b"}})
-    assert_error(status, body, 400, "schema-invalid")
-    assert body["error"]["details"]["field"] == "sessionRef.sessionId"
-    status, body = client_api.post("queue-tasks", {"queue": "q", "backendProfile": "echo",
-                                                   "sessionRef": {"sessionId": "a/b"}})
-    assert_error(status, body, 400, "schema-invalid")
-    assert not Session.objects.exists()

@@ -665,13 +665,10 @@ def _post_job(fx: Fixture, key_scope: str, job_of: str):
 def test_runner_job_id_outside_scope_writes_nothing(fx, key_scope, job_of):
     before = tables()
     status, body = _post_job(fx, key_scope, job_of)
-    assert status in (404, 409), body
+    assert status == 404, body
     assert tables() == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runs/services.py _runner_job_write answers 409 'runner job <id> belongs to another run' for the id "
-    "of another tenant's or project's job (and, for a run-scoped key, another run's): that tells the id exists"))
 @pytest.mark.parametrize(("key_scope", "job_of"), FOREIGN_JOBS)
 def test_runner_job_id_outside_scope_is_404(fx, key_scope, job_of):
     """API.md: an object of another tenant or project, or another run for a run-scoped key, is 404."""
