@@ -385,3 +385,16 @@ def test_numbers_and_dates_out_of_range_are_400(client_api, path, body):
     before = _counts()
     assert_error(*send(client_api, "post", path, body), 400, "schema-invalid")
     assert _counts() == before
+
+
+@PROPERTY
+@given(latest=json_objects, reason=texts)
+def test_queue_task_attempts_and_cancels_store_cleaned_text(operator_api, latest, reason):
+    task = send(operator_api, "post", "queue-tasks", {"queue": "q", "backendProfile": "echo"})[1]
+    status, body = send(operator_api, "post", f"queue-tasks/{task['id']}/attempt",
+                        {"state": "running", "latestAttempt": latest})
+    assert status == 200, body
+    assert same_json(QueueTask.objects.get(pk=task["id"]).latest_attempt, cleaned(latest))
+    status, body = send(operator_api, "post", f"queue-tasks/{task['id']}/cancel", {"reason": reason[:2000]})
+    assert status == 200, body
+    assert QueueTask.objects.get(pk=task["id"]).cancel_reason == (clean_text(reason[:2000]) or "cancel requested")
