@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
 
-.PHONY: install run test bench migrate clean
+.PHONY: install run test bench soak migrate clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentrun needs Python 3.11 or newer")'
@@ -28,6 +28,10 @@ bench: install
 	$(PY) bench/bench_runner_protocol.py
 	$(PY) bench/bench_sessions_inbox.py
 	$(PY) bench/bench_queue_dispatch.py
+
+# Not part of `make test`: SOAK_SECONDS (default 600) of load and faults, then the invariants (bench/README.md).
+soak: install
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) var
