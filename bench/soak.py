@@ -38,7 +38,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from soak_checks import LOST_WRITE, check_tables  # noqa: E402 - after the path is set
+from soak_checks import LOST_WRITE, Violation, check_tables  # noqa: E402 - after the path is set
 from soak_load import FLOWS, NO_500, Context, Recorder, client_loop  # noqa: E402
 from soak_stack import (  # noqa: E402
     Faults,
@@ -55,10 +55,11 @@ FAULT_KINDS = ["web-kill", "runner-kill", "worker-kill", "pg-restart"]
 LEASE_MS = 5000
 REAP_GRACE_SECONDS = 5.0
 PROGRESS_SECONDS = 15.0
+RUNNER_KEPT = "a live runner keeps its run"
 TABLE_INVARIANTS = [
     "seq gapless per run", "one terminal per run", "one command-terminal per command", "one holder per epoch",
     "one start per task attempt", LOST_WRITE, "no run claimed past lease + grace",
-    "everything ended after the drain", NO_500,
+    "everything ended after the drain", NO_500, RUNNER_KEPT,
 ]
 
 
@@ -112,6 +113,15 @@ def classify_server_errors(recorder: Recorder) -> tuple[Counter, list[str]]:
             classes[f"{status} {'during' if in_restart else 'outside'} a PostgreSQL restart"] += 1
         examples.append(f"{status} {request}: {' '.join(body.split())[:200]}")
     return classes, examples
+
+
+def runners_lost_alive(cursor, recorder: Recorder) -> list[Violation]:
+    """A run the reaper failed `runner-lost` had a worker-launched runner the soak killed: a
+    runner left alive renews its lease (through web kills and PostgreSQL restarts)."""
+    cursor.execute("SELECT id, claimed_by, failure_message FROM runs_run WHERE failure_kind = 'runner-lost' "
+                   "AND claimed_by LIKE %s ORDER BY id", ["local-%"])
+    return [Violation(RUNNER_KEPT, f"run {run_id} ({holder}): {message}")
+            for run_id, holder, message in cursor.fetchall() if run_id not in recorder.killed_runs]
 
 
 def active_work(db_url: str) -> int | None:
@@ -204,6 +214,7 @@ def run_load(args, stack: Stack, server, db_url: str, keys: dict, recorder: Reco
         thread.join(timeout=60)
     with psycopg.connect(db_url, autocommit=True) as conn, conn.cursor() as cursor:
         violations = check_tables(cursor, recorder.acknowledged, grace_seconds=REAP_GRACE_SECONDS + 3.0)
+        violations += runners_lost_alive(cursor, recorder)
         cursor.execute("SELECT (SELECT count(*) FROM runs_run), (SELECT count(*) FROM runs_runevent), "
                        "(SELECT count(*) FROM runs_command), (SELECT count(*) FROM queues_queuetask)")
         totals = cursor.fetchone()

@@ -36,6 +36,9 @@ REPLAY = "a repeated batchKey replays"
 OUTPUT = "a completed turn's output is in the log"
 TEXT = "NUL and lone surrogates stored as U+FFFD"
 LIMITS = "oversize input refused with 413"
+FOLLOW = "a follower sees every event once, in order"
+IDLE = "a run with nothing left to do ends"
+IDLE_SECONDS = 15.0  # the runners idle 0.5 s; this is the slack a claimed run gets to end
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,12 @@ def follow_to_end(ctx: Context, run_id: str, *, seconds: float = RUN_WAIT_SECOND
         if not answer.ok:
             ctx.sleep(0.5)
             continue
-        events += answer.body["items"]
+        for event in answer.body["items"]:
+            if event["seq"] != len(events) + 1:
+                ctx.recorder.violation(FOLLOW, f"run {run_id}: after seq {len(events)} the long-poll gave seq "
+                                               f"{event['seq']} (afterSeq {after})")
+                return None
+            events.append(event)
         after = int(answer.body["cursor"])
         if any(event["type"] == "terminal_status" for event in answer.body["items"]):
             return events
@@ -322,6 +330,34 @@ def flow_turn(ctx: Context, prompt: str, *, steer: bool = False, cancel: str | N
             check_steer_answered(ctx, run["id"], steered["id"], commands[0]["id"], events)
     if ctx.rng.random() < 0.3:
         read_inbox(ctx, session)
+
+
+def flow_cancel_before_claim(ctx: Context) -> None:
+    """A turn cancelled before any runner claimed its run: the runner that claims it then has
+    nothing to do, and must finish the run after its idle time, not hold it for minutes."""
+    run = create_run(ctx, session=ctx.rng.choice(ctx.sessions))
+    if run is None:
+        return
+    command = send_command(ctx, run["id"], "turn", {"prompt": SLEEP_PROMPT})
+    if command is None:
+        abandon(ctx, run["id"])
+        return
+    ctx.client.call("cancel-command", "POST", f"/commands/{command['id']}/cancel", body={"reason": "soak: early"})
+    deadline = time.monotonic() + 60
+    claimed_at = None
+    while time.monotonic() < deadline and not ctx.stop.is_set():
+        answer = ctx.client.call("get-run", "GET", f"/runs/{run['id']}")
+        if answer.ok and answer.body["status"] not in ("pending", "claimed"):
+            return
+        if answer.ok and answer.body["status"] == "claimed" and claimed_at is None:
+            claimed_at = time.monotonic()
+        if claimed_at is not None and time.monotonic() - claimed_at > IDLE_SECONDS:
+            ctx.recorder.violation(IDLE, f"run {run['id']}: its only turn was cancelled before the claim; "
+                                         f"{IDLE_SECONDS:.0f} s after the claim {answer.body.get('claimedBy')} "
+                                         f"still holds it")
+            break
+        ctx.sleep(0.5)
+    abandon(ctx, run["id"])
 
 
 QUEUE_PROMPTS = [NUL_PROMPT, SLEEP_PROMPT, "sleep: 1\nrun: echo queued", "fail", "edit: notes.txt", BIG_PROMPT]
@@ -735,6 +771,7 @@ FLOWS = [
     ("turn-steer", 2, lambda ctx: flow_turn(ctx, "sleep: 5", steer=True)),
     ("turn-cancel-run", 1, lambda ctx: flow_turn(ctx, SLEEP_PROMPT, cancel="run")),
     ("turn-cancel-command", 1, lambda ctx: flow_turn(ctx, SLEEP_PROMPT, cancel="command")),
+    ("turn-cancel-before-claim", 1, flow_cancel_before_claim),
     ("queue", 3, lambda ctx: flow_queue(ctx)),
     ("queue-cancel", 1, lambda ctx: flow_queue(ctx, cancel=True)),
     ("queue-cancel-at-once", 1, lambda ctx: flow_queue(ctx, cancel="at-once")),
