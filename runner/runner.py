@@ -63,6 +63,9 @@ class Runner:
         self.queue: list[dict] = []
         self.thread_id: str | None = None
         self.last_result: TurnResult | None = None
+        # Turns seen in any state: a run whose turns were all cancelled before they started has
+        # had its turns, and ends after idle_seconds like any other.
+        self.turns_seen = 0
         self.command_seq = 0
         self.shut_down = False  # a signal asked the runner to stop; the run is left to its lease
         self.events: EventSink | None = None
@@ -177,7 +180,7 @@ class Runner:
             if self.turn is None and self.queue:
                 self._start(self.queue.pop(0))
             if self.turn is None and not self.queue:
-                if self.last_result is not None:
+                if self.last_result is not None or self.turns_seen:
                     limit = self.idle_seconds
                 if time.monotonic() - idle_since >= limit:
                     self._finish_run()
@@ -205,6 +208,7 @@ class Runner:
         page = self.client.commands(self.run_id, after_seq=self.command_seq)
         for command in page["items"]:
             self.command_seq = command["seq"]
+            self.turns_seen += command["type"] == "turn"
             if command["state"] not in OPEN:
                 continue
             if command["type"] == "turn":
@@ -279,7 +283,12 @@ class Runner:
     def _finish_run(self) -> None:
         if not self.events.flush():
             return
-        result = self.last_result or TurnResult("failed", "agent-failed", "no command arrived")
+        if self.last_result is not None:
+            result = self.last_result
+        elif self.turns_seen:
+            result = TurnResult("cancelled", "cancelled", "every turn was cancelled before it started")
+        else:
+            result = TurnResult("failed", "agent-failed", "no command arrived")
         try:
             self.client.finish_run(self.run_id, self.runner_id, self.epoch, terminalStatus=result.terminal_status,
                                    failureKind=result.failure_kind, failureMessage=result.message,

@@ -176,3 +176,16 @@ def test_lost_answers_are_retried_and_no_event_is_appended_twice(live_server, ke
     seqs = list(RunEvent.objects.filter(run_id=run.id).order_by("seq").values_list("seq", flat=True))
     assert seqs == list(range(1, len(seqs) + 1))
     assert Run.objects.get(pk=run.id).status == "completed"
+
+
+def test_a_run_whose_only_turn_was_cancelled_before_the_claim_ends_after_idle_seconds(live_server, keys, tmp_path):
+    run = make_run()
+    command, _ = services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "never"})
+    services.command_cancel(command_id=command.id, reason="changed my mind")
+    started = time.monotonic()
+    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, first_command_seconds=60)
+    thread.join(30)
+    assert result["code"] == 0 and time.monotonic() - started < 20
+    stored = Run.objects.get(pk=run.id)
+    assert (stored.status, stored.failure_kind) == ("cancelled", "cancelled")
+    assert stored.failure_message == "every turn was cancelled before it started"
