@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models import F, Q
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, Greatest
 
 
 class ExecutionState(models.TextChoices):
@@ -57,6 +57,15 @@ class Session(models.Model):
     storage_updated_at = models.DateTimeField(null=True, blank=True)
     storage_evicted_at = models.DateTimeField(null=True, blank=True)
     codex_rollout_subdir = models.CharField(max_length=500, null=True, blank=True)
+    # The session counter's value at the last write that moved the session in the inbox without
+    # bumping its version (activity: events, claims, a new run). Taken like a version, in the
+    # writing transaction, so it is commit-ordered too (see sessions.services.TOUCH_VERSION).
+    activity_version = models.BigIntegerField(default=0, db_default=0)
+    # The counter's value at the session's last write of any kind that can move it in the inbox:
+    # a walk of the inbox takes every session at or below its edge as unchanged since it began.
+    inbox_version = models.GeneratedField(
+        expression=Greatest("version", "activity_version"), output_field=models.BigIntegerField(), db_persist=True
+    )
 
     class Meta:
         indexes = [
@@ -75,7 +84,7 @@ class Session(models.Model):
                 )
             ),
             # Sessions changed since a walk of the inbox began (its tail, see selectors).
-            models.Index(fields=["tenant_id", "updated_at"], name="session_tenant_updated"),
+            models.Index(fields=["tenant_id", "inbox_version"], name="session_tenant_inbox_version"),
             models.Index(fields=["backend_profile"], name="session_backend"),
             models.Index(
                 fields=["updated_at"],
@@ -102,6 +111,14 @@ class SessionReadCursor(models.Model):
     reader_id = models.CharField(max_length=200, db_collation="C")
     session_version = models.BigIntegerField()
     read_at = models.DateTimeField()
+    # The session counter's value when the cursor was last written: a read moves the session
+    # (unread to read) for this reader only, and a walk of their inbox must see that it came
+    # after the walk began, as it sees a session's own changes.
+    read_version = models.BigIntegerField(default=0, db_default=0)
+
+    class Meta:
+        # The cursors a reader wrote since a walk of their inbox began (its tail).
+        indexes = [models.Index(fields=["reader_id", "read_version"], name="session_read_reader_version")]
 
     def __str__(self) -> str:
         return f"{self.session_id} read by {self.reader_id}"

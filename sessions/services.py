@@ -6,6 +6,7 @@ import re
 from datetime import datetime
 
 from django.db import connection, transaction
+from django.db.models import BigIntegerField, F, Func
 
 from agentrun import counters
 from agentrun.auth import Scope
@@ -18,6 +19,12 @@ from agentrun.wire import iso, parse_iso
 from sessions.models import ExecutionState, Session, SessionReadCursor, StorageKind
 
 _WHITESPACE = re.compile(r"\s+")
+# A touch moves the session in the inbox (its activity) without bumping its version, so it
+# stamps `activity_version` with the next session counter value instead: commit-ordered like a
+# version, it lets a walk of the inbox see the move (sessions.selectors). The function locks
+# the session's row before it takes the counter (migration 0004).
+TOUCH_VERSION_FUNCTION = "agent_sessions_touch_version"
+TOUCH_VERSION = Func(F("session_id"), function=TOUCH_VERSION_FUNCTION, output_field=BigIntegerField())
 
 
 def title_from_metadata(metadata) -> str | None:
@@ -155,17 +162,20 @@ def session_resolve_for_run(
                 return session_ref_from_record(session, session_ref)
         check_boundary(session, tenant_id=tenant_id, project_id=project_id, backend_profile=backend_profile)
         # createRun's touch of an existing session: lastRunId and activity, no version bump.
-        Session.objects.filter(pk=session.pk).update(last_run_id=run_id, last_activity_at=now, updated_at=now)
+        Session.objects.filter(pk=session.pk).update(
+            last_run_id=run_id, last_activity_at=now, updated_at=now, activity_version=TOUCH_VERSION
+        )
         session.last_run_id = run_id
         return session_ref_from_record(session, session_ref)
 
 
 def session_event_touch_sql(*, session_id: str, last_event_seq: int, at: datetime) -> tuple[str, list]:
-    """Every appended event touches its session: lastEventSeq and activity, no version bump.
-    As a statement, so the append can send it with its own writes in one round trip."""
+    """Every appended event touches its session: lastEventSeq and activity, no version bump
+    (the touch's stamp instead). As a statement, so the append can send it with its own writes
+    in one round trip."""
     return (
-        "UPDATE agent_sessions_session SET last_event_seq = %s, last_activity_at = %s, updated_at = %s "
-        "WHERE session_id = %s",
+        "UPDATE agent_sessions_session SET last_event_seq = %s, last_activity_at = %s, updated_at = %s, "
+        f"activity_version = {TOUCH_VERSION_FUNCTION}(session_id) WHERE session_id = %s",
         [last_event_seq, at, at, session_id],
     )
 
@@ -202,7 +212,7 @@ def session_touch_command_created(
 def session_touch_claimed(*, session_id: str, run_id: str, at: datetime) -> None:
     """A claim points the session at its run (the trace's default) without making it active (A13)."""
     Session.objects.filter(pk=session_id).update(
-        active_run_id=run_id, last_run_id=run_id, last_activity_at=at, updated_at=at
+        active_run_id=run_id, last_run_id=run_id, last_activity_at=at, updated_at=at, activity_version=TOUCH_VERSION
     )
 
 
@@ -216,7 +226,9 @@ def session_touch_turn_ended(
         if session is None:
             return
         if session.active_command_id != command_id:
-            Session.objects.filter(pk=session_id).update(last_activity_at=at, updated_at=at)
+            Session.objects.filter(pk=session_id).update(
+                last_activity_at=at, updated_at=at, activity_version=TOUCH_VERSION
+            )
             return
         Session.objects.filter(pk=session_id).update(
             execution_state=ExecutionState.TERMINAL,
@@ -242,7 +254,9 @@ def session_touch_run_ended(
         if session is None:
             return
         if session.active_run_id != run_id:
-            Session.objects.filter(pk=session_id).update(last_activity_at=at, updated_at=at)
+            Session.objects.filter(pk=session_id).update(
+                last_activity_at=at, updated_at=at, activity_version=TOUCH_VERSION
+            )
             return
         fields = {"active_run_id": None, "active_command_id": None, "last_run_id": run_id}
         if session.execution_state != ExecutionState.IDLE:
@@ -361,12 +375,22 @@ def session_upsert(
 
 @write_transaction(durable=True)
 def session_mark_read(*, session_id: str, reader_id: str, scope: Scope) -> SessionReadCursor:
-    """The reader has seen the session as it is now. The session itself does not change."""
+    """The reader has seen the session as it is now. The session itself does not change.
+
+    The cursor is stamped with the next session counter value (`read_version`): the read moves
+    the session in this reader's inbox, and a walk of it must see that the move came after it
+    began. The counter comes after the cursor's row lock and a read locks no session, so reads
+    and session writes never wait for each other in a cycle."""
     session = Session.objects.filter(scope.q(), pk=session_id).only("version").first()
     if session is None:
         raise not_found("session", session_id)
-    return upsert_read_cursor(SessionReadCursor, owner_field="session", version_field="session_version",
-                              owner_id=session_id, reader_id=reader_id, version=session.version)
+    cursor = upsert_read_cursor(SessionReadCursor, owner_field="session", version_field="session_version",
+                                owner_id=session_id, reader_id=reader_id, version=session.version)
+    cursor.read_version = counters.next_version(counters.SESSIONS)
+    SessionReadCursor.objects.filter(session_id=session_id, reader_id=reader_id).update(
+        read_version=cursor.read_version
+    )
+    return cursor
 
 
 STORAGE_FIELDS = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 
 from agentrun import counters
 from agentrun.auth import Scope
@@ -53,7 +54,8 @@ def finish_turn(run, command, runner="runner-1"):
 
 def test_upsert_creates_an_idle_session_with_the_next_global_version():
     make_run(session_id="from-run")
-    before = Session.objects.get(pk="from-run").version
+    # The run's last stamp: its creation's version, or the touch of its first event after it.
+    before = Session.objects.get(pk="from-run").inbox_version
     session, created = put("s1", metadata={"title": "  Fix the build  "}, conversation_id="conv")
     assert created
     assert session.version == before + 1  # one counter for every bump (A1), not 1
@@ -331,9 +333,10 @@ def test_walk_neither_skips_nor_repeats_unchanged_sessions_while_others_change()
 
 
 def run_services_touch(session_id):
-    """New activity without a version bump, as an appended event does."""
-    at = db_now()
-    Session.objects.filter(pk=session_id).update(last_activity_at=at, updated_at=at)
+    """New activity without a version bump: the statement an event append sends for its session."""
+    sql, params = services.session_event_touch_sql(session_id=session_id, last_event_seq=1, at=db_now())
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def test_walk_token_belongs_to_its_listing():
