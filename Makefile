@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
 
-.PHONY: install run test bench soak migrate clean
+.PHONY: install run test bench soak fuzz migrate clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentrun needs Python 3.11 or newer")'
@@ -32,6 +32,12 @@ bench: install
 # Not part of `make test`: SOAK_SECONDS (default 600) of load and faults, then the invariants (bench/README.md).
 soak: install
 	$(PY) bench/soak.py
+
+# schemathesis over every route, longer than in `make test` and with a random seed (printed);
+# AGENTRUN_FUZZ_EXAMPLES and AGENTRUN_FUZZ_SEED override.
+fuzz: install
+	AGENTRUN_FUZZ_EXAMPLES=$${AGENTRUN_FUZZ_EXAMPLES:-300} DJANGO_SETTINGS_MODULE=settings.test \
+		$(PY) -m pytest tests/test_schemathesis.py -p no:cacheprovider -q
 
 clean:
 	rm -rf $(VENV) var

@@ -6,9 +6,12 @@ import math
 import re
 from datetime import UTC, datetime
 
-from agentrun.errors import invalid
+from agentrun.errors import AgentRunError, invalid
+from agentrun.fields import IDENTIFIER_MAX_LENGTH, check_identifier
 
 _DIGITS = re.compile(r"^[0-9]+$")
+# An integer query parameter's text, leading zeros included: longer is not a number we take.
+MAX_INTEGER_TEXT = 32
 
 
 def iso(value: datetime | None) -> str | None:
@@ -39,19 +42,23 @@ def parse_iso(value, *, field: str) -> datetime | None:
         raise invalid(f"{field} is out of range", field=field) from None
 
 
-def query_int(params, name: str, *, default: int, minimum: int, maximum: int | None = None) -> int:
-    """An integer query parameter: decimal digits only, at least `minimum`, clamped to `maximum`."""
+def query_int(params, name: str, *, default: int, minimum: int, maximum: int | None = None,
+              at_most: int | None = None) -> int:
+    """An integer query parameter: decimal digits only, at least `minimum`, clamped to `maximum`;
+    above `at_most` (a seq or version past what a column holds) it is refused."""
     raw = params.get(name)
     if raw is None or raw == "":
         return default
     text = raw.strip()
     if text.startswith("-") and _DIGITS.match(text[1:]):
         raise invalid(f"{name} must be an integer of at least {minimum}", parameter=name)
-    if not _DIGITS.match(text):
+    if len(raw) > MAX_INTEGER_TEXT or not _DIGITS.match(text):
         raise invalid(f"{name} must be an integer", parameter=name)
     value = int(text)
     if value < minimum:
         raise invalid(f"{name} must be an integer of at least {minimum}", parameter=name)
+    if at_most is not None and value > at_most:
+        raise invalid(f"{name} must be an integer of at most {at_most}", parameter=name, maximum=at_most)
     if maximum is not None:
         value = min(value, maximum)
     return value
@@ -69,3 +76,15 @@ def query_wait(params, *, maximum: float) -> float:
     if math.isnan(value) or value < 0:
         raise invalid("wait must be a number of seconds from 0 to 30", parameter="wait")
     return min(value, maximum)
+
+
+def query_identifier(params, name: str, *, max_length: int = IDENTIFIER_MAX_LENGTH) -> str | None:
+    """A string query parameter (an id, a reader, a queue, a page token), None when absent or
+    empty: the identifier rule (`check_identifier`), a 400 naming the parameter."""
+    value = params.get(name) or None
+    try:
+        check_identifier(value, field=name, max_length=max_length, required=False)
+    except AgentRunError as exc:
+        exc.details["parameter"] = name
+        raise
+    return value

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from agentrun.errors import invalid
-from agentrun.fields import validated
-from agentrun.wire import query_int
+from agentrun.fields import BIGINT_MAX, validated
+from agentrun.openapi import PAGE_TOKEN_MAX_LENGTH, PageListSchema, error, page_token_parameter, query_cursor, query_integer, query_string
+from agentrun.wire import query_identifier, query_int
 from queues import selectors, services
+from queues.models import TaskState
 from queues.serializers import (
     AttemptIn,
     CommanderOut,
@@ -25,6 +26,8 @@ from queues.serializers import (
 
 CLIENT = "client"
 MAX_LIMIT, DEFAULT_LIMIT = 100, 50
+QUEUE = query_string("queue", description="Only this queue's tasks.")
+TERMINAL_TASK = "the task is terminal: `cancelled` when it was cancelled, else `schema-invalid`."
 
 
 def _task(task) -> dict:
@@ -32,12 +35,17 @@ def _task(task) -> dict:
 
 
 class QueueTaskViewSet(viewsets.ViewSet):
+    schema = PageListSchema()
     lookup_value_regex = "[^/]+"
     # Attempt updates are the operator's (who may do everything).
     roles = {"create": {CLIENT}, "list": {CLIENT}, "retrieve": {CLIENT}, "cancel": {CLIENT}, "read": {CLIENT},
              "attempt": set()}
 
-    @extend_schema(request=TaskCreateIn, responses={201: TaskOut, 200: TaskOut})
+    @extend_schema(request=TaskCreateIn, responses={
+        201: TaskOut, 200: TaskOut,
+        403: error("`tenant-policy-denied`: `tenantId`/`projectId` is outside the key's scope."),
+        409: error("`schema-invalid`: the idempotency key was used before with another task."),
+    })
     def create(self, request):
         data = validated(TaskCreateIn, request.data)
         tenant_id, project_id = request.scope.fill(data.get("tenantId"), data.get("projectId"))
@@ -62,26 +70,28 @@ class QueueTaskViewSet(viewsets.ViewSet):
         return Response(_task(task), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     @extend_schema(
+        operation_id="queue_tasks_list",
         parameters=[
-            OpenApiParameter("queue", str),
-            OpenApiParameter("state", str, enum=["pending", "running", "completed", "failed", "blocked", "cancelled"]),
-            OpenApiParameter("cursor", str, description="A version: tasks changed after it, in version order."),
-            OpenApiParameter("updatedAfter", str, description="Alias of `cursor` (a version, not a time)."),
-            OpenApiParameter("pageToken", str, description="The previous page's `nextPageToken` (priority view)."),
-            OpenApiParameter("limit", int, description="1 to 100 (default 50)."),
+            QUEUE,
+            query_string("state", enum=TaskState.values),
+            query_cursor("cursor", "A version: the change feed, tasks changed after it, in version order."),
+            query_cursor("updatedAfter", "Alias of `cursor` (a version, not a time)."),
+            page_token_parameter("The previous page's `nextPageToken` (the priority view; not with `cursor`)."),
+            query_integer("limit", minimum=1, default=DEFAULT_LIMIT,
+                          description=f"Larger values are taken as {MAX_LIMIT}."),
         ],
         responses=TaskListOut,
     )
     def list(self, request):
         params = request.query_params
         name = "cursor" if params.get("cursor") else "updatedAfter"
-        cursor = query_int(params, name, default=None, minimum=0) if params.get(name) else None
+        cursor = query_int(params, name, default=None, minimum=0, at_most=BIGINT_MAX) if params.get(name) else None
         page = selectors.task_list(
             scope=request.scope,
-            queue=params.get("queue") or None,
+            queue=query_identifier(params, "queue"),
             state=params.get("state") or None,
             cursor=cursor,
-            page_token=params.get("pageToken") or None,
+            page_token=query_identifier(params, "pageToken", max_length=PAGE_TOKEN_MAX_LENGTH),
             limit=query_int(params, "limit", default=DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT),
         )
         items = [_task(task) for task in page.tasks]
@@ -92,7 +102,7 @@ class QueueTaskViewSet(viewsets.ViewSet):
     def retrieve(self, request, pk=None):
         return Response(_task(selectors.task_get(task_id=pk, scope=request.scope)))
 
-    @extend_schema(request=AttemptIn, responses=TaskOut)
+    @extend_schema(request=AttemptIn, responses={200: TaskOut, 409: error(f"`cancelled` or `schema-invalid`: {TERMINAL_TASK}")})
     @action(detail=True, methods=["post"])
     def attempt(self, request, pk=None):
         data = validated(AttemptIn, request.data)
@@ -119,19 +129,17 @@ class QueueTaskViewSet(viewsets.ViewSet):
 class QueueViewSet(viewsets.ViewSet):
     roles = {"stats": {CLIENT}, "commander": {CLIENT}}
 
-    @extend_schema(parameters=[OpenApiParameter("queue", str)], responses=StatsOut)
+    @extend_schema(parameters=[QUEUE], responses=StatsOut)
     @action(detail=False, methods=["get"])
     def stats(self, request):
-        stats = selectors.task_stats(scope=request.scope, queue=request.query_params.get("queue") or None)
+        stats = selectors.task_stats(scope=request.scope, queue=query_identifier(request.query_params, "queue"))
         return Response(StatsOut().to_representation(stats))
 
-    @extend_schema(parameters=[OpenApiParameter("queue", str), OpenApiParameter("readerId", str)],
+    @extend_schema(parameters=[QUEUE, query_string("readerId", description="Whose read cursors decide `unread`.")],
                    responses=CommanderOut)
     @action(detail=False, methods=["get"])
     def commander(self, request):
-        reader_id = request.query_params.get("readerId") or None
-        if reader_id is not None and len(reader_id) > 200:
-            raise invalid("readerId must be at most 200 characters", parameter="readerId")
-        snapshot = selectors.commander(scope=request.scope, queue=request.query_params.get("queue") or None,
+        reader_id = query_identifier(request.query_params, "readerId")
+        snapshot = selectors.commander(scope=request.scope, queue=query_identifier(request.query_params, "queue"),
                                        reader_id=reader_id)
         return Response(CommanderOut().to_representation(snapshot))

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from agentrun.fields import IdentifierField, JSONObjectField, StrictCharField, StrictIntegerField
+from agentrun.fields import IDENTIFIER_MAX_LENGTH, IdentifierField, JSONObjectField, StrictCharField, StrictIntegerField
+from agentrun.openapi import CURSOR_MAX_LENGTH, PAGE_TOKEN_MAX_LENGTH, BackendProfileField
 from agentrun.wire import iso
 from queues.models import TASK_ACTIVE, TaskState
 from runs.serializers import validate_execution_policy
+
+MAX_TITLE = 500
+MAX_REASON = 2000
+MAX_SESSION_PATH = 4000
 
 
 class TaskCreateIn(serializers.Serializer):
@@ -15,9 +20,9 @@ class TaskCreateIn(serializers.Serializer):
     projectId = IdentifierField(required=False, allow_null=True, max_length=200)
     queue = IdentifierField(max_length=200)
     lane = IdentifierField(required=False, default="default", max_length=200)
-    title = StrictCharField(required=False, default="", allow_blank=True, max_length=500)
+    title = StrictCharField(required=False, default="", allow_blank=True, max_length=MAX_TITLE)
     priority = StrictIntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
-    backendProfile = IdentifierField(max_length=32)
+    backendProfile = BackendProfileField(max_length=32)
     providerId = IdentifierField(required=False, allow_null=True, max_length=200)
     workspaceRef = serializers.JSONField(required=False, allow_null=True)
     sessionRef = JSONObjectField(required=False, allow_null=True)
@@ -35,7 +40,7 @@ class TaskCreateIn(serializers.Serializer):
 class AttemptIn(serializers.Serializer):
     state = serializers.ChoiceField(choices=TaskState.values)
     latestAttempt = JSONObjectField(allow_null=True)
-    sessionPath = StrictCharField(required=False, allow_null=True, max_length=4000)
+    sessionPath = StrictCharField(required=False, allow_null=True, max_length=MAX_SESSION_PATH)
 
 
 class TaskReadIn(serializers.Serializer):
@@ -43,19 +48,19 @@ class TaskReadIn(serializers.Serializer):
 
 
 class TaskCancelIn(serializers.Serializer):
-    reason = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=2000)
+    reason = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=MAX_REASON)
 
 
 class TaskOut(serializers.Serializer):
-    id = serializers.CharField()
-    tenantId = serializers.CharField()
-    projectId = serializers.CharField()
-    queue = serializers.CharField()
-    lane = serializers.CharField()
-    title = serializers.CharField()
+    id = serializers.CharField(max_length=64)
+    tenantId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    projectId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    queue = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    lane = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    title = serializers.CharField(max_length=MAX_TITLE, allow_blank=True)
     priority = serializers.IntegerField()
-    backendProfile = serializers.CharField()
-    providerId = serializers.CharField(allow_null=True)
+    backendProfile = serializers.CharField(max_length=32)
+    providerId = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
     workspaceRef = serializers.JSONField(allow_null=True)
     sessionRef = serializers.JSONField(allow_null=True)
     executionPolicy = serializers.JSONField(allow_null=True)
@@ -63,16 +68,16 @@ class TaskOut(serializers.Serializer):
     payload = serializers.JSONField(allow_null=True)
     references = serializers.JSONField(allow_null=True)
     metadata = serializers.JSONField(allow_null=True)
-    idempotencyKey = serializers.CharField(allow_null=True)
+    idempotencyKey = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
     state = serializers.ChoiceField(choices=TaskState.values)
-    version = serializers.IntegerField()
-    payloadHash = serializers.CharField()
+    version = serializers.IntegerField(min_value=0)
+    payloadHash = serializers.CharField(max_length=64)
     latestAttempt = serializers.JSONField(allow_null=True)
-    sessionPath = serializers.CharField(allow_null=True)
+    sessionPath = serializers.CharField(allow_null=True, max_length=MAX_SESSION_PATH)
     createdAt = serializers.DateTimeField()
     updatedAt = serializers.DateTimeField()
     cancelledAt = serializers.DateTimeField(allow_null=True)
-    cancelReason = serializers.CharField(allow_null=True)
+    cancelReason = serializers.CharField(allow_null=True, max_length=MAX_REASON)
 
     def to_representation(self, task):
         return {
@@ -106,9 +111,9 @@ class TaskOut(serializers.Serializer):
 
 
 class TaskReadCursorOut(serializers.Serializer):
-    taskId = serializers.CharField()
-    readerId = serializers.CharField()
-    taskVersion = serializers.IntegerField()
+    taskId = serializers.CharField(max_length=64)
+    readerId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    taskVersion = serializers.IntegerField(min_value=0)
     readAt = serializers.DateTimeField()
 
     def to_representation(self, cursor):
@@ -119,7 +124,7 @@ class TaskReadCursorOut(serializers.Serializer):
 class TaskSummaryOut(TaskOut):
     """A task with its attention for one reader (SPEC §1.7 QueueTaskSummary)."""
 
-    readerId = serializers.CharField(allow_null=True)
+    readerId = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
     readCursor = TaskReadCursorOut(allow_null=True)
     active = serializers.BooleanField()
     unread = serializers.BooleanField()
@@ -144,11 +149,11 @@ class TaskSummaryOut(TaskOut):
 
 
 class StatsOut(serializers.Serializer):
-    queue = serializers.CharField(allow_null=True)
-    total = serializers.IntegerField()
-    byState = serializers.DictField(child=serializers.IntegerField())
-    byLane = serializers.DictField(child=serializers.IntegerField())
-    maxVersion = serializers.IntegerField()
+    queue = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    total = serializers.IntegerField(min_value=0)
+    byState = serializers.DictField(child=serializers.IntegerField(min_value=0), help_text="Tasks by state.")
+    byLane = serializers.DictField(child=serializers.IntegerField(min_value=0), help_text="Tasks by lane.")
+    maxVersion = serializers.IntegerField(min_value=0)
     generatedAt = serializers.DateTimeField()
 
     def to_representation(self, stats):
@@ -156,8 +161,8 @@ class StatsOut(serializers.Serializer):
 
 
 class CommanderOut(serializers.Serializer):
-    queue = serializers.CharField(allow_null=True)
-    readerId = serializers.CharField(allow_null=True)
+    queue = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    readerId = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
     stats = StatsOut()
     items = TaskSummaryOut(many=True)
     generatedAt = serializers.DateTimeField()
@@ -175,6 +180,9 @@ class CommanderOut(serializers.Serializer):
 
 class TaskListOut(serializers.Serializer):
     items = TaskOut(many=True)
-    count = serializers.IntegerField()
-    cursor = serializers.CharField(allow_null=True)
-    nextPageToken = serializers.CharField(allow_null=True)
+    count = serializers.IntegerField(min_value=0)
+    cursor = serializers.CharField(allow_null=True, max_length=CURSOR_MAX_LENGTH, help_text=(
+        "With `cursor`: the last item's version, else the cursor given. Without: the highest version among the "
+        "matching tasks (null when none match)."))
+    nextPageToken = serializers.CharField(allow_null=True, max_length=PAGE_TOKEN_MAX_LENGTH, help_text=(
+        "Pass it back as `pageToken`; null on the last page."))

@@ -6,31 +6,37 @@ import json
 
 from django.conf import settings
 from django.http import HttpResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from agentrun import notify
-from agentrun.fields import validated
-from agentrun.wire import query_int, query_wait
+from agentrun.fields import BIGINT_MAX, validated
+from agentrun.openapi import error, page_parameters, query_string
+from agentrun.wire import query_identifier, query_int, query_wait
 from runs import selectors, services
 from runs.serializers import (
     CancelIn,
     ClaimIn,
     CommandCreateIn,
     CommandOut,
-    EventAppendIn,
+    CommandPageOut,
+    EventAppendBatchIn,
+    EventAppendOneIn,
     EventOut,
+    EventPageOut,
     FinishIn,
     HeartbeatIn,
     LeaseIn,
     RunCreateIn,
     RunnerJobIn,
     RunnerJobOut,
+    RunnerJobPageOut,
     RunnerOut,
     RunnerRegisterIn,
     RunOut,
+    SessionEventPageOut,
     parse_event_append,
     render_page,
 )
@@ -40,11 +46,18 @@ MAX_EVENTS_PAGE = 500
 MAX_COMMANDS_PAGE = 100
 DEFAULT_PAGE = 100
 
-PAGE_PARAMETERS = [
-    OpenApiParameter("afterSeq", int, description="Only items with a greater seq (default 0)."),
-    OpenApiParameter("limit", int, description="Page size, clamped to the maximum."),
-    OpenApiParameter("wait", float, description="Seconds to wait for a first item (0-30)."),
-]
+# What the schema says of the routes' own errors; `agentrun.openapi` adds what every route answers.
+LEASE_CONFLICT = error("`runner-lease-conflict`: `runnerId` is not the run's holder, or `leaseEpoch` is not its "
+                       "current epoch (a newer claim took the lease); nothing was written.")
+TERMINAL_RUN = ("the run is terminal: the kind is its `failureKind`, else `cancelled` when it was cancelled, "
+                "else `schema-invalid`.")
+IDEMPOTENCY_CONFLICT = "`schema-invalid`: the idempotency key was used before with another body."
+EVENT_APPEND = PolymorphicProxySerializer(
+    component_name="EventAppend", serializers=[EventAppendOneIn, EventAppendBatchIn], resource_type_field_name=None
+)
+EVENT_APPENDED = PolymorphicProxySerializer(
+    component_name="EventAppended", serializers=[EventOut, EventPageOut], resource_type_field_name=None
+)
 
 
 def _content_length(request) -> int | None:
@@ -83,7 +96,7 @@ class _Page:
 
 
 def _page_parameters(request, maximum: int) -> tuple[int, int, float]:
-    after_seq = query_int(request.query_params, "afterSeq", default=0, minimum=0)
+    after_seq = query_int(request.query_params, "afterSeq", default=0, minimum=0, at_most=BIGINT_MAX)
     limit = query_int(request.query_params, "limit", default=DEFAULT_PAGE, minimum=1, maximum=maximum)
     wait = query_wait(request.query_params, maximum=settings.AGENTRUN_MAX_WAIT_SECONDS)
     return after_seq, limit, wait
@@ -118,7 +131,12 @@ class RunViewSet(viewsets.ViewSet):
         "runner_jobs": {RUNNER},
     }
 
-    @extend_schema(request=RunCreateIn, responses={201: RunOut, 200: RunOut})
+    @extend_schema(request=RunCreateIn, responses={
+        201: RunOut, 200: RunOut,
+        403: error("`tenant-policy-denied`: `tenantId`/`projectId` is outside the key's scope, or `sessionRef` "
+                   "names a session of another tenant or project."),
+        409: error(IDEMPOTENCY_CONFLICT),
+    })
     def create(self, request):
         data = validated(RunCreateIn, request.data)
         tenant_id, project_id = request.scope.fill(data.get("tenantId"), data.get("projectId"))
@@ -143,14 +161,17 @@ class RunViewSet(viewsets.ViewSet):
     def retrieve(self, request, pk=None):
         return Response(RunOut().to_representation(selectors.run_get(run_id=pk, scope=request.scope)))
 
-    @extend_schema(request=ClaimIn, responses=RunOut)
+    @extend_schema(request=ClaimIn, responses={
+        200: RunOut,
+        409: error(f"`runner-lease-conflict`: another runner holds a live lease; or {TERMINAL_RUN}"),
+    })
     @action(detail=True, methods=["post"])
     def claim(self, request, pk=None):
         data = validated(ClaimIn, request.data)
         run = services.run_claim(run_id=pk, runner_id=data["runnerId"], lease_ms=data["leaseMs"], scope=request.scope)
         return Response(RunOut().to_representation(run))
 
-    @extend_schema(request=HeartbeatIn, responses=RunOut)
+    @extend_schema(request=HeartbeatIn, responses={200: RunOut, 409: LEASE_CONFLICT})
     @action(detail=True, methods=["post"])
     def heartbeat(self, request, pk=None):
         data = validated(HeartbeatIn, request.data)
@@ -160,7 +181,7 @@ class RunViewSet(viewsets.ViewSet):
         )
         return Response(RunOut().to_representation(run))
 
-    @extend_schema(request=FinishIn, responses=RunOut)
+    @extend_schema(request=FinishIn, responses={200: RunOut, 409: LEASE_CONFLICT})
     @action(detail=True, methods=["post"])
     def finish(self, request, pk=None):
         data = validated(FinishIn, request.data)
@@ -184,8 +205,14 @@ class RunViewSet(viewsets.ViewSet):
         run = services.run_cancel(run_id=pk, reason=data.get("reason"), scope=request.scope)
         return Response(RunOut().to_representation(run))
 
-    @extend_schema(methods=["GET"], parameters=PAGE_PARAMETERS, responses=EventOut(many=True))
-    @extend_schema(methods=["POST"], request=EventAppendIn, responses={201: EventOut, 200: EventOut})
+    @extend_schema(methods=["GET"], parameters=page_parameters(maximum=MAX_EVENTS_PAGE), responses=EventPageOut)
+    @extend_schema(methods=["POST"], request=EVENT_APPEND, responses={
+        201: EVENT_APPENDED, 200: EVENT_APPENDED,
+        409: error("`runner-lease-conflict`: not the holder of the run's current lease (after a finish, only the "
+                   "last epoch may still append); `schema-invalid`: `batchKey` was used before with other events."),
+        413: error("`schema-invalid`: one event's payload is over 256 KiB of JSON (`details`: `index`, `bytes`, "
+                   "`limitBytes`); nothing of the batch was written."),
+    })
     @action(detail=True, methods=["get", "post"])
     def events(self, request, pk=None):
         if request.method == "GET":
@@ -206,8 +233,10 @@ class RunViewSet(viewsets.ViewSet):
             return Response(EventOut().to_representation(events[0]), status=code)
         return Response(render_page(events, EventOut, cursor=str(events[-1].seq)), status=code)
 
-    @extend_schema(methods=["GET"], parameters=PAGE_PARAMETERS, responses=CommandOut(many=True))
-    @extend_schema(methods=["POST"], request=CommandCreateIn, responses={201: CommandOut, 200: CommandOut})
+    @extend_schema(methods=["GET"], parameters=page_parameters(maximum=MAX_COMMANDS_PAGE), responses=CommandPageOut)
+    @extend_schema(methods=["POST"], request=CommandCreateIn, responses={
+        201: CommandOut, 200: CommandOut, 409: error(f"{IDEMPOTENCY_CONFLICT} Or {TERMINAL_RUN}"),
+    })
     @action(detail=True, methods=["get", "post"])
     def commands(self, request, pk=None):
         if request.method == "GET":
@@ -224,13 +253,19 @@ class RunViewSet(viewsets.ViewSet):
         )
         return _created(command, created, CommandOut)
 
-    @extend_schema(methods=["GET"], parameters=[OpenApiParameter("commandId", str)], responses=RunnerJobOut(many=True))
-    @extend_schema(methods=["POST"], request=RunnerJobIn, responses={201: RunnerJobOut, 200: RunnerJobOut})
+    @extend_schema(methods=["GET"], parameters=[query_string("commandId", description="Only this command's jobs.")],
+                   responses=RunnerJobPageOut)
+    @extend_schema(methods=["POST"], request=RunnerJobIn, responses={
+        201: RunnerJobOut, 200: RunnerJobOut,
+        404: error("`schema-invalid`: no runner job with this `id`."),
+        409: error(f"{IDEMPOTENCY_CONFLICT} Or the job `id` belongs to another run."),
+    })
     @action(detail=True, methods=["get", "post"], url_path="runner-jobs")
     def runner_jobs(self, request, pk=None):
         if request.method == "GET":
             selectors.run_exists(run_id=pk, scope=request.scope)
-            jobs = selectors.runner_job_list(run_id=pk, command_id=request.query_params.get("commandId") or None)
+            command_id = query_identifier(request.query_params, "commandId")
+            jobs = selectors.runner_job_list(run_id=pk, command_id=command_id)
             return Response(render_page(jobs, RunnerJobOut, cursor=None))
         data = validated(RunnerJobIn, request.data)
         fields = {
@@ -266,7 +301,7 @@ class CommandViewSet(viewsets.ViewSet):
     def retrieve(self, request, pk=None):
         return Response(CommandOut().to_representation(selectors.command_get(command_id=pk, scope=request.scope)))
 
-    @extend_schema(request=LeaseIn, responses=CommandOut)
+    @extend_schema(request=LeaseIn, responses={200: CommandOut, 409: LEASE_CONFLICT})
     @action(detail=True, methods=["post"])
     def ack(self, request, pk=None):
         data = validated(LeaseIn, request.data)
@@ -275,7 +310,7 @@ class CommandViewSet(viewsets.ViewSet):
         )
         return Response(CommandOut().to_representation(command))
 
-    @extend_schema(request=FinishIn, responses=CommandOut)
+    @extend_schema(request=FinishIn, responses={200: CommandOut, 409: LEASE_CONFLICT})
     @action(detail=True, methods=["post"])
     def finish(self, request, pk=None):
         data = validated(FinishIn, request.data)
@@ -303,7 +338,9 @@ class CommandViewSet(viewsets.ViewSet):
 class RunnerViewSet(viewsets.ViewSet):
     roles = {"create": {RUNNER}}
 
-    @extend_schema(request=RunnerRegisterIn, responses={201: RunnerOut, 200: RunnerOut})
+    @extend_schema(request=RunnerRegisterIn, responses={
+        201: RunnerOut, 200: RunnerOut, 403: error("`tenant-policy-denied`: this runnerId belongs to another tenant."),
+    })
     def create(self, request):
         data = validated(RunnerRegisterIn, request.data)
         attributes = request.data if isinstance(request.data, dict) else {}
@@ -313,6 +350,12 @@ class RunnerViewSet(viewsets.ViewSet):
         return _created(runner, created, RunnerOut)
 
 
+SESSION_EVENT_PARAMETERS = [
+    query_string("runId", description="One of the session's runs (default: its active run, else its last)."),
+    *page_parameters(maximum=MAX_EVENTS_PAGE),
+]
+
+
 class SessionEventViewSet(viewsets.ViewSet):
     """A session's events: those of its active run, else its last run, else of `runId`."""
 
@@ -320,9 +363,8 @@ class SessionEventViewSet(viewsets.ViewSet):
     roles = {"trace": {CLIENT}, "output": {CLIENT}}
 
     def _events(self, request, session_id: str, fetch) -> HttpResponse:
-        run_id = selectors.session_run_id(
-            session_id=session_id, run_id=request.query_params.get("runId") or None, scope=request.scope
-        )
+        run_id = query_identifier(request.query_params, "runId")
+        run_id = selectors.session_run_id(session_id=session_id, run_id=run_id, scope=request.scope)
         head = {"sessionId": session_id, "runId": run_id}
         if run_id is None:
             after_seq, _, _ = _page_parameters(request, MAX_EVENTS_PAGE)
@@ -330,12 +372,16 @@ class SessionEventViewSet(viewsets.ViewSet):
         return _page(request, run_id=run_id, maximum=MAX_EVENTS_PAGE, fetch=fetch, serializer_class=EventOut,
                      head=head)
 
-    @extend_schema(parameters=[OpenApiParameter("runId", str), *PAGE_PARAMETERS], responses=EventOut(many=True))
+    @extend_schema(parameters=SESSION_EVENT_PARAMETERS, responses={
+        200: SessionEventPageOut, 404: error("`schema-invalid`: no such session, or `runId` is not one of its runs."),
+    })
     @action(detail=True, methods=["get"])
     def trace(self, request, pk=None):
         return self._events(request, pk, selectors.event_list)
 
-    @extend_schema(parameters=[OpenApiParameter("runId", str), *PAGE_PARAMETERS], responses=EventOut(many=True))
+    @extend_schema(parameters=SESSION_EVENT_PARAMETERS, responses={
+        200: SessionEventPageOut, 404: error("`schema-invalid`: no such session, or `runId` is not one of its runs."),
+    })
     @action(detail=True, methods=["get"])
     def output(self, request, pk=None):
         """Only output events (SPEC §4.10), filtered before the limit (A3)."""

@@ -11,17 +11,27 @@ import json
 from rest_framework import serializers
 
 from agentrun.errors import SCHEMA_INVALID, AgentRunError
-
-from agentrun.fields import BIGINT_MAX, IDENTIFIER_MAX_LENGTH, IdentifierField, JSONObjectField, StrictCharField, StrictIntegerField
+from agentrun.fields import (
+    BIGINT_MAX,
+    IDENTIFIER_MAX_LENGTH,
+    SESSION_ID_MAX_LENGTH,
+    IdentifierField,
+    JSONObjectField,
+    StrictCharField,
+    StrictIntegerField,
+)
+from agentrun.openapi import CURSOR_MAX_LENGTH, BackendProfileField, documented_enum
 from agentrun.text import UNSTORABLE_MESSAGE, is_unstorable
-from agentrun.vocabulary import FAILURE_KINDS, TERMINAL_STATUSES
+from agentrun.vocabulary import COMMAND_TYPES, EVENT_TYPES, FAILURE_KINDS, TERMINAL_STATUSES
 from agentrun.wire import iso
+from runs.models import CommandState, RunStatus
 
 MAX_LEASE_MS = 3_600_000
 DEFAULT_LEASE_MS = 60_000
 MAX_BATCH_EVENTS = 500
 # One event's payload, as compact UTF-8 JSON (API.md).
 MAX_EVENT_PAYLOAD_BYTES = 256 * 1024
+MAX_FAILURE_MESSAGE = 10_000
 
 
 # --- input --------------------------------------------------------------------------------
@@ -58,7 +68,7 @@ def validate_execution_policy(value):
 class RunCreateIn(serializers.Serializer):
     tenantId = IdentifierField(required=False, allow_null=True, max_length=200)
     projectId = IdentifierField(required=False, allow_null=True, max_length=200)
-    backendProfile = IdentifierField(max_length=32)
+    backendProfile = BackendProfileField(max_length=32)
     sessionRef = JSONObjectField(required=False, allow_null=True)
     resourceBundleRef = JSONObjectField(required=False, allow_null=True)
     providerId = IdentifierField(required=False, allow_null=True, max_length=200)
@@ -85,7 +95,7 @@ class FinishIn(serializers.Serializer):
     leaseEpoch = StrictIntegerField(min_value=0, max_value=BIGINT_MAX)
     terminalStatus = serializers.ChoiceField(choices=sorted(TERMINAL_STATUSES))
     failureKind = serializers.ChoiceField(choices=sorted(FAILURE_KINDS), required=False, allow_null=True)
-    failureMessage = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=10_000)
+    failureMessage = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=MAX_FAILURE_MESSAGE)
     threadId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
     turnId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
 
@@ -100,20 +110,29 @@ class LeaseIn(serializers.Serializer):
 
 
 class EventIn(serializers.Serializer):
-    type = IdentifierField()
-    payload = JSONObjectField(required=False, default=dict)
+    """One event of a batch (the schema of what `parse_event_append` takes)."""
+
+    type = serializers.ChoiceField(choices=sorted(EVENT_TYPES))
+    payload = JSONObjectField(required=False, default=dict, help_text="At most 256 KiB of JSON.")
 
 
-class EventAppendIn(serializers.Serializer):
-    """One event `{runnerId, leaseEpoch, type, payload}` or a batch `{..., batchKey?, events}`.
-    Parsed by hand: a 500-event batch through nested DRF fields costs more than the insert."""
+class EventAppendOneIn(serializers.Serializer):
+    """One event. The body is parsed by hand (`parse_event_append`): a 500-event batch through
+    nested DRF fields costs more than the insert. These serializers are its schema."""
 
-    runnerId = IdentifierField(max_length=200)
+    runnerId = IdentifierField(max_length=IDENTIFIER_MAX_LENGTH)
     leaseEpoch = StrictIntegerField(min_value=0, max_value=BIGINT_MAX)
-    batchKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=200)
-    type = IdentifierField(required=False)
-    payload = JSONObjectField(required=False)
-    events = EventIn(many=True, required=False)
+    type = serializers.ChoiceField(choices=sorted(EVENT_TYPES))
+    payload = JSONObjectField(required=False, default=dict, help_text="At most 256 KiB of JSON.")
+
+
+class EventAppendBatchIn(serializers.Serializer):
+    """A batch, all or nothing; a repeated `batchKey` with the same events replays (200)."""
+
+    runnerId = IdentifierField(max_length=IDENTIFIER_MAX_LENGTH)
+    leaseEpoch = StrictIntegerField(min_value=0, max_value=BIGINT_MAX)
+    batchKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=IDENTIFIER_MAX_LENGTH)
+    events = serializers.ListField(child=EventIn(), min_length=1, max_length=MAX_BATCH_EVENTS)
 
 
 def parse_event_append(data, *, body_bytes: int | None = None) -> dict:
@@ -191,8 +210,12 @@ def _check_payload_sizes(events) -> None:
             )
 
 
+# An IdentifierField naming a command type (checked by `command_create`).
+CommandTypeField = documented_enum(IdentifierField, COMMAND_TYPES)
+
+
 class CommandCreateIn(serializers.Serializer):
-    type = IdentifierField(max_length=32)
+    type = CommandTypeField(max_length=32)
     payload = JSONObjectField(required=False, default=dict)
     idempotencyKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=200)
 
@@ -221,24 +244,24 @@ class RunnerJobIn(serializers.Serializer):
 
 
 class RunOut(serializers.Serializer):
-    id = serializers.CharField()
-    tenantId = serializers.CharField()
-    projectId = serializers.CharField()
-    backendProfile = serializers.CharField()
+    id = serializers.CharField(max_length=64)
+    tenantId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    projectId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    backendProfile = serializers.CharField(max_length=32)
     sessionRef = serializers.JSONField(allow_null=True)
     resourceBundleRef = serializers.JSONField(allow_null=True)
-    providerId = serializers.CharField(allow_null=True)
+    providerId = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
     workspaceRef = serializers.JSONField(allow_null=True)
     executionPolicy = serializers.JSONField(allow_null=True)
     metadata = serializers.JSONField(allow_null=True)
-    idempotencyKey = serializers.CharField(allow_null=True)
-    status = serializers.CharField()
-    terminalStatus = serializers.CharField(allow_null=True)
-    failureKind = serializers.CharField(allow_null=True)
-    failureMessage = serializers.CharField(allow_null=True)
-    claimedBy = serializers.CharField(allow_null=True)
+    idempotencyKey = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    status = serializers.ChoiceField(choices=RunStatus.values)
+    terminalStatus = serializers.ChoiceField(choices=sorted(TERMINAL_STATUSES), allow_null=True)
+    failureKind = serializers.CharField(allow_null=True, max_length=64)
+    failureMessage = serializers.CharField(allow_null=True, max_length=MAX_FAILURE_MESSAGE)
+    claimedBy = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
     leaseExpiresAt = serializers.DateTimeField(allow_null=True)
-    leaseEpoch = serializers.IntegerField()
+    leaseEpoch = serializers.IntegerField(min_value=0)
     createdAt = serializers.DateTimeField()
     updatedAt = serializers.DateTimeField()
 
@@ -270,11 +293,11 @@ class RunOut(serializers.Serializer):
 
 
 class EventOut(serializers.Serializer):
-    id = serializers.CharField()
-    runId = serializers.CharField()
-    seq = serializers.IntegerField()
-    type = serializers.CharField()
-    payload = serializers.JSONField()
+    id = serializers.CharField(max_length=64)
+    runId = serializers.CharField(max_length=64)
+    seq = serializers.IntegerField(min_value=1)
+    type = serializers.CharField(max_length=32)
+    payload = JSONObjectField()
     createdAt = serializers.DateTimeField()
 
     def to_representation(self, event):
@@ -289,20 +312,20 @@ class EventOut(serializers.Serializer):
 
 
 class CommandOut(serializers.Serializer):
-    id = serializers.CharField()
-    runId = serializers.CharField()
-    seq = serializers.IntegerField()
-    type = serializers.CharField()
-    payload = serializers.JSONField()
-    idempotencyKey = serializers.CharField(allow_null=True)
-    payloadHash = serializers.CharField()
-    state = serializers.CharField()
+    id = serializers.CharField(max_length=64)
+    runId = serializers.CharField(max_length=64)
+    seq = serializers.IntegerField(min_value=1)
+    type = serializers.ChoiceField(choices=sorted(COMMAND_TYPES))
+    payload = JSONObjectField()
+    idempotencyKey = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    payloadHash = serializers.CharField(max_length=64)
+    state = serializers.ChoiceField(choices=CommandState.values)
     acknowledgedAt = serializers.DateTimeField(allow_null=True)
-    terminalStatus = serializers.CharField(allow_null=True)
-    failureKind = serializers.CharField(allow_null=True)
-    failureMessage = serializers.CharField(allow_null=True)
-    threadId = serializers.CharField(allow_null=True)
-    turnId = serializers.CharField(allow_null=True)
+    terminalStatus = serializers.ChoiceField(choices=sorted(TERMINAL_STATUSES), allow_null=True)
+    failureKind = serializers.CharField(allow_null=True, max_length=64)
+    failureMessage = serializers.CharField(allow_null=True, max_length=MAX_FAILURE_MESSAGE)
+    threadId = serializers.CharField(allow_null=True, max_length=500)
+    turnId = serializers.CharField(allow_null=True, max_length=500)
     createdAt = serializers.DateTimeField()
     updatedAt = serializers.DateTimeField()
 
@@ -328,7 +351,7 @@ class CommandOut(serializers.Serializer):
 
 
 class RunnerOut(serializers.Serializer):
-    id = serializers.CharField()
+    id = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
     registeredAt = serializers.DateTimeField()
     heartbeatAt = serializers.DateTimeField()
 
@@ -339,19 +362,19 @@ class RunnerOut(serializers.Serializer):
 
 
 class RunnerJobOut(serializers.Serializer):
-    id = serializers.CharField()
-    runId = serializers.CharField()
-    commandId = serializers.CharField()
-    idempotencyKey = serializers.CharField(allow_null=True)
-    payloadHash = serializers.CharField()
-    attemptId = serializers.CharField()
-    runnerId = serializers.CharField()
-    namespace = serializers.CharField()
-    jobName = serializers.CharField()
-    managerUrl = serializers.CharField()
-    image = serializers.CharField()
-    sourceCommit = serializers.CharField()
-    serviceAccountName = serializers.CharField(allow_null=True)
+    id = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    runId = serializers.CharField(max_length=64)
+    commandId = serializers.CharField(max_length=64)
+    idempotencyKey = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    payloadHash = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    attemptId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    runnerId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    namespace = serializers.CharField(max_length=253)
+    jobName = serializers.CharField(max_length=253)
+    managerUrl = serializers.CharField(max_length=2000)
+    image = serializers.CharField(max_length=1000)
+    sourceCommit = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    serviceAccountName = serializers.CharField(allow_null=True, max_length=253)
     result = serializers.JSONField()
     createdAt = serializers.DateTimeField()
     updatedAt = serializers.DateTimeField()
@@ -381,3 +404,30 @@ def render_page(items: list, serializer_class, *, cursor: str | None) -> dict:
     serializer = serializer_class()
     rendered = [serializer.to_representation(item) for item in items]
     return {"items": rendered, "count": len(rendered), "cursor": cursor}
+
+
+# --- pages, for the schema (the views render them with `render_page`) -----------------------
+
+
+class EventPageOut(serializers.Serializer):
+    items = EventOut(many=True)
+    count = serializers.IntegerField(min_value=0)
+    cursor = serializers.CharField(max_length=CURSOR_MAX_LENGTH,
+                                   help_text="The last item's seq; on an empty page, the afterSeq given (else 0).")
+
+
+class CommandPageOut(EventPageOut):
+    items = CommandOut(many=True)
+
+
+class RunnerJobPageOut(serializers.Serializer):
+    items = RunnerJobOut(many=True)
+    count = serializers.IntegerField(min_value=0)
+    cursor = serializers.CharField(allow_null=True, max_length=CURSOR_MAX_LENGTH, help_text="Always null: one page.")
+
+
+class SessionEventPageOut(EventPageOut):
+    """A session's events: those of `runId` when given, else of its active run, else of its last."""
+
+    sessionId = serializers.CharField(max_length=SESSION_ID_MAX_LENGTH)
+    runId = serializers.CharField(allow_null=True, max_length=64, help_text="Null when the session has no run yet.")

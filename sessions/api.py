@@ -2,37 +2,37 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from agentrun.backends import require_profile
+from agentrun.backends import PROFILES, require_profile
 from agentrun.errors import invalid
-from agentrun.fields import SESSION_ID_MAX_LENGTH, check_identifier, validated
-from agentrun.wire import parse_iso, query_int
+from agentrun.fields import BIGINT_MAX, SESSION_ID_MAX_LENGTH, check_identifier, validated
+from agentrun.openapi import PAGE_TOKEN_MAX_LENGTH, PageListSchema, error, page_token_parameter, query_cursor, query_integer, query_string
+from agentrun.wire import parse_iso, query_identifier, query_int
 from sessions import selectors, services
 from sessions.serializers import EvictIn, ReadCursorOut, ReadIn, SessionListOut, SessionOut, SessionPutIn, StorageIn
 
 CLIENT, RUNNER = "client", "runner"
 MAX_LIMIT, DEFAULT_LIMIT = 100, 50
 
+READER = query_string("readerId", description="Whose read cursors decide `unread` and `readCursor`.")
 LIST_PARAMETERS = [
-    OpenApiParameter("state", str, enum=list(selectors.STATES), description="Attention filter (default: active or unread)."),
-    OpenApiParameter("backendProfile", str),
-    OpenApiParameter("readerId", str, description="Whose read cursors decide `unread`."),
-    OpenApiParameter("cursor", str, description="A version: list the sessions changed after it, in version order."),
-    OpenApiParameter("updatedAfter", str, description="Alias of `cursor`."),
-    OpenApiParameter("pageToken", str, description="The previous page's `nextPageToken` (the sorted inbox)."),
-    OpenApiParameter("limit", int, description="1 to 100 (default 50)."),
+    query_string("state", enum=list(selectors.STATES),
+                 description="Attention filter (default: `default`, active or unread)."),
+    query_string("backendProfile", enum=list(PROFILES)),
+    READER,
+    query_cursor("cursor", "A version: the change feed, sessions changed after it, in version order."),
+    query_cursor("updatedAfter", "Alias of `cursor`."),
+    page_token_parameter("The previous page's `nextPageToken` (the sorted inbox; not with `cursor`)."),
+    query_integer("limit", minimum=1, default=DEFAULT_LIMIT, description=f"Larger values are taken as {MAX_LIMIT}."),
 ]
 
 
 def _reader(params) -> str | None:
-    reader_id = params.get("readerId") or None
-    if reader_id is not None and len(reader_id) > 200:
-        raise invalid("readerId must be at most 200 characters", parameter="readerId")
-    return reader_id
+    return query_identifier(params, "readerId")
 
 
 def _summary(session, reader_id=None) -> dict:
@@ -40,6 +40,7 @@ def _summary(session, reader_id=None) -> dict:
 
 
 class SessionViewSet(viewsets.ViewSet):
+    schema = PageListSchema()
     lookup_value_regex = "[^/]+"
     roles = {
         "list": {CLIENT},
@@ -50,7 +51,7 @@ class SessionViewSet(viewsets.ViewSet):
         "storage_evict": {RUNNER},
     }
 
-    @extend_schema(parameters=LIST_PARAMETERS, responses=SessionListOut)
+    @extend_schema(operation_id="sessions_list", parameters=LIST_PARAMETERS, responses=SessionListOut)
     def list(self, request):
         params = request.query_params
         state = params.get("state") or "default"
@@ -60,7 +61,8 @@ class SessionViewSet(viewsets.ViewSet):
         reader_id = _reader(params)
         cursor_name = "cursor" if params.get("cursor") else "updatedAfter"
         cursor_given = params.get(cursor_name) or None
-        cursor = query_int(params, cursor_name, default=None, minimum=0) if cursor_given is not None else None
+        cursor = (query_int(params, cursor_name, default=None, minimum=0, at_most=BIGINT_MAX)
+                  if cursor_given is not None else None)
         limit = query_int(params, "limit", default=DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT)
         page = selectors.session_list(
             scope=request.scope,
@@ -68,7 +70,7 @@ class SessionViewSet(viewsets.ViewSet):
             backend_profile=backend_profile,
             reader_id=reader_id,
             cursor=cursor,
-            page_token=params.get("pageToken") or None,
+            page_token=query_identifier(params, "pageToken", max_length=PAGE_TOKEN_MAX_LENGTH),
             limit=limit,
         )
         serializer = SessionOut(reader_id=reader_id)
@@ -87,13 +89,16 @@ class SessionViewSet(viewsets.ViewSet):
             },
         })
 
-    @extend_schema(parameters=[OpenApiParameter("readerId", str)], responses=SessionOut)
+    @extend_schema(parameters=[READER], responses=SessionOut)
     def retrieve(self, request, pk=None):
         reader_id = _reader(request.query_params)
         session = selectors.session_with_cursor(session_id=pk, reader_id=reader_id, scope=request.scope)
         return Response(_summary(session, reader_id))
 
-    @extend_schema(request=SessionPutIn, responses={201: SessionOut, 200: SessionOut})
+    @extend_schema(request=SessionPutIn, responses={
+        201: SessionOut, 200: SessionOut,
+        403: error("`tenant-policy-denied`: the session belongs to another tenant or project, or the body names one."),
+    })
     def update(self, request, pk=None):
         check_identifier(pk, field="sessionId", max_length=SESSION_ID_MAX_LENGTH)
         data = validated(SessionPutIn, request.data)
@@ -138,7 +143,9 @@ class SessionViewSet(viewsets.ViewSet):
         )
         return Response(_summary(session))
 
-    @extend_schema(request=EvictIn, responses=SessionOut)
+    @extend_schema(request=EvictIn, responses={
+        200: SessionOut, 409: error("`schema-invalid`: `pvcName` is not the session's current PVC; nothing changed."),
+    })
     @action(detail=True, methods=["post"], url_path="storage/evict")
     def storage_evict(self, request, pk=None):
         data = validated(EvictIn, request.data)

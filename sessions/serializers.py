@@ -4,20 +4,33 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from agentrun.fields import BIGINT_MAX, SESSION_ID_MAX_LENGTH, IdentifierField, JSONObjectField, StrictCharField, StrictIntegerField
-from agentrun.wire import iso
-from sessions.models import Session, StorageKind
+from agentrun.fields import (
+    BIGINT_MAX,
+    IDENTIFIER_MAX_LENGTH,
+    SESSION_ID_MAX_LENGTH,
+    IdentifierField,
+    JSONObjectField,
+    StrictCharField,
+    StrictIntegerField,
+)
+from agentrun.openapi import CURSOR_MAX_LENGTH, PAGE_TOKEN_MAX_LENGTH, BackendProfileField
+from agentrun.wire import MAX_INTEGER_TEXT, iso
+from sessions.models import ExecutionState, Session, StorageKind
+from sessions.selectors import STATES
+
+# `tenantId/projectId/sessionId`.
+SESSION_PATH_MAX_LENGTH = 2 * IDENTIFIER_MAX_LENGTH + SESSION_ID_MAX_LENGTH + 2
 
 
 class SessionPutIn(serializers.Serializer):
     sessionId = IdentifierField(required=False, max_length=SESSION_ID_MAX_LENGTH)
     tenantId = IdentifierField(required=False, allow_null=True, max_length=200)
     projectId = IdentifierField(required=False, allow_null=True, max_length=200)
-    backendProfile = IdentifierField(max_length=32)
+    backendProfile = BackendProfileField(max_length=32)
     conversationId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
     threadId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
     metadata = JSONObjectField(required=False, allow_null=True)
-    expiresAt = StrictCharField(required=False, allow_null=True)
+    expiresAt = StrictCharField(required=False, allow_null=True, max_length=64, help_text="ISO-8601.")
     codexRolloutSubdir = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
 
 
@@ -41,9 +54,9 @@ class EvictIn(serializers.Serializer):
 
 
 class ReadCursorOut(serializers.Serializer):
-    sessionId = serializers.CharField()
-    readerId = serializers.CharField()
-    sessionVersion = serializers.IntegerField()
+    sessionId = serializers.CharField(max_length=SESSION_ID_MAX_LENGTH)
+    readerId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    sessionVersion = serializers.IntegerField(min_value=0)
     readAt = serializers.DateTimeField()
 
     def to_representation(self, cursor):
@@ -64,40 +77,40 @@ def render_cursor(session_id: str, reader_id: str | None, version, read_at) -> d
 class SessionOut(serializers.Serializer):
     """The session record plus its attention (SPEC §1.5 SessionSummary, §4.7 with A13)."""
 
-    sessionId = serializers.CharField()
-    tenantId = serializers.CharField()
-    projectId = serializers.CharField()
-    backendProfile = serializers.CharField()
-    conversationId = serializers.CharField(allow_null=True)
-    threadId = serializers.CharField(allow_null=True)
+    sessionId = serializers.CharField(max_length=SESSION_ID_MAX_LENGTH)
+    tenantId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    projectId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    backendProfile = serializers.CharField(max_length=32)
+    conversationId = serializers.CharField(allow_null=True, max_length=500)
+    threadId = serializers.CharField(allow_null=True, max_length=500)
     metadata = serializers.JSONField()
-    version = serializers.IntegerField()
-    executionState = serializers.CharField()
-    lastRunId = serializers.CharField(allow_null=True)
-    lastCommandId = serializers.CharField(allow_null=True)
-    activeRunId = serializers.CharField(allow_null=True)
-    activeCommandId = serializers.CharField(allow_null=True)
-    lastEventSeq = serializers.IntegerField()
-    terminalStatus = serializers.CharField(allow_null=True)
-    failureKind = serializers.CharField(allow_null=True)
-    title = serializers.CharField(allow_null=True)
+    version = serializers.IntegerField(min_value=0)
+    executionState = serializers.ChoiceField(choices=ExecutionState.values)
+    lastRunId = serializers.CharField(allow_null=True, max_length=64)
+    lastCommandId = serializers.CharField(allow_null=True, max_length=64)
+    activeRunId = serializers.CharField(allow_null=True, max_length=64)
+    activeCommandId = serializers.CharField(allow_null=True, max_length=64)
+    lastEventSeq = serializers.IntegerField(min_value=0)
+    terminalStatus = serializers.CharField(allow_null=True, max_length=32)
+    failureKind = serializers.CharField(allow_null=True, max_length=64)
+    title = serializers.CharField(allow_null=True, max_length=200)
     summary = serializers.JSONField()
     lastActivityAt = serializers.DateTimeField(allow_null=True)
     createdAt = serializers.DateTimeField()
     updatedAt = serializers.DateTimeField()
     expiresAt = serializers.DateTimeField(allow_null=True)
-    storageKind = serializers.CharField()
-    storagePvcName = serializers.CharField(allow_null=True)
-    storageNamespace = serializers.CharField(allow_null=True)
-    storagePvcPhase = serializers.CharField(allow_null=True)
-    storageSizeBytes = serializers.IntegerField(allow_null=True)
-    storageFilesCount = serializers.IntegerField(allow_null=True)
-    storageSha256 = serializers.CharField(allow_null=True)
+    storageKind = serializers.ChoiceField(choices=StorageKind.values)
+    storagePvcName = serializers.CharField(allow_null=True, max_length=253)
+    storageNamespace = serializers.CharField(allow_null=True, max_length=253)
+    storagePvcPhase = serializers.CharField(allow_null=True, max_length=64)
+    storageSizeBytes = serializers.IntegerField(allow_null=True, min_value=0)
+    storageFilesCount = serializers.IntegerField(allow_null=True, min_value=0)
+    storageSha256 = serializers.CharField(allow_null=True, max_length=64)
     storageUpdatedAt = serializers.DateTimeField(allow_null=True)
     storageEvictedAt = serializers.DateTimeField(allow_null=True)
-    codexRolloutSubdir = serializers.CharField(allow_null=True)
-    sessionPath = serializers.CharField()
-    readerId = serializers.CharField(allow_null=True)
+    codexRolloutSubdir = serializers.CharField(allow_null=True, max_length=500)
+    sessionPath = serializers.CharField(max_length=SESSION_PATH_MAX_LENGTH, help_text="`tenantId/projectId/sessionId`.")
+    readerId = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
     readCursor = ReadCursorOut(allow_null=True)
     attentionState = serializers.ChoiceField(choices=["active", "unread", "read"])
     unread = serializers.BooleanField()
@@ -154,9 +167,22 @@ class SessionOut(serializers.Serializer):
         }
 
 
+class SessionListFiltersOut(serializers.Serializer):
+    """The filters the page was listed with, as given (`cursor` as sent)."""
+
+    state = serializers.ChoiceField(choices=list(STATES))
+    backendProfile = serializers.CharField(allow_null=True, max_length=32)
+    readerId = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    cursor = serializers.CharField(allow_null=True, max_length=MAX_INTEGER_TEXT)
+    limit = serializers.IntegerField(min_value=1)
+
+
 class SessionListOut(serializers.Serializer):
     items = SessionOut(many=True)
-    count = serializers.IntegerField()
-    cursor = serializers.CharField(allow_null=True)
-    nextPageToken = serializers.CharField(allow_null=True)
-    filters = serializers.DictField()
+    count = serializers.IntegerField(min_value=0)
+    cursor = serializers.CharField(allow_null=True, max_length=CURSOR_MAX_LENGTH, help_text=(
+        "With `cursor`: the last item's version, else the cursor given. Without: the highest version among "
+        "the matching sessions (null when none match), to follow the change feed from."))
+    nextPageToken = serializers.CharField(allow_null=True, max_length=PAGE_TOKEN_MAX_LENGTH,
+                                          help_text="Pass it back as `pageToken`; null on the last page.")
+    filters = SessionListFiltersOut()

@@ -98,6 +98,17 @@ SPECTACULAR_SETTINGS = {
     # The docs page works offline: Swagger UI is served from this server, not a CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "PREPROCESSING_HOOKS": ["agentrun.openapi.canonical_paths"],
+    # The error envelope and the statuses every route answers, path id limits and the probes.
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "agentrun.openapi.document_errors"],
+    "ENUM_NAME_OVERRIDES": {
+        "TaskStateEnum": "queues.models.TaskState.values",
+        "CommandStateEnum": "runs.models.CommandState.values",
+        "SessionListStateEnum": "sessions.selectors.STATES",
+        "EventTypeEnum": "agentrun.vocabulary.EVENT_TYPES",
+        "CommandTypeEnum": "agentrun.vocabulary.COMMAND_TYPES",
+        "FailureKindEnum": "agentrun.vocabulary.FAILURE_KINDS",
+        "BackendProfileEnum": "agentrun.backends.PROFILES",
+    },
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
 }
