@@ -33,11 +33,12 @@ bench: install
 soak: install
 	$(PY) bench/soak.py
 
-# schemathesis over every route, longer than in `make test` and with a random seed (printed);
-# AGENTRUN_FUZZ_EXAMPLES and AGENTRUN_FUZZ_SEED override.
+# schemathesis over every route, longer than in `make test`, with its coverage phase and a random
+# seed (printed, with the statuses each operation answered); AGENTRUN_FUZZ_EXAMPLES and
+# AGENTRUN_FUZZ_SEED override.
 fuzz: install
-	AGENTRUN_FUZZ_EXAMPLES=$${AGENTRUN_FUZZ_EXAMPLES:-300} DJANGO_SETTINGS_MODULE=settings.test \
-		$(PY) -m pytest tests/test_schemathesis.py -p no:cacheprovider -q
+	AGENTRUN_FUZZ_EXAMPLES=$${AGENTRUN_FUZZ_EXAMPLES:-300} AGENTRUN_FUZZ_STATUSES=1 DJANGO_SETTINGS_MODULE=settings.test \
+		$(PY) -m pytest tests/test_schemathesis.py -p no:cacheprovider -q -o timeout=0
 
 clean:
 	rm -rf $(VENV) var

@@ -8,7 +8,15 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from agentrun.fields import BIGINT_MAX, validated
-from agentrun.openapi import PAGE_TOKEN_MAX_LENGTH, PageListSchema, error, page_token_parameter, query_cursor, query_integer, query_string
+from agentrun.openapi import (
+    PAGE_TOKEN_MAX_LENGTH,
+    PageListSchema,
+    error,
+    page_token_parameter,
+    query_cursor,
+    query_integer,
+    query_string,
+)
 from agentrun.wire import query_identifier, query_int
 from queues import selectors, services
 from queues.models import TaskState
@@ -27,7 +35,7 @@ from queues.serializers import (
 CLIENT = "client"
 MAX_LIMIT, DEFAULT_LIMIT = 100, 50
 QUEUE = query_string("queue", description="Only this queue's tasks.")
-TERMINAL_TASK = "the task is terminal: `cancelled` when it was cancelled, else `schema-invalid`."
+TERMINAL_TASK = "The task is terminal: `cancelled` when it was cancelled, else `schema-invalid`."
 
 
 def _task(task) -> dict:
@@ -102,7 +110,9 @@ class QueueTaskViewSet(viewsets.ViewSet):
     def retrieve(self, request, pk=None):
         return Response(_task(selectors.task_get(task_id=pk, scope=request.scope)))
 
-    @extend_schema(request=AttemptIn, responses={200: TaskOut, 409: error(f"`cancelled` or `schema-invalid`: {TERMINAL_TASK}")})
+    @extend_schema(request=AttemptIn, responses={
+        200: TaskOut, 409: error(TERMINAL_TASK),
+    })
     @action(detail=True, methods=["post"])
     def attempt(self, request, pk=None):
         data = validated(AttemptIn, request.data)

@@ -26,6 +26,7 @@ from django.db.models import (
 from agentrun.auth import Scope
 from agentrun.clock import db_now
 from agentrun.errors import invalid, not_found
+from agentrun.text import is_unstorable
 from queues.models import TASK_ACTIVE, QueueReadCursor, QueueTask, TaskState
 
 COMMANDER_ITEMS = 20
@@ -64,7 +65,8 @@ def _encode(position: dict) -> str:
 def _decode(raw: str, filters: list) -> dict:
     try:
         position = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        if position["f"] != filters or not isinstance(position["p"], int) or not isinstance(position["i"], str):
+        if (position["f"] != filters or not isinstance(position["p"], int) or not isinstance(position["i"], str)
+                or is_unstorable(position["i"])):
             raise ValueError("token of another listing")
         position["c"] = datetime.fromisoformat(position["c"])
         return position

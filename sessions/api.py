@@ -10,7 +10,15 @@ from rest_framework.response import Response
 from agentrun.backends import PROFILES, require_profile
 from agentrun.errors import invalid
 from agentrun.fields import BIGINT_MAX, SESSION_ID_MAX_LENGTH, check_identifier, validated
-from agentrun.openapi import PAGE_TOKEN_MAX_LENGTH, PageListSchema, error, page_token_parameter, query_cursor, query_integer, query_string
+from agentrun.openapi import (
+    PAGE_TOKEN_MAX_LENGTH,
+    PageListSchema,
+    error,
+    page_token_parameter,
+    query_cursor,
+    query_integer,
+    query_string,
+)
 from agentrun.wire import parse_iso, query_identifier, query_int
 from sessions import selectors, services
 from sessions.serializers import EvictIn, ReadCursorOut, ReadIn, SessionListOut, SessionOut, SessionPutIn, StorageIn

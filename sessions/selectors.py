@@ -38,6 +38,7 @@ from django.db import connection, transaction
 from agentrun import counters
 from agentrun.auth import Scope
 from agentrun.errors import invalid, not_found
+from agentrun.text import is_unstorable
 from sessions.models import ExecutionState, Session, StorageKind
 
 STATES = ("default", "running", "unread", "terminal", "idle", "all")
@@ -243,7 +244,7 @@ def _decode_token(raw: str, filters: list) -> dict:
             raise ValueError("bad edge")
         position = token.get("k")
         if position is not None:
-            if not isinstance(position["i"], str):
+            if not isinstance(position["i"], str) or is_unstorable(position["i"]):
                 raise ValueError("bad id")
             if token["p"] == "main":
                 position["a"], position["u"] = (datetime.fromisoformat(position[key]) for key in ("a", "u"))

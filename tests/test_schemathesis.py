@@ -3,9 +3,10 @@ every operation and checks each answer against it (no 5xx, a documented status, 
 content type, a body that matches the documented schema).
 
 The requests go in-process through the WSGI application, with a key of the role the route is for,
-against a committed world (a claimed run with a turn, its session `owner/repo#42`, a pending run,
-a queue task). Generated path ids are swapped for the world's ids, and lease fields for the run's
-holder, often enough to get past 404 and 409 into the routes' own work.
+against a committed world built for each operation (a claimed run with a turn, its session
+`owner/repo#42-<n>`, a pending run, a queue task). Generated path ids are swapped for the world's
+ids, and lease fields for the run's holder, often enough to get past 404 and 409 into the routes'
+own work; negative cases (a required header dropped, a value out of its schema) stay as generated.
 
 `make test` runs a bounded, seeded number of cases per operation; `make fuzz` runs many more with a
 random seed (`AGENTRUN_FUZZ_EXAMPLES`, `AGENTRUN_FUZZ_SEED`; the seed is printed to reproduce a run).
