@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.db.models import (
     BigIntegerField,
@@ -68,7 +68,9 @@ def _decode(raw: str, filters: list) -> dict:
         if (position["f"] != filters or not isinstance(position["p"], int) or not isinstance(position["i"], str)
                 or is_unstorable(position["i"])):
             raise ValueError("token of another listing")
-        position["c"] = datetime.fromisoformat(position["c"])
+        created = datetime.fromisoformat(position["c"])
+        # The tokens this listing writes carry UTC; a forged one without a zone is read as UTC.
+        position["c"] = created if created.tzinfo is not None else created.replace(tzinfo=UTC)
         return position
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         raise invalid("pageToken is not a token of this listing; start again without it", parameter="pageToken") from None
