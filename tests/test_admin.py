@@ -169,7 +169,9 @@ def test_queue_task_admin_filters_shows_attempts_and_runs(staff):
     assert task.id in body and other.id not in body
     body = staff.get("/admin/queues/queuetask/", {"state__exact": "pending"}).content.decode()
     assert other.id in body and task.id not in body
-    body = staff.get(f"/admin/queues/queuetask/{task.id}/change/").content.decode()
+    response = staff.get(f"/admin/queues/queuetask/{task.id}/change/")
+    body = response.content.decode()
+    assert response.status_code == 200, (response.status_code, response.get("Location"), started)
     assert started.run_id in body and f"/admin/runs/run/{started.run_id}/change/" in body
 
 
