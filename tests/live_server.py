@@ -27,7 +27,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_database_url() -> str:
+def live_database_url() -> str:
     db = connection.settings_dict
     params = {"dbname": db["NAME"], "user": db["USER"], "password": db["PASSWORD"] or None,
               "host": db["HOST"] or None, "port": db["PORT"] or None}
@@ -40,7 +40,7 @@ def gunicorn(tmp_path: Path, *, workers: int = 2, threads: int = 16, **env):
     port = free_port()
     process_env = {
         **os.environ,
-        "DATABASE_URL": test_database_url(),
+        "DATABASE_URL": live_database_url(),
         "AGENTRUN_DATABASE_ADAPTER": connection.settings_dict.get("AGENTRUN_ADAPTER", "postgres"),
         "DJANGO_SETTINGS_MODULE": "settings.dev",
         "AGENTRUN_BIND": f"127.0.0.1:{port}",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -17,31 +16,16 @@ import httpx
 import pytest
 from django.conf import settings
 from django.db import connection
-from psycopg.conninfo import make_conninfo
 
 from agentrun.auth import api_key_create
 from queues.models import QueueAttempt, QueueTask
 from runner.client import AgentRunClient
 from runs.models import Run, RunnerJob
 from tests.conftest import PROJECT, TENANT, wait_for
+from tests.live_server import free_port, live_database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(settings.BASE_DIR)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def database_url() -> str:
-    db = connection.settings_dict
-    params = {"dbname": db["NAME"], "user": db["USER"], "password": db["PASSWORD"] or None,
-              "host": db["HOST"] or None, "port": db["PORT"] or None}
-    return make_conninfo(**{k: v for k, v in params.items() if v})
-
-
 
 
 def pids_matching(text: str) -> list[int]:
@@ -56,7 +40,7 @@ class Stack:
         self.tmp = tmp_path
         self.env = {
             **os.environ,
-            "DATABASE_URL": database_url(),
+            "DATABASE_URL": live_database_url(),
             "AGENTRUN_DATABASE_ADAPTER": connection.settings_dict.get("AGENTRUN_ADAPTER", "postgres"),
             "DJANGO_SETTINGS_MODULE": "settings.dev",
             "AGENTRUN_BIND": f"127.0.0.1:{self.port}",
