@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
 
-.PHONY: install run test bench soak fuzz migrate clean
+.PHONY: install run test lint format bench soak fuzz migrate clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentrun needs Python 3.11 or newer")'
@@ -23,6 +23,17 @@ run: install
 
 test: install
 	DJANGO_SETTINGS_MODULE=settings.test $(PY) -m pytest
+
+# ruff (format and lint) and mypy, configured in pyproject.toml; `.ci/run` runs it before the tests.
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Rewrites the tree in the house format and applies ruff's safe fixes.
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: install
 	$(PY) bench/bench_runner_protocol.py

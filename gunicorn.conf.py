@@ -15,4 +15,3 @@ keepalive = 5
 limit_request_line = 8190
 accesslog = os.environ.get("AGENTRUN_ACCESS_LOG") or None
 wsgi_app = "agentrun.wsgi:application"
-

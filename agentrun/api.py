@@ -50,8 +50,14 @@ class HealthView(APIView):
     authentication_classes = []
     permission_classes = []
 
-    @extend_schema(responses={200: StoreHealthOut, 503: OpenApiResponse(StoreHealthOut, description="Not ready: "
-                   "the record says why (`failureKind` infra-failed).")})
+    @extend_schema(
+        responses={
+            200: StoreHealthOut,
+            503: OpenApiResponse(
+                StoreHealthOut, description="Not ready: the record says why (`failureKind` infra-failed)."
+            ),
+        }
+    )
     def get(self, request):
         record, code = store_health()
         return Response(record, status=code)
@@ -77,4 +83,6 @@ def livez(request):
 @require_safe
 def readyz(request):
     record, code = store_health()
-    return JsonResponse({"status": "ready" if record["ready"] else "not-ready", "message": record["message"]}, status=code)
+    return JsonResponse(
+        {"status": "ready" if record["ready"] else "not-ready", "message": record["message"]}, status=code
+    )

@@ -92,12 +92,16 @@ class Scope:
         project_id = project_id if project_id not in (None, "") else self.project_id
         if self.tenant_id is not None and tenant_id != self.tenant_id:
             raise AgentRunError(
-                TENANT_POLICY_DENIED, "tenantId is outside this key's tenant", status=403,
+                TENANT_POLICY_DENIED,
+                "tenantId is outside this key's tenant",
+                status=403,
                 details={"valuesPrinted": False},
             )
         if self.project_id is not None and project_id != self.project_id:
             raise AgentRunError(
-                TENANT_POLICY_DENIED, "projectId is outside this key's project", status=403,
+                TENANT_POLICY_DENIED,
+                "projectId is outside this key's project",
+                status=403,
                 details={"valuesPrinted": False},
             )
         if not isinstance(tenant_id, str) or not tenant_id:

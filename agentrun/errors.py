@@ -113,8 +113,12 @@ def _database_refusal(exc: DatabaseError) -> AgentRunError | None:
 
     state = sqlstate(exc) or ""
     if state in ABORTED:
-        return AgentRunError(SCHEMA_INVALID, "a concurrent write conflicted with this one every time it was retried; "
-                             "retry it", status=409, details={"retryable": True})
+        return AgentRunError(
+            SCHEMA_INVALID,
+            "a concurrent write conflicted with this one every time it was retried; retry it",
+            status=409,
+            details={"retryable": True},
+        )
     if isinstance(exc, DataError) or state.startswith("22"):
         logger.warning("the database refused a value: %s", exc)
         return AgentRunError(SCHEMA_INVALID, "a value is out of range for what it is stored in", status=400)

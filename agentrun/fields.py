@@ -18,7 +18,11 @@ class StrictIntegerField(serializers.IntegerField):
     """An integer that is a JSON number, not a string or a bool."""
 
     def to_internal_value(self, data):
-        if isinstance(data, bool) or not isinstance(data, (int, float)) or (isinstance(data, float) and not data.is_integer()):
+        if (
+            isinstance(data, bool)
+            or not isinstance(data, (int, float))
+            or (isinstance(data, float) and not data.is_integer())
+        ):
             self.fail("invalid")
         return super().to_internal_value(data)
 

@@ -7,7 +7,6 @@ from django.db import DEFAULT_DB_ALIAS, connections
 
 from agentrun.middleware import missing_database_error
 
-
 # Once every migration is applied, the code of this process cannot need more: skip the (slow)
 # migration graph on later calls and only check that the database answers.
 _migrated: dict[str, str | None] = {}
@@ -26,8 +25,9 @@ def store_health() -> tuple[dict, int]:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
     except Exception:  # noqa: BLE001 - any failure to reach the database is "not reachable"
-        return _record(adapter, reachable=False, migration_ready=False, migration_id=None,
-                       message="the database is not reachable"), 503
+        return _record(
+            adapter, reachable=False, migration_ready=False, migration_id=None, message="the database is not reachable"
+        ), 503
     if connection.settings_dict["NAME"] in _migrated:
         latest = _migrated[connection.settings_dict["NAME"]]
         return _record(adapter, reachable=True, migration_ready=True, migration_id=latest, message=None), 200
@@ -44,11 +44,21 @@ def store_health() -> tuple[dict, int]:
                 row = cursor.fetchone()
             latest = f"{row[0]}.{row[1]}" if row else None
     except Exception:  # noqa: BLE001
-        return _record(adapter, reachable=True, migration_ready=False, migration_id=None,
-                       message="the migration state could not be read"), 503
+        return _record(
+            adapter,
+            reachable=True,
+            migration_ready=False,
+            migration_id=None,
+            message="the migration state could not be read",
+        ), 503
     if pending:
-        return _record(adapter, reachable=True, migration_ready=False, migration_id=latest,
-                       message=f"{len(pending)} migrations are not applied"), 503
+        return _record(
+            adapter,
+            reachable=True,
+            migration_ready=False,
+            migration_id=latest,
+            message=f"{len(pending)} migrations are not applied",
+        ), 503
     _migrated[connection.settings_dict["NAME"]] = latest
     return _record(adapter, reachable=True, migration_ready=True, migration_id=latest, message=None), 200
 

@@ -66,8 +66,11 @@ def delete_pvc(namespace: str, name: str) -> bool:
     api = client.CoreV1Api(api_client())
     try:
         api.delete_namespaced_persistent_volume_claim(
-            name, namespace, body=client.V1DeleteOptions(propagation_policy="Background"),
-            _headers={"Content-Type": "application/json"}, _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            name,
+            namespace,
+            body=client.V1DeleteOptions(propagation_policy="Background"),
+            _headers={"Content-Type": "application/json"},
+            _request_timeout=REQUEST_TIMEOUT_SECONDS,
         )
     except ApiException as exc:
         if exc.status == 404:

@@ -33,8 +33,7 @@ class DatabaseRequiredMiddleware:
 
 def missing_database_error() -> tuple[str, dict]:
     return (
-        "DATABASE_URL is required for the live runtime; the embedded database is only for "
-        "development and tests",
+        "DATABASE_URL is required for the live runtime; the embedded database is only for development and tests",
         {"adapter": "postgres", "databaseUrl": "missing", "memoryFallback": "disabled"},
     )
 
@@ -69,8 +68,9 @@ class BodySizeLimitMiddleware:
 
     def _too_large(self, what: str):
         response = json_error(
-            AgentRunError(SCHEMA_INVALID, f"{what}; the limit is {self.limit}", status=413,
-                          details={"limitBytes": self.limit})
+            AgentRunError(
+                SCHEMA_INVALID, f"{what}; the limit is {self.limit}", status=413, details={"limitBytes": self.limit}
+            )
         )
         response["Connection"] = "close"
         return response
@@ -152,8 +152,10 @@ class RawPathMiddleware:
                 return json_error(invalid(f"the path {UNSTORABLE_MESSAGE}", field="path"))
             try:
                 # The server decoded the request line's bytes as latin-1: undo that first.
-                pieces = [unquote_to_bytes(piece.encode("latin-1")).decode("utf-8")
-                          for piece in _ENCODED_SLASH.split(raw_path)]
+                pieces = [
+                    unquote_to_bytes(piece.encode("latin-1")).decode("utf-8")
+                    for piece in _ENCODED_SLASH.split(raw_path)
+                ]
             except (UnicodeDecodeError, UnicodeEncodeError):
                 return json_error(invalid("the path is not UTF-8 once percent-decoded", field="path"))
             path = self.SLASH.join(pieces)
@@ -188,7 +190,9 @@ class ApiErrorEnvelopeMiddleware:
             and not response.get("Content-Type", "").startswith("application/json")
         ):
             kind = "internal" if response.status_code >= 500 else SCHEMA_INVALID
-            message = "internal error" if response.status_code >= 500 else f"no route for {request.method} {request.path}"
+            message = (
+                "internal error" if response.status_code >= 500 else f"no route for {request.method} {request.path}"
+            )
             if response.status_code == 405:
                 message = f"method {request.method} is not allowed on {request.path}"
             return json_error(AgentRunError(kind, message, status=response.status_code))

@@ -60,7 +60,7 @@ def conninfo(alias: str = "default") -> dict:
 class _SharedFetch:
     """One fetch done for every waiter that woke for the same topic and the same question."""
 
-    __slots__ = ("generation", "done", "result", "failed")
+    __slots__ = ("done", "failed", "generation", "result")
 
     def __init__(self, generation: int):
         self.generation = generation
@@ -70,7 +70,7 @@ class _SharedFetch:
 
 
 class _Waiter:
-    __slots__ = ("event", "topic", "question")
+    __slots__ = ("event", "question", "topic")
 
     def __init__(self, topic: str, question=None):
         self.topic = topic
@@ -135,9 +135,8 @@ class NotificationHub:
         self._stopping = False
 
     def _ensure_started(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            if self._conninfo == conninfo():
-                return
+        if self._thread is not None and self._thread.is_alive() and self._conninfo == conninfo():
+            return
         with self._lock:
             info = conninfo()
             if self._thread is not None and self._thread.is_alive() and self._conninfo == info:
@@ -163,7 +162,7 @@ class NotificationHub:
                     while not self._stopping and self._conninfo == info:
                         for note in conn.notifies(timeout=0.25):
                             self._answer(note.payload)
-            except Exception:  # noqa: BLE001 - the listener must survive any outage
+            except Exception:
                 self._listening.clear()
                 if self._stopping:
                     break
@@ -285,9 +284,10 @@ class _LongPoll:
                 release_connection()
                 if result or self.deadline <= time.monotonic():
                     break
-        except Exception:  # noqa: BLE001 - the status (200) is sent: answer "nothing new yet"
-            logger.warning("long-poll on %s failed while waiting; answering with no items", self.waiter.topic,
-                           exc_info=True)
+        except Exception:
+            logger.warning(
+                "long-poll on %s failed while waiting; answering with no items", self.waiter.topic, exc_info=True
+            )
             result = None
         finally:
             self.close()

@@ -8,13 +8,13 @@ hook `document_errors` adds the statuses every route of a kind answers (`error_s
 
 from __future__ import annotations
 
+import copy
+
 from drf_spectacular.extensions import (
     OpenApiAuthenticationExtension,
     OpenApiSerializerExtension,
     OpenApiSerializerFieldExtension,
 )
-import copy
-
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema_field
 from rest_framework import serializers
@@ -38,8 +38,11 @@ ERROR_SCHEMA = {
             "properties": {
                 "kind": {"type": "string", "enum": ERROR_KINDS},
                 "message": {"type": "string", "description": "For people; prints no secret."},
-                "details": {"type": "object", "additionalProperties": True,
-                            "description": "What failed, e.g. `field` or `parameter`, `limitBytes`, `retryable`."},
+                "details": {
+                    "type": "object",
+                    "additionalProperties": True,
+                    "description": "What failed, e.g. `field` or `parameter`, `limitBytes`, `retryable`.",
+                },
             },
             "required": ["kind", "message", "details"],
             "additionalProperties": False,
@@ -117,8 +120,9 @@ BackendProfileField = documented_enum(IdentifierField, PROFILES)
 # --- parameters ---------------------------------------------------------------------------
 
 
-def query_integer(name: str, *, minimum: int, maximum: int | None = None, default: int | None = None,
-                  description: str = "") -> OpenApiParameter:
+def query_integer(
+    name: str, *, minimum: int, maximum: int | None = None, default: int | None = None, description: str = ""
+) -> OpenApiParameter:
     schema: dict = {"type": "integer", "minimum": minimum}
     if maximum is not None:
         schema["maximum"] = maximum
@@ -132,8 +136,9 @@ def query_number(name: str, *, minimum: float, maximum: float, description: str 
     return OpenApiParameter(name, schema, OpenApiParameter.QUERY, description=description)
 
 
-def query_string(name: str, *, max_length: int = IDENTIFIER_MAX_LENGTH, enum: list[str] | None = None,
-                 description: str = "") -> OpenApiParameter:
+def query_string(
+    name: str, *, max_length: int = IDENTIFIER_MAX_LENGTH, enum: list[str] | None = None, description: str = ""
+) -> OpenApiParameter:
     schema: dict = {"type": "string", "maxLength": max_length}
     if enum is not None:
         schema = {"type": "string", "enum": list(enum)}
@@ -148,11 +153,16 @@ def page_parameters(*, maximum: int, default: int = 100) -> list[OpenApiParamete
     """A seq page's parameters (`agentrun.wire.query_int`, `query_wait`)."""
     return [
         query_cursor("afterSeq", "Only items with a greater seq (default 0)."),
-        query_integer("limit", minimum=1, default=default,
-                      description=f"Page size; larger values are taken as {maximum}."),
-        query_number("wait", minimum=0, maximum=30,
-                     description="Seconds to wait for a first item when there is none yet (long-poll); "
-                     "larger values are taken as 30."),
+        query_integer(
+            "limit", minimum=1, default=default, description=f"Page size; larger values are taken as {maximum}."
+        ),
+        query_number(
+            "wait",
+            minimum=0,
+            maximum=30,
+            description="Seconds to wait for a first item when there is none yet (long-poll); "
+            "larger values are taken as 30.",
+        ),
     ]
 
 
@@ -162,16 +172,24 @@ def page_token_parameter(description: str) -> OpenApiParameter:
 
 # --- statuses -----------------------------------------------------------------------------
 
-_BAD_REQUEST = ("`schema-invalid`: a body field, path or query parameter is invalid, over its length or "
-                "holds text that cannot be stored (`details` names it).")
+_BAD_REQUEST = (
+    "`schema-invalid`: a body field, path or query parameter is invalid, over its length or "
+    "holds text that cannot be stored (`details` names it)."
+)
 _UNAUTHENTICATED = "`auth-required`: no API key, or not a valid one."
-_FORBIDDEN = ("`forbidden`: this key's role may not call this route; `tenant-policy-denied`: the body names "
-              "another tenant or project, or an object of another tenant.")
-_NOT_FOUND = ("`schema-invalid`: no such object in this key's tenant and project (an object of another tenant "
-              "is not found either).")
+_FORBIDDEN = (
+    "`forbidden`: this key's role may not call this route; `tenant-policy-denied`: the body names "
+    "another tenant or project, or an object of another tenant."
+)
+_NOT_FOUND = (
+    "`schema-invalid`: no such object in this key's tenant and project (an object of another tenant "
+    "is not found either)."
+)
 _NOT_ACCEPTABLE = "`schema-invalid`: the Accept header allows no `application/json`."
-_CONFLICT = ("`schema-invalid` with `details.retryable`: a concurrent write conflicted with this one every time "
-             "it was retried; send it again.")
+_CONFLICT = (
+    "`schema-invalid` with `details.retryable`: a concurrent write conflicted with this one every time "
+    "it was retried; send it again."
+)
 _TOO_LARGE = "`schema-invalid`: the body is over 1 MiB (`details.limitBytes`)."
 _UNSUPPORTED = "`schema-invalid`: the body is not `application/json`."
 _UNAVAILABLE = "`infra-failed`: the database is unavailable or not configured."
@@ -208,7 +226,7 @@ _PATH_ID_DESCRIPTIONS = {
     "commands": "A command id.",
     "queue-tasks": "A queue task id.",
     "sessions": "A session id, percent-encoded as encodeURIComponent does: `%2F` is part of the id "
-                "(`owner%2Frepo%2342` is `owner/repo#42`).",
+    "(`owner%2Frepo%2342` is `owner/repo#42`).",
 }
 
 
@@ -227,8 +245,15 @@ def _probe(description: str, answers: dict) -> dict:
         for status, (text, schema) in answers.items()
     }
     responses["400"] = _error_response(_BAD_REQUEST)
-    return {"get": {"operationId": description.split(":")[0], "description": description, "tags": ["probes"],
-                    "security": [], "responses": responses}}
+    return {
+        "get": {
+            "operationId": description.split(":")[0],
+            "description": description,
+            "tags": ["probes"],
+            "security": [],
+            "responses": responses,
+        }
+    }
 
 
 _LIVEZ = {
@@ -247,10 +272,11 @@ _READYZ = {
     "additionalProperties": False,
 }
 PROBES = {
-    "/livez": _probe("livez: the process answers; it touches no database.",
-                     {"200": ("Alive.", _LIVEZ)}),
-    "/readyz": _probe("readyz: the database is reachable and migrated.",
-                      {"200": ("Ready.", _READYZ), "503": ("Not ready; `message` says why.", _READYZ)}),
+    "/livez": _probe("livez: the process answers; it touches no database.", {"200": ("Alive.", _LIVEZ)}),
+    "/readyz": _probe(
+        "readyz: the database is reachable and migrated.",
+        {"200": ("Ready.", _READYZ), "503": ("Not ready; `message` says why.", _READYZ)},
+    ),
 }
 
 
@@ -259,8 +285,8 @@ def _describe_success(responses: dict) -> None:
         responses["201"]["description"] = responses["201"].get("description") or "Created."
         if "200" in responses:
             responses["200"]["description"] = responses["200"].get("description") or (
-                "An idempotent replay (the same key and body) or an update of a known record: nothing new "
-                "was created.")
+                "An idempotent replay (the same key and body) or an update of a known record: nothing new was created."
+            )
     elif "200" in responses:
         responses["200"]["description"] = responses["200"].get("description") or "OK."
 
@@ -280,10 +306,12 @@ def document_errors(result, generator, request, public):
                 response = responses.get(status)
                 if response is None:
                     responses[status] = _error_response(description)
-                elif response.get("content", {}).get("application/json", {}).get("schema") == ERROR_REF:
-                    # The view's own words first, then what every such route answers.
-                    if description not in response["description"]:
-                        response["description"] = f"{response['description']} {description}".strip()
+                # The view's own words first, then what every such route answers.
+                elif (
+                    response.get("content", {}).get("application/json", {}).get("schema") == ERROR_REF
+                    and description not in response["description"]
+                ):
+                    response["description"] = f"{response['description']} {description}".strip()
             _describe_success(responses)
             operation["responses"] = dict(sorted(responses.items()))
     result["paths"].update(PROBES)

@@ -84,7 +84,7 @@ def _find_replacements(payload: dict) -> tuple[list[tuple[tuple[Any, ...], Any, 
         # Only dicts and lists are ever pushed.
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, value in items:
-            child_path = path + (key,)
+            child_path = (*path, key)
             if isinstance(key, str):
                 if isinstance(key, SanitizedStr):
                     sanitized.append(child_path)

@@ -56,9 +56,14 @@ def write_transaction(func=None, *, durable: bool = False, retry_unique: bool = 
                 except DatabaseError as exc:
                     if sqlstate(exc) not in retried or attempt == ATTEMPTS:
                         raise
-                    logger.info("%s: %s (sqlstate %s), attempt %d, retrying", function.__qualname__,
-                                type(exc).__name__, sqlstate(exc), attempt)
-                    time.sleep(random.uniform(0, 0.005 * 2**attempt))
+                    logger.info(
+                        "%s: %s (sqlstate %s), attempt %d, retrying",
+                        function.__qualname__,
+                        type(exc).__name__,
+                        sqlstate(exc),
+                        attempt,
+                    )
+                    time.sleep(random.uniform(0, 0.005 * 2**attempt))  # noqa: S311 - jitter, not a secret
             raise AssertionError("unreachable")
 
         return wrapper

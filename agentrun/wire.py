@@ -42,8 +42,9 @@ def parse_iso(value, *, field: str) -> datetime | None:
         raise invalid(f"{field} is out of range", field=field) from None
 
 
-def query_int(params, name: str, *, default: int, minimum: int, maximum: int | None = None,
-              at_most: int | None = None) -> int:
+def query_int(
+    params, name: str, *, default: int, minimum: int, maximum: int | None = None, at_most: int | None = None
+) -> int:
     """An integer query parameter: decimal digits only, at least `minimum`, clamped to `maximum`;
     above `at_most` (a seq or version past what a column holds) it is refused."""
     raw = params.get(name)

@@ -27,7 +27,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
-
 from benchlib import BenchmarkError, run_on_fresh_database
 
 BENCH_DB = "agentrun_bench_queue"
@@ -45,7 +44,8 @@ def raw_seed(db_url: str, queue: str, count: int) -> None:
         conn.execute(
             "INSERT INTO queues_queuetask (id, tenant_id, project_id, queue, lane, title, priority, backend_profile, "
             "state, version, payload_hash, created_at, updated_at, attempt_count, payload) "
-            "SELECT 'raw_' || i, %s, %s, %s, 'l', 't', i %% 7, 'echo', 'pending', -i, 'x', now(), now(), 0, '{}'::jsonb "
+            "SELECT 'raw_' || i, %s, %s, %s, 'l', 't', i %% 7, 'echo', 'pending', -i, 'x', now(), now(), 0, "
+            "'{}'::jsonb "
             "FROM generate_series(1, %s) i",
             [TENANT, PROJECT, queue, count],
         )
@@ -63,8 +63,11 @@ def raw_claims(db_url: str, queue: str, count: int, workers: int) -> float:
                     row = conn.execute(RAW_CLAIM, [queue]).fetchone()
                     if row is None:
                         return claimed
-                    conn.execute("UPDATE queues_queuetask SET state = 'running', attempt_count = attempt_count + 1, "
-                                 "updated_at = now() WHERE id = %s", [row[0]])
+                    conn.execute(
+                        "UPDATE queues_queuetask SET state = 'running', attempt_count = attempt_count + 1, "
+                        "updated_at = now() WHERE id = %s",
+                        [row[0]],
+                    )
                 claimed += 1
 
     began = time.perf_counter()
@@ -88,8 +91,16 @@ def _produce(ready, queue: str, indices: list[int]) -> None:
 
     ready.wait()
     for index in indices:
-        services.task_create(tenant_id=TENANT, project_id=PROJECT, queue=queue, lane="l", title=f"task {index}",
-                             priority=index % 7, backend_profile="echo", payload={"prompt": f"task {index}"})
+        services.task_create(
+            tenant_id=TENANT,
+            project_id=PROJECT,
+            queue=queue,
+            lane="l",
+            title=f"task {index}",
+            priority=index % 7,
+            backend_profile="echo",
+            payload={"prompt": f"task {index}"},
+        )
 
 
 def _drain(ready) -> None:
@@ -112,6 +123,7 @@ def _run_noop(index: int, stop) -> None:
     """A no-op runner: claim each pending run and finish it `completed` (what the local
     launcher's runner does with a turn that takes no time, minus starting a process)."""
     _setup()
+    from agentrun.errors import AgentRunError
     from runs import services as run_services
     from runs.models import Run
 
@@ -124,10 +136,11 @@ def _run_noop(index: int, stop) -> None:
         for run_id in pending:
             try:
                 run = run_services.run_claim(run_id=run_id, runner_id=runner_id, lease_ms=60_000)
-            except Exception:  # noqa: BLE001 - another runner won it
+            except AgentRunError:  # another runner won it
                 continue
-            run_services.run_finish(run_id=run_id, runner_id=runner_id, lease_epoch=run.lease_epoch,
-                                    terminal_status="completed")
+            run_services.run_finish(
+                run_id=run_id, runner_id=runner_id, lease_epoch=run.lease_epoch, terminal_status="completed"
+            )
 
 
 def agentrun_figures(count: int, producers: int, dispatchers: int, runners: int) -> tuple[float, float, float]:
@@ -208,18 +221,29 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def measure(db_url: str, server: str, source: str) -> None:
-        os.environ.update(DATABASE_URL=db_url, DJANGO_SETTINGS_MODULE="settings.prod",
-                          DJANGO_SECRET_KEY=uuid.uuid4().hex, DJANGO_ALLOWED_HOSTS="*",
-                          AGENTRUN_DB_POOL_SIZE=str(args.producers + args.dispatchers + args.runners + 4))
+        os.environ.update(
+            DATABASE_URL=db_url,
+            DJANGO_SETTINGS_MODULE="settings.prod",
+            DJANGO_SECRET_KEY=uuid.uuid4().hex,
+            DJANGO_ALLOWED_HOSTS="*",
+            AGENTRUN_DB_POOL_SIZE=str(args.producers + args.dispatchers + args.runners + 4),
+        )
         raw = raw_claims(db_url, "raw", args.tasks, args.dispatchers)
         end_to_end, dispatch_rate, create_rate = agentrun_figures(
-            args.tasks, args.producers, args.dispatchers, args.runners)
-        print(f"\n{args.tasks:,} tasks; {args.producers} producers, {args.dispatchers} dispatchers, "
-              f"{args.runners} no-op runners; {os.cpu_count()} CPUs shared by all")
-        print(f"{'a. end to end (create -> completed)':<44} {end_to_end:9,.0f} tasks/s   "
-              f"ratio to baseline {end_to_end / raw:.3f}")
-        print(f"{'b. dispatch alone (task -> run + turn)':<44} {dispatch_rate:9,.0f} tasks/s   "
-              f"ratio to baseline {dispatch_rate / raw:.3f}")
+            args.tasks, args.producers, args.dispatchers, args.runners
+        )
+        print(
+            f"\n{args.tasks:,} tasks; {args.producers} producers, {args.dispatchers} dispatchers, "
+            f"{args.runners} no-op runners; {os.cpu_count()} CPUs shared by all"
+        )
+        print(
+            f"{'a. end to end (create -> completed)':<44} {end_to_end:9,.0f} tasks/s   "
+            f"ratio to baseline {end_to_end / raw:.3f}"
+        )
+        print(
+            f"{'b. dispatch alone (task -> run + turn)':<44} {dispatch_rate:9,.0f} tasks/s   "
+            f"ratio to baseline {dispatch_rate / raw:.3f}"
+        )
         print(f"{'   creates (during a.)':<44} {create_rate:9,.0f} tasks/s")
         print(f"{chr(97)}'. raw SQL claim (SKIP LOCKED + UPDATE)      {raw:9,.0f} claims/s")
 

@@ -49,23 +49,23 @@ from dataclasses import dataclass, replace
 
 import httpx
 import psycopg
-from psycopg.types.json import Jsonb
-
 from benchlib import (
-    run_on_fresh_database,
     ROOT,
     BenchmarkError,
     describe_server,
     manage,
     percentile,
+    run_on_fresh_database,
     server_facts,
 )
+from psycopg.types.json import Jsonb
 
 BENCH_DB = "agentrun_bench"
 TENANT = PROJECT = "bench"
 EVENT_TYPE = "assistant_message"
-EVENT_TEXT = ("The runner streamed another line of assistant output while it worked on the turn; "
-              "nothing secret here.")[:100]
+EVENT_TEXT = ("The runner streamed another line of assistant output while it worked on the turn; nothing secret here.")[
+    :100
+]
 LEASE_MS = 600_000
 LONG_POLL_WAIT = 30
 # A waiter not woken by then counts as a failure; keeps a broken wake-up from stalling the run.
@@ -77,8 +77,6 @@ RAW_NOTIFY_CHANNEL = "agentrun_bench"
 TARGET_BATCH_RATIO = 0.5
 TARGET_SINGLE_RATIO = 0.25
 TARGET_P99_SLACK_MS = 15.0
-
-
 
 
 @dataclass(frozen=True)
@@ -130,8 +128,6 @@ class Latencies:
         return percentile(self.from_send if from_send else self.samples, q) * 1000.0
 
 
-
-
 # --- threads -------------------------------------------------------------------------------
 
 
@@ -172,29 +168,17 @@ def timed_parallel(loops: list[Callable[[float], int]], duration: float) -> Thro
 # --- database ------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def create_key(db_url: str, role: str) -> str:
-    return manage(db_url, "create_api_key", "--tenant", TENANT, "--project", PROJECT, "--role", role,
-                  "--name", "bench").splitlines()[-1]
+    return manage(
+        db_url, "create_api_key", "--tenant", TENANT, "--project", PROJECT, "--role", role, "--name", "bench"
+    ).splitlines()[-1]
 
 
 def event_seq_total(db_url: str, run_ids: list[str]) -> int:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute("SELECT coalesce(sum(last_event_seq), 0) FROM runs_run WHERE id = ANY(%s)",
-                           (run_ids,)).fetchone()
+        row = conn.execute(
+            "SELECT coalesce(sum(last_event_seq), 0) FROM runs_run WHERE id = ANY(%s)", (run_ids,)
+        ).fetchone()
     return int(row[0])
 
 
@@ -226,13 +210,16 @@ class WebServer:
             "AGENTRUN_LOG_LEVEL": "WARNING",
         }
         self.env.pop("AGENTRUN_ACCESS_LOG", None)
-        self.log = tempfile.TemporaryFile(mode="w+")
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - the server writes it until __exit__ closes it
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> WebServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         try:
             self._wait_ready()
@@ -376,8 +363,13 @@ def raw_append_loop(conn: psycopg.Connection, lease: RunLease, batch_size: int, 
             seq = conn.execute(LOCK_RUN, (lease.run_id,)).fetchone()[0]
             params: list = []
             for i in range(per_transaction):
-                params += [f"evt_{uuid.uuid4().hex}", lease.run_id, seq + i + 1, EVENT_TYPE,
-                           Jsonb(event_payload(written + i))]
+                params += [
+                    f"evt_{uuid.uuid4().hex}",
+                    lease.run_id,
+                    seq + i + 1,
+                    EVENT_TYPE,
+                    Jsonb(event_payload(written + i)),
+                ]
             conn.execute(insert, params)
             seq += per_transaction
             conn.execute(UPDATE_RUN, (seq, lease.run_id))
@@ -390,8 +382,12 @@ def raw_append_loop(conn: psycopg.Connection, lease: RunLease, batch_size: int, 
 # --- throughput phases ---------------------------------------------------------------------
 
 
-def measure_throughput(loops: list[Callable[[float], int]], config: Config, check: Callable[[int], None],
-                       cpu: Callable[[], float | None] = lambda: None) -> Throughput:
+def measure_throughput(
+    loops: list[Callable[[float], int]],
+    config: Config,
+    check: Callable[[int], None],
+    cpu: Callable[[], float | None] = lambda: None,
+) -> Throughput:
     """Warm up, then measure; `check` is given every event the loops reported (warm-up
     included) and compares it with the database. `cpu` reads the server's CPU clock."""
     warm = timed_parallel(loops, config.warmup)
@@ -417,11 +413,12 @@ def seq_check(db_url: str, leases: list[RunLease]) -> Callable[[int], None]:
     return check
 
 
-def http_throughput(clients: list[httpx.Client], leases: list[RunLease], batch_size: int, config: Config,
-                    db_url: str, web: WebServer) -> Throughput:
+def http_throughput(
+    clients: list[httpx.Client], leases: list[RunLease], batch_size: int, config: Config, db_url: str, web: WebServer
+) -> Throughput:
     loops = [
         lambda deadline, c=client, lease=lease: http_append_loop(c, lease, batch_size, deadline)
-        for client, lease in zip(clients, leases)
+        for client, lease in zip(clients, leases, strict=True)
     ]
     return measure_throughput(loops, config, seq_check(db_url, leases), cpu=web.cpu_seconds)
 
@@ -431,7 +428,7 @@ def raw_throughput(db_url: str, leases: list[RunLease], batch_size: int, config:
     try:
         loops = [
             lambda deadline, conn=conn, lease=lease: raw_append_loop(conn, lease, batch_size, deadline)
-            for conn, lease in zip(connections, leases)
+            for conn, lease in zip(connections, leases, strict=True)
         ]
         return measure_throughput(loops, config, seq_check(db_url, leases))
     finally:
@@ -462,8 +459,9 @@ def wake_round(receivers: list[Callable[[], float]], write: Callable[[], tuple[f
         time.sleep(park)
         return write()
 
-    *arrivals, (sent, committed) = run_threads([lambda r=r: receive(r) for r in receivers] + [writer],
-                                               timeout=park + WAKE_TIMEOUT_SECONDS + 30)
+    *arrivals, (sent, committed) = run_threads(
+        [lambda r=r: receive(r) for r in receivers] + [writer], timeout=park + WAKE_TIMEOUT_SECONDS + 30
+    )
     return Round(arrivals=arrivals, sent=sent, committed=committed)
 
 
@@ -496,8 +494,9 @@ class CommitProbe:
         self.conn.close()
 
 
-def longpoll_latencies(base_url: str, client_key: str, runner_api: httpx.Client, lease: RunLease,
-                       config: Config, db_url: str) -> Latencies:
+def longpoll_latencies(
+    base_url: str, client_key: str, runner_api: httpx.Client, lease: RunLease, config: Config, db_url: str
+) -> Latencies:
     """W long-polls on one run, woken by one appended event per round. The reference is the
     first sign of the commit: the append's response, or the probe hearing its NOTIFY."""
     waiters = [api_client(base_url, client_key, read_timeout=WAKE_TIMEOUT_SECONDS) for _ in range(config.waiters)]
@@ -506,8 +505,9 @@ def longpoll_latencies(base_url: str, client_key: str, runner_api: httpx.Client,
     try:
         last_seq = int(expect(runner_api.get(events_path, params={"afterSeq": 0, "limit": 500}), 200).json()["cursor"])
         # Warm up: every waiter opens its keep-alive connection and runs the GET once.
-        run_threads([lambda w=w: expect(w.get(events_path, params={"afterSeq": last_seq}), 200) for w in waiters],
-                    timeout=60)
+        run_threads(
+            [lambda w=w: expect(w.get(events_path, params={"afterSeq": last_seq}), 200) for w in waiters], timeout=60
+        )
 
         def poll(waiter: httpx.Client, after_seq: int) -> float:
             response = waiter.get(events_path, params={"afterSeq": after_seq, "wait": LONG_POLL_WAIT})
@@ -518,8 +518,12 @@ def longpoll_latencies(base_url: str, client_key: str, runner_api: httpx.Client,
             return arrived
 
         def append() -> tuple[float, float]:
-            body = {"runnerId": lease.runner_id, "leaseEpoch": lease.lease_epoch, "type": EVENT_TYPE,
-                    "payload": event_payload(0)}
+            body = {
+                "runnerId": lease.runner_id,
+                "leaseEpoch": lease.lease_epoch,
+                "type": EVENT_TYPE,
+                "payload": event_payload(0),
+            }
             sent = time.perf_counter()
             response = runner_api.post(events_path, json=body)
             returned = time.perf_counter()
@@ -529,11 +533,12 @@ def longpoll_latencies(base_url: str, client_key: str, runner_api: httpx.Client,
         rounds = []
         for _ in range(config.rounds):
             after_seq = last_seq
-            receivers = [lambda w=w: poll(w, after_seq) for w in waiters] + [probe.receive]
+            receivers = [lambda w=w, after=after_seq: poll(w, after) for w in waiters] + [probe.receive]
             result = wake_round(receivers, append, config.park)
             *arrivals, heard = result.arrivals
-            rounds.append((Round(arrivals=arrivals, sent=result.sent, committed=result.committed),
-                           min(heard, result.committed)))
+            rounds.append(
+                (Round(arrivals=arrivals, sent=result.sent, committed=result.committed), min(heard, result.committed))
+            )
             last_seq += 1
         return latencies_of(rounds)
     finally:
@@ -567,7 +572,9 @@ def raw_notify_latencies(db_url: str, listeners: int, config: Config) -> Latenci
         rounds = []
         for index in range(config.rounds):
             tag = f"round-{index}"
-            result = wake_round([lambda c=c: listen(c, tag) for c in receivers], lambda: notify(tag), config.park)
+            result = wake_round(
+                [lambda c=c, t=tag: listen(c, t) for c in receivers], lambda t=tag: notify(t), config.park
+            )
             rounds.append((result, result.committed))
         return latencies_of(rounds)
     finally:
@@ -613,23 +620,49 @@ def print_report(results: Results, config: Config) -> None:
     p50, p50_raw = r.wake.p(50), r.wake_raw.p(50)
     p99, p99_raw = r.wake.p(99), r.wake_raw.p(99)
     rows = [
-        (f"events/s, {config.batch_size}-event batches", f"{r.batch.per_second:,.0f}", f"{r.batch_raw.per_second:,.0f}",
-         f"{batch_ratio:.2f}", f"ratio >= {TARGET_BATCH_RATIO}", verdict(batch_ratio >= TARGET_BATCH_RATIO)),
-        ("events/s, 1 event per request", f"{r.single.per_second:,.0f}", f"{r.single_raw.per_second:,.0f}",
-         f"{single_ratio:.2f}", f"ratio >= {TARGET_SINGLE_RATIO}", verdict(single_ratio >= TARGET_SINGLE_RATIO)),
+        (
+            f"events/s, {config.batch_size}-event batches",
+            f"{r.batch.per_second:,.0f}",
+            f"{r.batch_raw.per_second:,.0f}",
+            f"{batch_ratio:.2f}",
+            f"ratio >= {TARGET_BATCH_RATIO}",
+            verdict(batch_ratio >= TARGET_BATCH_RATIO),
+        ),
+        (
+            "events/s, 1 event per request",
+            f"{r.single.per_second:,.0f}",
+            f"{r.single_raw.per_second:,.0f}",
+            f"{single_ratio:.2f}",
+            f"ratio >= {TARGET_SINGLE_RATIO}",
+            verdict(single_ratio >= TARGET_SINGLE_RATIO),
+        ),
         ("long-poll wake-up p50 (ms)", f"{p50:.1f}", f"{p50_raw:.1f}", f"{p50 - p50_raw:+.1f} ms", "-", "info"),
-        ("long-poll wake-up p99 (ms)", f"{p99:.1f}", f"{p99_raw:.1f}", f"{p99 - p99_raw:+.1f} ms",
-         f"<= raw + {TARGET_P99_SLACK_MS:.0f} ms", verdict(p99 <= p99_raw + TARGET_P99_SLACK_MS)),
-        ("  p99 from write sent (ms)", f"{r.wake.p(99, from_send=True):.1f}",
-         f"{r.wake_raw.p(99, from_send=True):.1f}", "", "-", "info"),
+        (
+            "long-poll wake-up p99 (ms)",
+            f"{p99:.1f}",
+            f"{p99_raw:.1f}",
+            f"{p99 - p99_raw:+.1f} ms",
+            f"<= raw + {TARGET_P99_SLACK_MS:.0f} ms",
+            verdict(p99 <= p99_raw + TARGET_P99_SLACK_MS),
+        ),
+        (
+            "  p99 from write sent (ms)",
+            f"{r.wake.p(99, from_send=True):.1f}",
+            f"{r.wake_raw.p(99, from_send=True):.1f}",
+            "",
+            "-",
+            "info",
+        ),
         ("  max (ms)", f"{r.wake.p(100):.1f}", f"{r.wake_raw.p(100):.1f}", "", "-", "info"),
     ]
     header = ("figure", "agentrun", "baseline", "ratio/diff", "target", "result")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells) -> str:
-        return " | ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                          for i, (cell, width) in enumerate(zip(cells, widths)))
+        return " | ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        )
 
     print()
     print(line(header))
@@ -637,20 +670,27 @@ def print_report(results: Results, config: Config) -> None:
     for row in rows:
         print(line(row))
     print()
-    print(f"agentrun: {config.runners} runner threads over HTTP, {r.batch.events:,} batched events in "
-          f"{r.batch.seconds:.1f} s, {r.single.events:,} single events in {r.single.seconds:.1f} s; "
-          f"{config.waiters} long-polls on one run x {config.rounds} rounds ({len(r.wake.samples)} samples).")
-    print(f"baseline: the same SQL over raw psycopg, {config.runners} connections; raw LISTEN/NOTIFY with "
-          f"{r.listeners} listening connections x {config.rounds} rounds ({len(r.wake_raw.samples)} samples).")
-    print("wake-up: from the first sign of the commit (agentrun: the append's response or a raw LISTEN probe "
-          "hearing its NOTIFY, whichever came first; baseline: the notifier's COMMIT returning, which the "
-          "notification can beat) to each receiver.")
+    print(
+        f"agentrun: {config.runners} runner threads over HTTP, {r.batch.events:,} batched events in "
+        f"{r.batch.seconds:.1f} s, {r.single.events:,} single events in {r.single.seconds:.1f} s; "
+        f"{config.waiters} long-polls on one run x {config.rounds} rounds ({len(r.wake.samples)} samples)."
+    )
+    print(
+        f"baseline: the same SQL over raw psycopg, {config.runners} connections; raw LISTEN/NOTIFY with "
+        f"{r.listeners} listening connections x {config.rounds} rounds ({len(r.wake_raw.samples)} samples)."
+    )
+    print(
+        "wake-up: from the first sign of the commit (agentrun: the append's response or a raw LISTEN probe "
+        "hearing its NOTIFY, whichever came first; baseline: the notifier's COMMIT returning, which the "
+        "notification can beat) to each receiver."
+    )
     lag = max(r.wake.writer_lag) * 1000.0
     print(f"  the append's own response returned up to {lag:.1f} ms after its commit was heard.")
     cpu = [_cpu_per_request(r.batch, config.batch_size), _cpu_per_request(r.single, 1)]
     if None not in cpu:
-        print(f"gunicorn CPU per append request: {cpu[0]:.1f} ms ({config.batch_size} events), "
-              f"{cpu[1]:.1f} ms (1 event).")
+        print(
+            f"gunicorn CPU per append request: {cpu[0]:.1f} ms ({config.batch_size} events), {cpu[1]:.1f} ms (1 event)."
+        )
     print("Targets are informational.")
 
 
@@ -663,14 +703,20 @@ def _cpu_per_request(throughput: Throughput, events_per_request: int) -> float |
 def print_setup(config: Config, server: str, source: str, facts: dict[str, str]) -> None:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"machine: {os.cpu_count()} cores ({affinity} usable); load generator, gunicorn and PostgreSQL share them")
-    print(f"database: {source}, {describe_server(server)}, PostgreSQL {facts['server_version']}, "
-          f"max_connections={facts['max_connections']} ({facts['connections_in_use']} in use), "
-          f"synchronous_commit={facts['synchronous_commit']}, shared_buffers={facts['shared_buffers']}")
-    print(f"web: gunicorn -c gunicorn.conf.py, settings.prod (DEBUG off), {config.web_workers} workers x "
-          f"{config.web_threads} threads, DB pool {config.pool_size} per worker")
-    print(f"load: {config.runners} runners, {config.batch_size}-event batches, {config.warmup:g} s warm-up + "
-          f"{config.duration:g} s per throughput figure; {config.waiters} waiters, {config.rounds} rounds, "
-          f"{config.park:g} s to park")
+    print(
+        f"database: {source}, {describe_server(server)}, PostgreSQL {facts['server_version']}, "
+        f"max_connections={facts['max_connections']} ({facts['connections_in_use']} in use), "
+        f"synchronous_commit={facts['synchronous_commit']}, shared_buffers={facts['shared_buffers']}"
+    )
+    print(
+        f"web: gunicorn -c gunicorn.conf.py, settings.prod (DEBUG off), {config.web_workers} workers x "
+        f"{config.web_threads} threads, DB pool {config.pool_size} per worker"
+    )
+    print(
+        f"load: {config.runners} runners, {config.batch_size}-event batches, {config.warmup:g} s warm-up + "
+        f"{config.duration:g} s per throughput figure; {config.waiters} waiters, {config.rounds} rounds, "
+        f"{config.park:g} s to park"
+    )
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -685,24 +731,50 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--waiters", type=int, default=100, help="long-polls per round (default 100)")
     parser.add_argument("--rounds", type=int, default=5, help="wake-up rounds (default 5)")
     parser.add_argument("--park", type=float, default=1.0, help="seconds the waiters get to park (default 1)")
-    parser.add_argument("--listeners", type=int, default=50,
-                        help="raw LISTEN connections at most; capped by free connection slots (default 50)")
-    parser.add_argument("--web-workers", type=int, default=int(os.environ.get("AGENTRUN_WEB_WORKERS", "2")),
-                        help="gunicorn workers (default AGENTRUN_WEB_WORKERS or 2)")
-    parser.add_argument("--pool-size", type=int, default=int(os.environ.get("AGENTRUN_DB_POOL_SIZE", "16")),
-                        help="database pool per worker (default AGENTRUN_DB_POOL_SIZE or 16)")
+    parser.add_argument(
+        "--listeners",
+        type=int,
+        default=50,
+        help="raw LISTEN connections at most; capped by free connection slots (default 50)",
+    )
+    parser.add_argument(
+        "--web-workers",
+        type=int,
+        default=int(os.environ.get("AGENTRUN_WEB_WORKERS", "2")),
+        help="gunicorn workers (default AGENTRUN_WEB_WORKERS or 2)",
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=int(os.environ.get("AGENTRUN_DB_POOL_SIZE", "16")),
+        help="database pool per worker (default AGENTRUN_DB_POOL_SIZE or 16)",
+    )
     args = parser.parse_args(argv)
     # Every loop is bounded by count and time; so are the knobs that size them.
     bounds = {
-        "batch_size": (1, 500), "runners": (1, 64), "waiters": (1, 500), "rounds": (1, 50), "listeners": (1, 500),
-        "web_workers": (1, 16), "pool_size": (1, 64), "duration": (0.5, 60), "warmup": (0, 10), "park": (0, 5),
+        "batch_size": (1, 500),
+        "runners": (1, 64),
+        "waiters": (1, 500),
+        "rounds": (1, 50),
+        "listeners": (1, 500),
+        "web_workers": (1, 16),
+        "pool_size": (1, 64),
+        "duration": (0.5, 60),
+        "warmup": (0, 10),
+        "park": (0, 5),
     }
     for name, (low, high) in bounds.items():
         if not low <= getattr(args, name) <= high:
             parser.error(f"--{name.replace('_', '-')} must be within {low}..{high}")
     return Config(
-        duration=args.duration, warmup=args.warmup, runners=args.runners, batch_size=args.batch_size,
-        waiters=args.waiters, rounds=args.rounds, park=args.park, listeners=args.listeners,
+        duration=args.duration,
+        warmup=args.warmup,
+        runners=args.runners,
+        batch_size=args.batch_size,
+        waiters=args.waiters,
+        rounds=args.rounds,
+        park=args.park,
+        listeners=args.listeners,
         web_workers=args.web_workers,
         # Enough threads that one worker can park every waiter even if it accepted them all.
         web_threads=max(64, args.waiters + args.runners + 8),
@@ -728,12 +800,20 @@ def measure(config: Config, db_url: str, web: WebServer, client_key: str, runner
             for runner in runners:
                 runner.close()
         listeners = raw_listener_count(db_url, config)
-        print(f"measuring: wake-up latency (raw LISTEN x {listeners}, then {config.waiters} long-polls) ...",
-              flush=True)
+        print(
+            f"measuring: wake-up latency (raw LISTEN x {listeners}, then {config.waiters} long-polls) ...", flush=True
+        )
         wake_raw = raw_notify_latencies(db_url, listeners, config)
         wake = longpoll_latencies(base_url, client_key, runner_api, poll_lease, config, db_url)
-    return Results(batch=batch, batch_raw=batch_raw, single=single, single_raw=single_raw, wake=wake,
-                   wake_raw=wake_raw, listeners=listeners)
+    return Results(
+        batch=batch,
+        batch_raw=batch_raw,
+        single=single,
+        single_raw=single_raw,
+        wake=wake,
+        wake_raw=wake_raw,
+        listeners=listeners,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

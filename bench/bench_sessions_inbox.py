@@ -33,7 +33,6 @@ import uuid
 from dataclasses import dataclass
 
 import psycopg
-
 from benchlib import BenchmarkError, percentile, run_on_fresh_database
 
 BENCH_DB = "agentrun_bench_inbox"
@@ -47,11 +46,13 @@ POPULATE = [
     INSERT INTO agent_sessions_session (
         session_id, tenant_id, project_id, backend_profile, metadata, version, execution_state,
         last_event_seq, summary, title, last_activity_at, created_at, updated_at, storage_kind)
-    SELECT 'sess-' || lpad(i::text, 7, '0'), %(tenant)s, %(project)s, (ARRAY['echo', 'codex', 'claude-code'])[1 + i %% 3],
+    SELECT 'sess-' || lpad(i::text, 7, '0'), %(tenant)s, %(project)s,
+           (ARRAY['echo', 'codex', 'claude-code'])[1 + i %% 3],
            '{}'::jsonb, i,
            CASE WHEN i %% 100 = 0 THEN 'running' WHEN i %% 5 < 3 THEN 'terminal' ELSE 'idle' END,
            i %% 40, '{}'::jsonb, 'Session ' || i, t.activity, now() - interval '31 days', t.activity, 'none'
-    FROM generate_series(1, %(count)s) AS i, LATERAL (SELECT now() - random() * interval '30 days' + i * interval '0 s' AS activity) t
+    FROM generate_series(1, %(count)s) AS i,
+         LATERAL (SELECT now() - random() * interval '30 days' + i * interval '0 s' AS activity) t
     """,
     """
     INSERT INTO agent_sessions_session (
@@ -163,12 +164,20 @@ def django_figures(iterations: int) -> tuple[list[Figure], list[tuple[str, list[
     feed_cursor = str(int(first["cursor"]) - 5_000)
 
     figures = [
-        Figure("a. selector, first page",
-               timed(iterations, lambda: selectors.session_list(scope=scope, reader_id=READER, limit=PAGE))),
+        Figure(
+            "a. selector, first page",
+            timed(iterations, lambda: selectors.session_list(scope=scope, reader_id=READER, limit=PAGE)),
+        ),
         Figure("b. API, first page", timed(iterations, api)),
-        Figure("c. API, walk pages 2-21 (pageToken)",
-               [sample for _ in range(max(1, iterations // 20))
-                for token in tokens for sample in timed(1, lambda token=token: api(pageToken=token))]),
+        Figure(
+            "c. API, walk pages 2-21 (pageToken)",
+            [
+                sample
+                for _ in range(max(1, iterations // 20))
+                for token in tokens
+                for sample in timed(1, lambda token=token: api(pageToken=token))
+            ],
+        ),
         Figure("d. API, change feed page (cursor)", timed(iterations, lambda: api(cursor=feed_cursor))),
     ]
 
@@ -181,13 +190,16 @@ def django_figures(iterations: int) -> tuple[list[Figure], list[tuple[str, list[
                 execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, params, many, context)
                 plans.append((label, [row[0] for row in cursor.fetchall()]))
             return execute(sql, params, many, context)
+
         return wrapper
 
     for label, call in (
         ("first page", lambda: selectors.session_list(scope=scope, reader_id=READER, limit=PAGE)),
         ("walk page", lambda: selectors.session_list(scope=scope, reader_id=READER, limit=PAGE, page_token=tokens[5])),
-        ("feed page", lambda: selectors.session_list(scope=scope, reader_id=READER, limit=PAGE,
-                                                     cursor=int(feed_cursor))),
+        (
+            "feed page",
+            lambda: selectors.session_list(scope=scope, reader_id=READER, limit=PAGE, cursor=int(feed_cursor)),
+        ),
     ):
         with connection.execute_wrapper(explain(label)):
             call()
@@ -208,19 +220,28 @@ def main(argv=None) -> int:
     def measure(db_url: str, server: str, source: str) -> None:
         print(f"setup: {args.sessions:,} sessions ...", flush=True)
         populate(db_url, args.sessions)
-        os.environ.update(DATABASE_URL=db_url, DJANGO_SETTINGS_MODULE="settings.prod",
-                          DJANGO_SECRET_KEY=uuid.uuid4().hex, DJANGO_ALLOWED_HOSTS="*")
+        os.environ.update(
+            DATABASE_URL=db_url,
+            DJANGO_SETTINGS_MODULE="settings.prod",
+            DJANGO_SECRET_KEY=uuid.uuid4().hex,
+            DJANGO_ALLOWED_HOSTS="*",
+        )
         raw = baseline(db_url, args.iterations)
         figures, plans = django_figures(args.iterations)
-        print(f"\ndefault inbox, reader {READER!r}, pages of {PAGE}, {args.sessions:,} sessions "
-              f"(+{args.sessions // 5:,} of another tenant)")
+        print(
+            f"\ndefault inbox, reader {READER!r}, pages of {PAGE}, {args.sessions:,} sessions "
+            f"(+{args.sessions // 5:,} of another tenant)"
+        )
         print(raw.line())
         for figure in figures:
             print(figure.line(raw))
-        seq_scans = [(label, line) for label, plan in plans for line in plan
-                     if "Seq Scan on agent_sessions_session " in line]
-        print(f"\nqueries explained: {len(plans)}; sequential scans of agent_sessions_session: "
-              f"{'none' if not seq_scans else len(seq_scans)}")
+        seq_scans = [
+            (label, line) for label, plan in plans for line in plan if "Seq Scan on agent_sessions_session " in line
+        ]
+        print(
+            f"\nqueries explained: {len(plans)}; sequential scans of agent_sessions_session: "
+            f"{'none' if not seq_scans else len(seq_scans)}"
+        )
         for label, plan in plans:
             if args.plans or label == "first page":
                 print(f"\n-- {label}\n" + "\n".join(plan))

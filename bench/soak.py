@@ -38,9 +38,9 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from soak_checks import LOST_WRITE, Violation, check_tables  # noqa: E402 - after the path is set
-from soak_load import FLOWS, NO_500, Context, Recorder, client_loop  # noqa: E402
-from soak_stack import (  # noqa: E402
+from soak_checks import LOST_WRITE, Violation, check_tables
+from soak_load import FLOWS, NO_500, Context, Recorder, client_loop
+from soak_stack import (
     Faults,
     Stack,
     become_subreaper,
@@ -57,9 +57,16 @@ REAP_GRACE_SECONDS = 5.0
 PROGRESS_SECONDS = 15.0
 RUNNER_KEPT = "a live runner keeps its run"
 TABLE_INVARIANTS = [
-    "seq gapless per run", "one terminal per run", "one command-terminal per command", "one holder per epoch",
-    "one start per task attempt", LOST_WRITE, "no run claimed past lease + grace",
-    "everything ended after the drain", NO_500, RUNNER_KEPT,
+    "seq gapless per run",
+    "one terminal per run",
+    "one command-terminal per command",
+    "one holder per epoch",
+    "one start per task attempt",
+    LOST_WRITE,
+    "no run claimed past lease + grace",
+    "everything ended after the drain",
+    NO_500,
+    RUNNER_KEPT,
 ]
 
 
@@ -74,8 +81,13 @@ def settings_from(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--database", choices=["auto", "embedded"], default=os.environ.get("SOAK_DATABASE", "auto"))
     args = parser.parse_args(argv)
     wanted = args.faults.strip().lower()
-    args.fault_kinds = FAULT_KINDS if wanted == "all" else [] if wanted in ("", "none") else \
-        [kind.strip() for kind in wanted.split(",") if kind.strip()]
+    args.fault_kinds = (
+        FAULT_KINDS
+        if wanted == "all"
+        else []
+        if wanted in ("", "none")
+        else [kind.strip() for kind in wanted.split(",") if kind.strip()]
+    )
     unknown = set(args.fault_kinds) - set(FAULT_KINDS)
     if unknown:
         parser.error(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
@@ -93,7 +105,7 @@ def print_table(title: str, headers: list[str], rows: list[list]) -> None:
 
 
 def statuses(counter: Counter) -> str:
-    return " ".join(f"{status}×{count}" for status, count in sorted(counter.items(), key=lambda item: str(item[0])))
+    return " ".join(f"{status} x{count}" for status, count in sorted(counter.items(), key=lambda item: str(item[0])))
 
 
 def classify_server_errors(recorder: Recorder) -> tuple[Counter, list[str]]:
@@ -118,10 +130,16 @@ def classify_server_errors(recorder: Recorder) -> tuple[Counter, list[str]]:
 def runners_lost_alive(cursor, recorder: Recorder) -> list[Violation]:
     """A run the reaper failed `runner-lost` had a worker-launched runner the soak killed: a
     runner left alive renews its lease (through web kills and PostgreSQL restarts)."""
-    cursor.execute("SELECT id, claimed_by, failure_message FROM runs_run WHERE failure_kind = 'runner-lost' "
-                   "AND claimed_by LIKE %s ORDER BY id", ["local-%"])
-    return [Violation(RUNNER_KEPT, f"run {run_id} ({holder}): {message}")
-            for run_id, holder, message in cursor.fetchall() if run_id not in recorder.killed_runs]
+    cursor.execute(
+        "SELECT id, claimed_by, failure_message FROM runs_run WHERE failure_kind = 'runner-lost' "
+        "AND claimed_by LIKE %s ORDER BY id",
+        ["local-%"],
+    )
+    return [
+        Violation(RUNNER_KEPT, f"run {run_id} ({holder}): {message}")
+        for run_id, holder, message in cursor.fetchall()
+        if run_id not in recorder.killed_runs
+    ]
 
 
 def active_work(db_url: str) -> int | None:
@@ -147,15 +165,19 @@ def soak(args: argparse.Namespace, tmp: Path) -> int:
             print(f"pg-restart: restarts {server.source} with `{' '.join(server.restart)}`")
         else:
             print(f"pg-restart: skipped ({server.why_not})")
-    print(f"faults: {', '.join(args.fault_kinds) or 'none'}; runner lease {LEASE_MS} ms, "
-          f"reap grace {REAP_GRACE_SECONDS:g} s")
+    print(
+        f"faults: {', '.join(args.fault_kinds) or 'none'}; runner lease {LEASE_MS} ms, "
+        f"reap grace {REAP_GRACE_SECONDS:g} s"
+    )
     db_url = create_database(server, name)
     stack = Stack(db_url, tmp, code, lease_ms=LEASE_MS, reap_grace=REAP_GRACE_SECONDS)
     recorder = Recorder()
     try:
         stack.manage("migrate", "--no-input", "-v", "0")
-        keys = {role: stack.manage("create_api_key", "--tenant", TENANT, "--project", PROJECT, "--role", role)
-                for role in ("client", "runner")}
+        keys = {
+            role: stack.manage("create_api_key", "--tenant", TENANT, "--project", PROJECT, "--role", role)
+            for role in ("client", "runner")
+        }
         stack.start()
         print(f"serving on {stack.url}; logs in {tmp}", flush=True)
         return run_load(args, stack, server, db_url, keys, recorder)
@@ -166,8 +188,9 @@ def soak(args: argparse.Namespace, tmp: Path) -> int:
         else:
             drop_database(server, name)
         if server.stop:
-            subprocess.run(server.stop, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=60)
+            subprocess.run(
+                server.stop, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60
+            )
 
 
 def run_load(args, stack: Stack, server, db_url: str, keys: dict, recorder: Recorder) -> int:
@@ -179,8 +202,9 @@ def run_load(args, stack: Stack, server, db_url: str, keys: dict, recorder: Reco
     sessions = [f"soak-{index}" for index in range(30)] + [f"soak/repo#{index}" for index in range(10)]
     threads = []
     for index in range(args.clients):
-        ctx = Context(stack.url, keys["client"], keys["runner"], recorder, stop, random.Random(args.seed + index),
-                      sessions)
+        ctx = Context(
+            stack.url, keys["client"], keys["runner"], recorder, stop, random.Random(args.seed + index), sessions
+        )
         threads.append(threading.Thread(target=client_loop, args=(ctx, until, flows_done, lock), daemon=True))
     kinds = [kind for kind in args.fault_kinds if kind != "pg-restart" or server.restart]
     faults = Faults(stack, server, db_url, recorder, kinds, random.Random(args.seed - 1))
@@ -197,8 +221,11 @@ def run_load(args, stack: Stack, server, db_url: str, keys: dict, recorder: Reco
                 ops = sum(sum(counter.values()) for counter in recorder.finals.values())
                 fault_count = sum(recorder.faults.values())
                 errors = len(recorder.server_errors)
-            print(f"  t={time.monotonic() - began:4.0f} s  flows {sum(flows_done.values()):4d}  requests {ops:6d}  "
-                  f"faults {fault_count:3d}  5xx {errors}", flush=True)
+            print(
+                f"  t={time.monotonic() - began:4.0f} s  flows {sum(flows_done.values()):4d}  requests {ops:6d}  "
+                f"faults {fault_count:3d}  5xx {errors}",
+                flush=True,
+            )
     fault_thread.join(timeout=180)
     stack.reap_orphans()
     drain_until = time.monotonic() + args.drain_seconds
@@ -215,49 +242,74 @@ def run_load(args, stack: Stack, server, db_url: str, keys: dict, recorder: Reco
     with psycopg.connect(db_url, autocommit=True) as conn, conn.cursor() as cursor:
         violations = check_tables(cursor, recorder.acknowledged, grace_seconds=REAP_GRACE_SECONDS + 3.0)
         violations += runners_lost_alive(cursor, recorder)
-        cursor.execute("SELECT (SELECT count(*) FROM runs_run), (SELECT count(*) FROM runs_runevent), "
-                       "(SELECT count(*) FROM runs_command), (SELECT count(*) FROM queues_queuetask)")
+        cursor.execute(
+            "SELECT (SELECT count(*) FROM runs_run), (SELECT count(*) FROM runs_runevent), "
+            "(SELECT count(*) FROM runs_command), (SELECT count(*) FROM queues_queuetask)"
+        )
         totals = cursor.fetchone()
     classes, examples = classify_server_errors(recorder)
     return report(args, recorder, violations, (classes, examples), flows_done, totals, drained, stack)
 
 
-def report(args, recorder: Recorder, violations, server_errors: tuple[Counter, list[str]], flows_done: Counter,
-           totals, drained: float, stack: Stack) -> int:
+def report(
+    args,
+    recorder: Recorder,
+    violations,
+    server_errors: tuple[Counter, list[str]],
+    flows_done: Counter,
+    totals,
+    drained: float,
+    stack: Stack,
+) -> int:
     classes, examples = server_errors
     violations = [*violations, *recorder.violations]
-    print(f"\ndrained in {drained:.0f} s; tables: {totals[0]} runs, {totals[1]} events, {totals[2]} commands, "
-          f"{totals[3]} queue tasks; worker started {stack.worker_starts} times")
+    print(
+        f"\ndrained in {drained:.0f} s; tables: {totals[0]} runs, {totals[1]} events, {totals[2]} commands, "
+        f"{totals[3]} queue tasks; worker started {stack.worker_starts} times"
+    )
     print_table("flows", ["flow", "played"], [[name, flows_done[name]] for name, _, _ in FLOWS])
     rows = []
     for kind in sorted(recorder.finals):
         finals = recorder.finals[kind]
         ok = sum(count for status, count in finals.items() if isinstance(status, int) and 200 <= status < 300)
-        errors = Counter({status: count for status, count in finals.items()
-                          if not (isinstance(status, int) and 200 <= status < 300)})
+        errors = Counter(
+            {status: count for status, count in finals.items() if not (isinstance(status, int) and 200 <= status < 300)}
+        )
         retried = recorder.transient[kind] - finals
         rows.append([kind, sum(finals.values()), ok, statuses(errors) or "-", statuses(retried) or "-"])
-    print_table("operations (final answer per operation; retried: answers that were retried)",
-                ["kind", "count", "2xx", "errors by status", "retried"], rows)
-    fault_rows = [[kind, recorder.faults[kind]] for kind in [*FAULT_KINDS, "worker-died-by-itself"]
-                  if kind in args.fault_kinds or recorder.faults[kind]]
+    print_table(
+        "operations (final answer per operation; retried: answers that were retried)",
+        ["kind", "count", "2xx", "errors by status", "retried"],
+        rows,
+    )
+    fault_rows = [
+        [kind, recorder.faults[kind]]
+        for kind in [*FAULT_KINDS, "worker-died-by-itself"]
+        if kind in args.fault_kinds or recorder.faults[kind]
+    ]
     print_table("faults", ["kind", "count"], fault_rows)
     for note in sorted(Counter(recorder.fault_notes).items()):
-        print(f"  {note[0]}{f'  (×{note[1]})' if note[1] > 1 else ''}")
-    print_table("5xx answers", ["class", "count"], [[name, count] for name, count in sorted(classes.items())] or
-                [["none", 0]])
+        print(f"  {note[0]}{f'  (x{note[1]})' if note[1] > 1 else ''}")
+    print_table(
+        "5xx answers", ["class", "count"], [[name, count] for name, count in sorted(classes.items())] or [["none", 0]]
+    )
     for example in examples[:8]:
         print(f"  {example}")
     by_invariant: dict[str, list] = {}
     for violation in violations:
         by_invariant.setdefault(violation.invariant, []).append(violation.detail)
     names = TABLE_INVARIANTS + sorted(set(by_invariant) - set(TABLE_INVARIANTS))
-    print_table("invariants", ["invariant", "violations", "first"],
-                [[name, len(by_invariant.get(name, [])), (by_invariant.get(name) or ["-"])[0][:150]] for name in names])
+    print_table(
+        "invariants",
+        ["invariant", "violations", "first"],
+        [[name, len(by_invariant.get(name, [])), (by_invariant.get(name) or ["-"])[0][:150]] for name in names],
+    )
     lost = len(by_invariant.get(LOST_WRITE, []))
     acked = recorder.acknowledged
-    print(f"\nAcknowledged writes checked: {len(acked.events)} events, {len(acked.records)} records, "
-          f"{len(acked.claims)} claims")
+    print(
+        f"\nAcknowledged writes checked: {len(acked.events)} events, {len(acked.records)} records, "
+        f"{len(acked.claims)} claims"
+    )
     print(f"Acknowledged writes lost: {lost}")
     for name in names:
         for detail in by_invariant.get(name, [])[1:6]:

@@ -73,8 +73,10 @@ def seq_gaps(cursor) -> list[Violation]:
         "OR coalesce(min(e.seq), 1) <> 1 OR coalesce(max(e.seq), 0) <> r.last_event_seq ORDER BY r.id"
     )
     return [
-        Violation(SEQ_GAPLESS, f"run {run_id}: last_event_seq {last}, {count} events ({distinct} distinct seqs, "
-                               f"{low}..{high})")
+        Violation(
+            SEQ_GAPLESS,
+            f"run {run_id}: last_event_seq {last}, {count} events ({distinct} distinct seqs, {low}..{high})",
+        )
         for run_id, last, count, distinct, low, high in cursor.fetchall()
     ]
 
@@ -93,8 +95,11 @@ def terminals(cursor) -> list[Violation]:
         if count != wanted:
             found.append(Violation(ONE_TERMINAL, f"run {run_id} ({status}): {count} terminal_status events"))
         elif count == 1 and said[0] != terminal_status:
-            found.append(Violation(ONE_TERMINAL, f"run {run_id}: terminal_status event says {said[0]}, "
-                                                 f"the run {terminal_status}"))
+            found.append(
+                Violation(
+                    ONE_TERMINAL, f"run {run_id}: terminal_status event says {said[0]}, the run {terminal_status}"
+                )
+            )
     return found
 
 
@@ -113,14 +118,25 @@ def command_terminals(cursor) -> list[Violation]:
     for command_id, run_id, state, run_status, count, said in cursor.fetchall():
         terminal = state in COMMAND_TERMINAL
         if count != (1 if terminal else 0):
-            found.append(Violation(ONE_COMMAND_TERMINAL, f"command {command_id} ({state}) of run {run_id}: "
-                                                         f"{count} command-terminal events"))
+            found.append(
+                Violation(
+                    ONE_COMMAND_TERMINAL,
+                    f"command {command_id} ({state}) of run {run_id}: {count} command-terminal events",
+                )
+            )
         elif terminal and said[0] != state:
-            found.append(Violation(ONE_COMMAND_TERMINAL, f"command {command_id}: command-terminal says {said[0]}, "
-                                                         f"the command {state}"))
+            found.append(
+                Violation(
+                    ONE_COMMAND_TERMINAL, f"command {command_id}: command-terminal says {said[0]}, the command {state}"
+                )
+            )
         if not terminal and run_status in RUN_TERMINAL:
-            found.append(Violation(ONE_COMMAND_TERMINAL, f"command {command_id} still {state} after its run "
-                                                         f"{run_id} ended {run_status}"))
+            found.append(
+                Violation(
+                    ONE_COMMAND_TERMINAL,
+                    f"command {command_id} still {state} after its run {run_id} ended {run_status}",
+                )
+            )
     return found
 
 
@@ -152,19 +168,33 @@ def epoch_holders(cursor, acknowledged: Acknowledged) -> list[Violation]:
         count = len(claims.get(run_id, ()))
         expired = status in RUN_TERMINAL and failure_kind in EXPIRE_KINDS
         if lease_epoch != count and not (expired and lease_epoch == count + 1):
-            found.append(Violation(ONE_HOLDER, f"run {run_id} ({status}, {failure_kind}): epoch {lease_epoch} "
-                                               f"after {count} run-claimed events"))
+            found.append(
+                Violation(
+                    ONE_HOLDER,
+                    f"run {run_id} ({status}, {failure_kind}): epoch {lease_epoch} after {count} run-claimed events",
+                )
+            )
     holders: dict[tuple[str, int], set[str]] = defaultdict(set)
     for claim in acknowledged.claims:
         holders[(claim.run_id, claim.lease_epoch)].add(claim.runner_id)
         recorded = claims.get(claim.run_id, [])
         if not 1 <= claim.lease_epoch <= len(recorded):
-            found.append(Violation(ONE_HOLDER, f"run {claim.run_id}: claim by {claim.runner_id} acknowledged at epoch "
-                                               f"{claim.lease_epoch}, but {len(recorded)} run-claimed events"))
+            found.append(
+                Violation(
+                    ONE_HOLDER,
+                    f"run {claim.run_id}: claim by {claim.runner_id} acknowledged at epoch "
+                    f"{claim.lease_epoch}, but {len(recorded)} run-claimed events",
+                )
+            )
         elif recorded[claim.lease_epoch - 1][1] != claim.runner_id:
-            found.append(Violation(ONE_HOLDER, f"run {claim.run_id} epoch {claim.lease_epoch}: acknowledged to "
-                                               f"{claim.runner_id}, claim event names "
-                                               f"{recorded[claim.lease_epoch - 1][1]}"))
+            found.append(
+                Violation(
+                    ONE_HOLDER,
+                    f"run {claim.run_id} epoch {claim.lease_epoch}: acknowledged to "
+                    f"{claim.runner_id}, claim event names "
+                    f"{recorded[claim.lease_epoch - 1][1]}",
+                )
+            )
     for (run_id, epoch), runners in sorted(holders.items()):
         if len(runners) > 1:
             found.append(Violation(ONE_HOLDER, f"run {run_id} epoch {epoch} acknowledged to {sorted(runners)}"))
@@ -175,9 +205,14 @@ def epoch_holders(cursor, acknowledged: Acknowledged) -> list[Violation]:
         start = recorded[event.lease_epoch - 1][0]
         end = recorded[event.lease_epoch][0] if event.lease_epoch < len(recorded) else None
         if event.seq <= start or (end is not None and event.seq >= end):
-            found.append(Violation(ONE_HOLDER, f"run {event.run_id}: event seq {event.seq} appended by "
-                                               f"{event.runner_id} at epoch {event.lease_epoch}, outside that "
-                                               f"epoch's seqs ({start}, {end or 'end'})"))
+            found.append(
+                Violation(
+                    ONE_HOLDER,
+                    f"run {event.run_id}: event seq {event.seq} appended by "
+                    f"{event.runner_id} at epoch {event.lease_epoch}, outside that "
+                    f"epoch's seqs ({start}, {end or 'end'})",
+                )
+            )
     return found
 
 
@@ -208,26 +243,32 @@ def task_attempts(cursor) -> list[Violation]:
         if len(running) > 1 or (running and state in TASK_TERMINAL):
             found.append(Violation(ONE_START, f"task {task_id} ({state}): attempts {running} running"))
         if state == "completed" and (not mine or mine[-1][2] != "completed"):
-            found.append(Violation(ONE_START, f"task {task_id} completed, its last attempt "
-                                              f"{mine[-1][2] if mine else 'missing'}"))
+            found.append(
+                Violation(ONE_START, f"task {task_id} completed, its last attempt {mine[-1][2] if mine else 'missing'}")
+            )
         for number, run_id, attempt_state in mine:
             started = runs_of.get((task_id, number), [])
             if run_id is None:
                 if started or attempt_state != "failed":
-                    found.append(Violation(ONE_START, f"task {task_id} attempt {number} ({attempt_state}) has no run, "
-                                                      f"runs naming it: {started}"))
+                    found.append(
+                        Violation(
+                            ONE_START,
+                            f"task {task_id} attempt {number} ({attempt_state}) has no run, runs naming it: {started}",
+                        )
+                    )
             elif started != [run_id]:
-                found.append(Violation(ONE_START, f"task {task_id} attempt {number}: run {run_id}, runs naming "
-                                                  f"it: {started}"))
+                found.append(
+                    Violation(ONE_START, f"task {task_id} attempt {number}: run {run_id}, runs naming it: {started}")
+                )
     for (task_id, number), run_ids in sorted(runs_of.items()):
         if task_id not in tasks or number not in [n for n, _, _ in attempts.get(task_id, [])]:
-            found.append(Violation(ONE_START, f"runs {run_ids} name task {task_id} attempt {number}, "
-                                              f"which does not exist"))
+            found.append(
+                Violation(ONE_START, f"runs {run_ids} name task {task_id} attempt {number}, which does not exist")
+            )
     return found
 
 
-_RECORD_TABLES = {"run": ("runs_run", "id"), "command": ("runs_command", "id"),
-                  "task": ("queues_queuetask", "id")}
+_RECORD_TABLES = {"run": ("runs_run", "id"), "command": ("runs_command", "id"), "task": ("queues_queuetask", "id")}
 
 
 def lost_writes(cursor, acknowledged: Acknowledged) -> list[Violation]:
@@ -238,21 +279,29 @@ def lost_writes(cursor, acknowledged: Acknowledged) -> list[Violation]:
     ids = list(by_id)
     stored = {}
     for start in range(0, len(ids), 5000):
-        cursor.execute("SELECT id, run_id, seq, type FROM runs_runevent WHERE id = ANY(%s)", [ids[start:start + 5000]])
+        cursor.execute(
+            "SELECT id, run_id, seq, type FROM runs_runevent WHERE id = ANY(%s)", [ids[start : start + 5000]]
+        )
         stored.update({row[0]: row[1:] for row in cursor.fetchall()})
     for event_id, event in by_id.items():
         row = stored.get(event_id)
         if row != (event.run_id, event.seq, event.type):
-            found.append(Violation(LOST_WRITE, f"event {event_id} (run {event.run_id} seq {event.seq} {event.type}): "
-                                               f"{'missing' if row is None else f'stored as {row}'}"))
+            found.append(
+                Violation(
+                    LOST_WRITE,
+                    f"event {event_id} (run {event.run_id} seq {event.seq} {event.type}): "
+                    f"{'missing' if row is None else f'stored as {row}'}",
+                )
+            )
     for kind, (table, column) in _RECORD_TABLES.items():
         wanted = sorted({record_id for record_kind, record_id in acknowledged.records if record_kind == kind})
         if not wanted:
             continue
         cursor.execute(f"SELECT {column} FROM {table} WHERE {column} = ANY(%s)", [wanted])  # noqa: S608 - fixed names
         present = {row[0] for row in cursor.fetchall()}
-        found += [Violation(LOST_WRITE, f"{kind} {record_id} missing")
-                  for record_id in wanted if record_id not in present]
+        found += [
+            Violation(LOST_WRITE, f"{kind} {record_id} missing") for record_id in wanted if record_id not in present
+        ]
     return found
 
 
@@ -266,8 +315,11 @@ def lapsed_leases(cursor, *, grace_seconds: float) -> list[Violation]:
         [grace_seconds],
     )
     return [
-        Violation(LAPSED_LEASE, f"run {run_id} claimed by {holder}, lease {'missing' if expires is None else 'lapsed'} "
-                                f"{'' if late is None else f'{late.total_seconds():.1f} s ago'}".rstrip())
+        Violation(
+            LAPSED_LEASE,
+            f"run {run_id} claimed by {holder}, lease {'missing' if expires is None else 'lapsed'} "
+            f"{'' if late is None else f'{late.total_seconds():.1f} s ago'}".rstrip(),
+        )
         for run_id, holder, expires, late in cursor.fetchall()
     ]
 

@@ -15,8 +15,7 @@ from datetime import datetime
 from urllib.parse import quote
 
 import httpx
-
-from soak_checks import Acknowledged, AckedEvent, Claim, Violation
+from soak_checks import AckedEvent, Acknowledged, Claim, Violation
 
 RETRY_STATUSES = {502, 503, 504}
 CONN = "conn"  # what a transport error (reset, refused, timeout) is recorded as
@@ -93,7 +92,8 @@ class Recorder:
     def acked_events(self, run_id: str, runner_id: str, epoch: int, items: list[dict]) -> None:
         with self.lock:
             self.acknowledged.events += [
-                AckedEvent(run_id, item["id"], int(item["seq"]), item["type"], runner_id, epoch) for item in items]
+                AckedEvent(run_id, item["id"], int(item["seq"]), item["type"], runner_id, epoch) for item in items
+            ]
 
     def acked_record(self, kind: str, record_id: str) -> None:
         with self.lock:
@@ -110,8 +110,11 @@ class Api:
     until `retry_seconds` pass; every attempt is recorded, and the final answer per kind."""
 
     def __init__(self, base_url: str, key: str, recorder: Recorder, *, retry_seconds: float = 45.0):
-        self.http = httpx.Client(base_url=f"{base_url}/api/v1", timeout=httpx.Timeout(45.0, connect=5.0),
-                                 headers={"Authorization": f"Bearer {key}"})
+        self.http = httpx.Client(
+            base_url=f"{base_url}/api/v1",
+            timeout=httpx.Timeout(45.0, connect=5.0),
+            headers={"Authorization": f"Bearer {key}"},
+        )
         self.recorder = recorder
         self.retry_seconds = retry_seconds
 
@@ -186,8 +189,12 @@ def create_run(ctx: Context, *, session: str | None, kind: str = "create-run", *
 
 
 def send_command(ctx: Context, run_id: str, command_type: str, payload: dict, *, kind: str = "create-command"):
-    answer = ctx.client.call(kind, "POST", f"/runs/{run_id}/commands", body={
-        "type": command_type, "payload": payload, "idempotencyKey": f"soak-{uuid.uuid4().hex}"})
+    answer = ctx.client.call(
+        kind,
+        "POST",
+        f"/runs/{run_id}/commands",
+        body={"type": command_type, "payload": payload, "idempotencyKey": f"soak-{uuid.uuid4().hex}"},
+    )
     if not answer.ok:
         return None
     ctx.recorder.acked_record("command", answer.body["id"])
@@ -200,15 +207,18 @@ def follow_to_end(ctx: Context, run_id: str, *, seconds: float = RUN_WAIT_SECOND
     events: list[dict] = []
     after = 0
     while time.monotonic() < deadline and not ctx.stop.is_set():
-        answer = ctx.client.call("follow-events", "GET", f"/runs/{run_id}/events",
-                                 params={"afterSeq": after, "wait": 10, "limit": 500})
+        answer = ctx.client.call(
+            "follow-events", "GET", f"/runs/{run_id}/events", params={"afterSeq": after, "wait": 10, "limit": 500}
+        )
         if not answer.ok:
             ctx.sleep(0.5)
             continue
         for event in answer.body["items"]:
             if event["seq"] != len(events) + 1:
-                ctx.recorder.violation(FOLLOW, f"run {run_id}: after seq {len(events)} the long-poll gave seq "
-                                               f"{event['seq']} (afterSeq {after})")
+                ctx.recorder.violation(
+                    FOLLOW,
+                    f"run {run_id}: after seq {len(events)} the long-poll gave seq {event['seq']} (afterSeq {after})",
+                )
                 return None
             events.append(event)
         after = int(answer.body["cursor"])
@@ -249,8 +259,9 @@ def command_states(ctx: Context, run_id: str) -> dict[str, dict]:
 def read_inbox(ctx: Context, session: str | None) -> None:
     ctx.client.call("list-sessions", "GET", "/sessions", params={"readerId": "soak-reader", "limit": 20})
     if session:
-        ctx.client.call("mark-read", "POST", f"/sessions/{quote(session, safe='')}/read",
-                        body={"readerId": "soak-reader"})
+        ctx.client.call(
+            "mark-read", "POST", f"/sessions/{quote(session, safe='')}/read", body={"readerId": "soak-reader"}
+        )
 
 
 def check_turn_output(ctx: Context, run_id: str, prompt: str, command: dict, events: list[dict]) -> None:
@@ -272,18 +283,26 @@ def check_turn_output(ctx: Context, run_id: str, prompt: str, command: dict, eve
             payload = outputs[0]["payload"]
             kept = len(payload.get("output") or "")
             if kept + int(payload.get("truncatedBytes") or 0) < BIG_BYTES // 2:
-                ctx.recorder.violation(OUTPUT, f"run {run_id}: megabyte output kept {kept} chars, "
-                                               f"truncatedBytes {payload.get('truncatedBytes')}")
+                ctx.recorder.violation(
+                    OUTPUT,
+                    f"run {run_id}: megabyte output kept {kept} chars, truncatedBytes {payload.get('truncatedBytes')}",
+                )
 
 
 def check_steer_answered(ctx: Context, run_id: str, steer_id: str, turn_id: str, events: list[dict]) -> None:
     """A steer delivered (completed) a second or more before its turn ended was answered by the
     agent (`steered: ...`) in the log. One delivered as the agent was exiting may go unanswered."""
-    ended = {event["payload"].get("commandId"): datetime.fromisoformat(event["createdAt"].replace("Z", "+00:00"))
-             for event in events if (event["payload"] or {}).get("phase") == "command-terminal"}
+    ended = {
+        event["payload"].get("commandId"): datetime.fromisoformat(event["createdAt"].replace("Z", "+00:00"))
+        for event in events
+        if (event["payload"] or {}).get("phase") == "command-terminal"
+    }
     steer_end, turn_end = ended.get(steer_id), ended.get(turn_id)
-    states = {event["payload"].get("commandId"): event["payload"].get("state")
-              for event in events if (event["payload"] or {}).get("phase") == "command-terminal"}
+    states = {
+        event["payload"].get("commandId"): event["payload"].get("state")
+        for event in events
+        if (event["payload"] or {}).get("phase") == "command-terminal"
+    }
     if steer_end is None or turn_end is None or states.get(steer_id) != "completed":
         return
     if run_id in ctx.recorder.killed_runs:
@@ -292,8 +311,11 @@ def check_steer_answered(ctx: Context, run_id: str, steer_id: str, turn_id: str,
         return
     answers = [event["payload"].get("text") or "" for event in events if event["type"] == "assistant_message"]
     if not any(text.startswith("steered: soak steer") for text in answers):
-        ctx.recorder.violation(OUTPUT, f"run {run_id}: steer completed {(turn_end - steer_end).total_seconds():.1f} s "
-                                       f"before its turn ended, no 'steered:' answer in the log")
+        ctx.recorder.violation(
+            OUTPUT,
+            f"run {run_id}: steer completed {(turn_end - steer_end).total_seconds():.1f} s "
+            f"before its turn ended, no 'steered:' answer in the log",
+        )
 
 
 # --- flows ----------------------------------------------------------------------------------
@@ -312,13 +334,17 @@ def flow_turn(ctx: Context, prompt: str, *, steer: bool = False, cancel: str | N
         return
     if (steer or cancel) and commands[0] and wait_acknowledged(ctx, commands[0]["id"]):
         ctx.sleep(0.5 + ctx.rng.random())  # mid-turn: the agent sleeps 3 s
-    steered = send_command(ctx, run["id"], "steer", {"text": "soak steer \x00 with a NUL"},
-                           kind="create-steer") if steer else None
+    steered = (
+        send_command(ctx, run["id"], "steer", {"text": "soak steer \x00 with a NUL"}, kind="create-steer")
+        if steer
+        else None
+    )
     if cancel == "run":
         ctx.client.call("cancel-run", "POST", f"/runs/{run['id']}/cancel", body={"reason": "soak cancel"})
     elif cancel == "command" and commands[0]:
-        ctx.client.call("cancel-command", "POST", f"/commands/{commands[0]['id']}/cancel",
-                        body={"reason": "soak cancel"})
+        ctx.client.call(
+            "cancel-command", "POST", f"/commands/{commands[0]['id']}/cancel", body={"reason": "soak cancel"}
+        )
     events = follow_to_end(ctx, run["id"])
     end_run(ctx, run["id"], events)
     if events is not None:
@@ -352,9 +378,12 @@ def flow_cancel_before_claim(ctx: Context) -> None:
         if answer.ok and answer.body["status"] == "claimed" and claimed_at is None:
             claimed_at = time.monotonic()
         if claimed_at is not None and time.monotonic() - claimed_at > IDLE_SECONDS:
-            ctx.recorder.violation(IDLE, f"run {run['id']}: its only turn was cancelled before the claim; "
-                                         f"{IDLE_SECONDS:.0f} s after the claim {answer.body.get('claimedBy')} "
-                                         f"still holds it")
+            ctx.recorder.violation(
+                IDLE,
+                f"run {run['id']}: its only turn was cancelled before the claim; "
+                f"{IDLE_SECONDS:.0f} s after the claim {answer.body.get('claimedBy')} "
+                f"still holds it",
+            )
             break
         ctx.sleep(0.5)
     abandon(ctx, run["id"])
@@ -366,8 +395,11 @@ QUEUE_PROMPTS = [NUL_PROMPT, SLEEP_PROMPT, "sleep: 1\nrun: echo queued", "fail",
 def flow_queue(ctx: Context, *, cancel: bool | str = False) -> None:
     """A queue task (three attempts, no backoff) followed to its end, perhaps cancelled mid-turn."""
     body = {
-        "queue": "soak", "lane": ctx.rng.choice(["a", "b"]), "priority": ctx.rng.randint(0, 5),
-        "title": "soak task \x00 with a NUL", "backendProfile": "echo",
+        "queue": "soak",
+        "lane": ctx.rng.choice(["a", "b"]),
+        "priority": ctx.rng.randint(0, 5),
+        "title": "soak task \x00 with a NUL",
+        "backendProfile": "echo",
         "payload": {"prompt": SLEEP_PROMPT if cancel else ctx.rng.choice(QUEUE_PROMPTS)},
         "executionPolicy": {"maxAttempts": 3, "backoffSeconds": 0},
         "idempotencyKey": f"soak-{uuid.uuid4().hex}",
@@ -461,8 +493,12 @@ def flow_race(ctx: Context) -> None:
     task; one body in four differs, so it (or the others) must get 409."""
     session = f"soak-race/{uuid.uuid4().hex[:10]}#1"
     key = f"soak-race-{uuid.uuid4().hex}"
-    same = {"backendProfile": "echo", "sessionRef": {"sessionId": session}, "idempotencyKey": key,
-            "metadata": {"variant": "a"}}
+    same = {
+        "backendProfile": "echo",
+        "sessionRef": {"sessionId": session},
+        "idempotencyKey": key,
+        "metadata": {"variant": "a"},
+    }
     bodies = [same, same, same, {**same, "metadata": {"variant": "b"}}]
     run_id = _judge_race(ctx, "POST /runs", bodies, _race(ctx, "race-create-run", "/runs", bodies))
     if run_id is None:
@@ -470,15 +506,20 @@ def flow_race(ctx: Context) -> None:
     ctx.recorder.acked_record("run", run_id)
     command = {"type": "turn", "payload": {"prompt": "raced turn"}, "idempotencyKey": f"soak-{uuid.uuid4().hex}"}
     bodies = [command, command, command, {**command, "payload": {"prompt": "another raced turn"}}]
-    command_id = _judge_race(ctx, "POST /runs/{id}/commands", bodies,
-                             _race(ctx, "race-create-command", f"/runs/{run_id}/commands", bodies))
+    command_id = _judge_race(
+        ctx, "POST /runs/{id}/commands", bodies, _race(ctx, "race-create-command", f"/runs/{run_id}/commands", bodies)
+    )
     if command_id:
         ctx.recorder.acked_record("command", command_id)
     else:
         abandon(ctx, run_id)
         return
-    task = {"queue": "soak-race", "backendProfile": "echo", "payload": {"prompt": "raced task"},
-            "idempotencyKey": f"soak-{uuid.uuid4().hex}"}
+    task = {
+        "queue": "soak-race",
+        "backendProfile": "echo",
+        "payload": {"prompt": "raced task"},
+        "idempotencyKey": f"soak-{uuid.uuid4().hex}",
+    }
     bodies = [task, task, task, {**task, "priority": 3}]
     task_id = _judge_race(ctx, "POST /queue-tasks", bodies, _race(ctx, "race-create-task", "/queue-tasks", bodies))
     if task_id:
@@ -488,11 +529,18 @@ def flow_race(ctx: Context) -> None:
 
 
 def _event_batch(ctx: Context, size: int) -> list[dict]:
-    texts = ["plain line", "a NUL \x00 inside", "a lone surrogate \ud800 here", "x" * 20_000,
-             "export GITHUB_TOKEN=ghp_" + "a" * 36, "émoji ✓ 🎉"]
+    texts = [
+        "plain line",
+        "a NUL \x00 inside",
+        "a lone surrogate \ud800 here",
+        "x" * 20_000,
+        "export GITHUB_TOKEN=ghp_" + "a" * 36,
+        "émoji ✓ 🎉",
+    ]
     kinds = ["assistant_message", "command_output", "reasoning", "tool_call"]
-    return [{"type": ctx.rng.choice(kinds), "payload": {"text": ctx.rng.choice(texts), "n": index}}
-            for index in range(size)]
+    return [
+        {"type": ctx.rng.choice(kinds), "payload": {"text": ctx.rng.choice(texts), "n": index}} for index in range(size)
+    ]
 
 
 class SoakRunner:
@@ -506,16 +554,21 @@ class SoakRunner:
         self.batches = 0
 
     def claim(self, lease_ms: int = SOAK_LEASE_MS) -> Answer:
-        answer = self.ctx.runner.call("claim", "POST", f"/runs/{self.run_id}/claim",
-                                      body={"runnerId": self.runner_id, "leaseMs": lease_ms})
+        answer = self.ctx.runner.call(
+            "claim", "POST", f"/runs/{self.run_id}/claim", body={"runnerId": self.runner_id, "leaseMs": lease_ms}
+        )
         if answer.ok:
             self.epoch = answer.body["leaseEpoch"]
             self.ctx.recorder.acked_claim(self.run_id, self.runner_id, self.epoch)
         return answer
 
     def append(self, events: list[dict], *, kind: str = "append-batch", replay: bool = False) -> Answer:
-        body = {"runnerId": self.runner_id, "leaseEpoch": self.epoch,
-                "batchKey": f"{self.runner_id}:{self.epoch}:{self.batches}", "events": events}
+        body = {
+            "runnerId": self.runner_id,
+            "leaseEpoch": self.epoch,
+            "batchKey": f"{self.runner_id}:{self.epoch}:{self.batches}",
+            "events": events,
+        }
         self.batches += 1
         answer = self.ctx.runner.call(kind, "POST", f"/runs/{self.run_id}/events", body=body)
         if answer.ok:
@@ -526,8 +579,11 @@ class SoakRunner:
                 first = [(item["id"], item["seq"]) for item in answer.body["items"]]
                 second = [(item["id"], item["seq"]) for item in again.body["items"]]
                 if again.status != 200 or first != second:
-                    self.ctx.recorder.violation(REPLAY, f"run {self.run_id} batch {body['batchKey']}: replay "
-                                                        f"{again.status}, {len(second)} items, same: {first == second}")
+                    self.ctx.recorder.violation(
+                        REPLAY,
+                        f"run {self.run_id} batch {body['batchKey']}: replay "
+                        f"{again.status}, {len(second)} items, same: {first == second}",
+                    )
                 self.ctx.recorder.acked_events(self.run_id, self.runner_id, self.epoch, again.body["items"])
         return answer
 
@@ -573,22 +629,29 @@ def flow_soak_runner(ctx: Context) -> None:
         if index == 1 and ctx.rng.random() < 0.3:
             _oversize(ctx, runner)
         if index % 3 == 2:
-            ctx.runner.call("heartbeat", "POST", f"/runs/{run['id']}/heartbeat",
-                            body=runner.lease_body(leaseMs=SOAK_LEASE_MS))
+            ctx.runner.call(
+                "heartbeat", "POST", f"/runs/{run['id']}/heartbeat", body=runner.lease_body(leaseMs=SOAK_LEASE_MS)
+            )
     if command:
-        ctx.runner.call("finish-command", "POST", f"/commands/{command['id']}/finish",
-                        body=runner.lease_body(terminalStatus="completed"))
-    answer = ctx.runner.call("finish-run", "POST", f"/runs/{run['id']}/finish",
-                             body=runner.lease_body(terminalStatus="completed"))
+        ctx.runner.call(
+            "finish-command",
+            "POST",
+            f"/commands/{command['id']}/finish",
+            body=runner.lease_body(terminalStatus="completed"),
+        )
+    answer = ctx.runner.call(
+        "finish-run", "POST", f"/runs/{run['id']}/finish", body=runner.lease_body(terminalStatus="completed")
+    )
     if not answer.ok:
         abandon(ctx, run["id"])
 
 
 def _oversize(ctx: Context, runner: SoakRunner) -> None:
     """One event over 256 KiB, and a body over 1 MiB: 413, in the envelope, nothing written."""
-    for kind, events in (("append-oversize-event", [{"type": "command_output", "payload": {"output": "y" * 300_000}}]),
-                         ("append-oversize-body", [{"type": "command_output", "payload": {"output": "z" * 200_000}}
-                                                   for _ in range(6)])):
+    for kind, events in (
+        ("append-oversize-event", [{"type": "command_output", "payload": {"output": "y" * 300_000}}]),
+        ("append-oversize-body", [{"type": "command_output", "payload": {"output": "z" * 200_000}} for _ in range(6)]),
+    ):
         answer = runner.append(events, kind=kind)
         if answer.status != 413 or error_kind(answer) != "schema-invalid":
             ctx.recorder.violation(LIMITS, f"{kind} on run {runner.run_id}: {answer.status} {str(answer.body)[:120]}")
@@ -612,15 +675,19 @@ def flow_fence(ctx: Context) -> None:
         abandon(ctx, run["id"])  # someone else (the worker's runner, the reaper) came between
         return
     stale = first.append(_event_batch(ctx, 2), kind="append-stale")
-    beat = ctx.runner.call("heartbeat-stale", "POST", f"/runs/{run['id']}/heartbeat",
-                           body=first.lease_body(leaseMs=SOAK_LEASE_MS))
+    beat = ctx.runner.call(
+        "heartbeat-stale", "POST", f"/runs/{run['id']}/heartbeat", body=first.lease_body(leaseMs=SOAK_LEASE_MS)
+    )
     for what, answer in (("append", stale), ("heartbeat", beat)):
         if answer.status != 409 or error_kind(answer) != "runner-lease-conflict":
-            ctx.recorder.violation(FENCED, f"run {run['id']}: stale {what} at epoch {first.epoch} "
-                                           f"(current {second.epoch}) got {answer.status}")
+            ctx.recorder.violation(
+                FENCED,
+                f"run {run['id']}: stale {what} at epoch {first.epoch} (current {second.epoch}) got {answer.status}",
+            )
     second.append(_event_batch(ctx, 2))
-    answer = ctx.runner.call("finish-run", "POST", f"/runs/{run['id']}/finish",
-                             body=second.lease_body(terminalStatus="completed"))
+    answer = ctx.runner.call(
+        "finish-run", "POST", f"/runs/{run['id']}/finish", body=second.lease_body(terminalStatus="completed")
+    )
     if not answer.ok:
         abandon(ctx, run["id"])
 
@@ -635,16 +702,27 @@ def flow_race_runner(ctx: Context) -> None:
         return
     command = send_command(ctx, run["id"], "turn", {"prompt": "a turn raced over"})
     runners = [SoakRunner(ctx, run["id"], "race") for _ in range(3)]
-    claims = concurrently(ctx, [Call("race-claim", "POST", f"/runs/{run['id']}/claim",
-                                     {"runnerId": runner.runner_id, "leaseMs": SOAK_LEASE_MS}, runner=True)
-                                for runner in runners])
+    claims = concurrently(
+        ctx,
+        [
+            Call(
+                "race-claim",
+                "POST",
+                f"/runs/{run['id']}/claim",
+                {"runnerId": runner.runner_id, "leaseMs": SOAK_LEASE_MS},
+                runner=True,
+            )
+            for runner in runners
+        ],
+    )
     won = [(runner, answer) for runner, answer in zip(runners, claims, strict=True) if answer.ok]
     for runner, answer in won:
         runner.epoch = answer.body["leaseEpoch"]
         ctx.recorder.acked_claim(run["id"], runner.runner_id, runner.epoch)
     if len(won) > 1:
-        ctx.recorder.violation(FENCED, f"run {run['id']}: {len(won)} racing claims won "
-                                       f"(epochs {[runner.epoch for runner, _ in won]})")
+        ctx.recorder.violation(
+            FENCED, f"run {run['id']}: {len(won)} racing claims won (epochs {[runner.epoch for runner, _ in won]})"
+        )
     if not command:
         abandon(ctx, run["id"])
         return
@@ -654,8 +732,11 @@ def flow_race_runner(ctx: Context) -> None:
     holder = max((runner for runner, _ in won), key=lambda runner: runner.epoch)
     path = f"/runs/{run['id']}"
     ctx.runner.call("ack", "POST", f"/commands/{command['id']}/ack", body=holder.lease_body())
-    body = {**holder.lease_body(), "batchKey": f"{holder.runner_id}:{holder.epoch}:raced",
-            "events": _event_batch(ctx, ctx.rng.randint(1, 30))}
+    body = {
+        **holder.lease_body(),
+        "batchKey": f"{holder.runner_id}:{holder.epoch}:raced",
+        "events": _event_batch(ctx, ctx.rng.randint(1, 30)),
+    }
     appends = concurrently(ctx, [Call("race-append", "POST", f"{path}/events", body, runner=True)] * 3)
     for answer in appends:
         if answer.ok:
@@ -663,12 +744,22 @@ def flow_race_runner(ctx: Context) -> None:
     seen = {tuple((item["id"], item["seq"]) for item in answer.body["items"]) for answer in appends if answer.ok}
     created = sum(answer.status == 201 for answer in appends)
     if len(seen) > 1 or created > 1:
-        ctx.recorder.violation(REPLAY, f"run {run['id']}: racing appends of one batchKey: "
-                                       f"{[answer.status for answer in appends]}, {len(seen)} different answers")
-    bodies = [{**holder.lease_body(), "batchKey": f"{holder.runner_id}:{holder.epoch}:parallel-{index}",
-               "events": _event_batch(ctx, ctx.rng.randint(1, 20))} for index in range(3)]
-    parallel = concurrently(ctx, [Call("parallel-append", "POST", f"{path}/events", body, runner=True)
-                                  for body in bodies])
+        ctx.recorder.violation(
+            REPLAY,
+            f"run {run['id']}: racing appends of one batchKey: "
+            f"{[answer.status for answer in appends]}, {len(seen)} different answers",
+        )
+    bodies = [
+        {
+            **holder.lease_body(),
+            "batchKey": f"{holder.runner_id}:{holder.epoch}:parallel-{index}",
+            "events": _event_batch(ctx, ctx.rng.randint(1, 20)),
+        }
+        for index in range(3)
+    ]
+    parallel = concurrently(
+        ctx, [Call("parallel-append", "POST", f"{path}/events", body, runner=True) for body in bodies]
+    )
     for answer in parallel:
         if answer.ok:
             ctx.recorder.acked_events(run["id"], holder.runner_id, holder.epoch, answer.body["items"])
@@ -676,15 +767,28 @@ def flow_race_runner(ctx: Context) -> None:
         reader = f"soak-reader-{uuid.uuid4().hex[:6]}"
         session_path = f"/sessions/{quote(run['sessionRef']['sessionId'], safe='')}/read"
         concurrently(ctx, [Call("race-mark-read", "POST", session_path, {"readerId": reader})] * 3)
-    concurrently(ctx, [
-        Call("race-finish-command", "POST", f"/commands/{command['id']}/finish",
-             holder.lease_body(terminalStatus="completed"), runner=True),
-        Call("race-cancel-command", "POST", f"/commands/{command['id']}/cancel", {"reason": "raced"}),
-    ])
-    concurrently(ctx, [
-        Call("race-finish-run", "POST", f"{path}/finish", holder.lease_body(terminalStatus="completed"), runner=True),
-        Call("race-cancel-run", "POST", f"{path}/cancel", {"reason": "raced"}),
-    ])
+    concurrently(
+        ctx,
+        [
+            Call(
+                "race-finish-command",
+                "POST",
+                f"/commands/{command['id']}/finish",
+                holder.lease_body(terminalStatus="completed"),
+                runner=True,
+            ),
+            Call("race-cancel-command", "POST", f"/commands/{command['id']}/cancel", {"reason": "raced"}),
+        ],
+    )
+    concurrently(
+        ctx,
+        [
+            Call(
+                "race-finish-run", "POST", f"{path}/finish", holder.lease_body(terminalStatus="completed"), runner=True
+            ),
+            Call("race-cancel-run", "POST", f"{path}/cancel", {"reason": "raced"}),
+        ],
+    )
     end_run(ctx, run["id"], follow_to_end(ctx, run["id"], seconds=20))
 
 
@@ -705,8 +809,12 @@ def flow_hostile(ctx: Context) -> None:
     if run is not None:
         checks += [
             Call("hostile-claim", "POST", f"/runs/{run['id']}/claim", {"runnerId": bad, "leaseMs": 1000}, runner=True),
-            Call("hostile-command", "POST", f"/runs/{run['id']}/commands",
-                 {"type": "turn", "payload": {"prompt": "hostile"}, "idempotencyKey": bad}),
+            Call(
+                "hostile-command",
+                "POST",
+                f"/runs/{run['id']}/commands",
+                {"type": "turn", "payload": {"prompt": "hostile"}, "idempotencyKey": bad},
+            ),
         ]
     for call in checks:
         answer = (ctx.runner if call.runner else ctx.client).call(call.kind, call.method, call.path, body=call.body)
@@ -744,14 +852,37 @@ def flow_hostile_content(ctx: Context) -> None:
     run = create_run(ctx, session=None, kind="hostile-content-run", metadata={text: text, "note": [text, {text: 1}]})
     sent = [("hostile-content-run", run)]
     if run is not None:
-        sent.append(("hostile-content-command", send_command(ctx, run["id"], "turn", {"prompt": f"echo {text}"},
-                                                             kind="hostile-content-command")))
-    answer = ctx.client.call("hostile-content-session", "PUT", f"/sessions/{session}", body={
-        "tenantId": "soak", "projectId": "soak", "backendProfile": "echo", "metadata": {"title": text, text: text}})
+        sent.append(
+            (
+                "hostile-content-command",
+                send_command(ctx, run["id"], "turn", {"prompt": f"echo {text}"}, kind="hostile-content-command"),
+            )
+        )
+    answer = ctx.client.call(
+        "hostile-content-session",
+        "PUT",
+        f"/sessions/{session}",
+        body={
+            "tenantId": "soak",
+            "projectId": "soak",
+            "backendProfile": "echo",
+            "metadata": {"title": text, text: text},
+        },
+    )
     sent.append(("hostile-content-session", answer.body if answer.ok else None))
-    answer = ctx.client.call("hostile-content-task", "POST", "/queue-tasks", body={
-        "queue": "soak", "backendProfile": "echo", "title": text, "payload": {"prompt": text, text: [text]},
-        "metadata": {text: text}, "idempotencyKey": f"soak-{uuid.uuid4().hex}"})
+    answer = ctx.client.call(
+        "hostile-content-task",
+        "POST",
+        "/queue-tasks",
+        body={
+            "queue": "soak",
+            "backendProfile": "echo",
+            "title": text,
+            "payload": {"prompt": text, text: [text]},
+            "metadata": {text: text},
+            "idempotencyKey": f"soak-{uuid.uuid4().hex}",
+        },
+    )
     if answer.ok:
         ctx.recorder.acked_record("task", answer.body["id"])
     sent.append(("hostile-content-task", answer.body if answer.ok else None))

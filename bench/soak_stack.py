@@ -3,6 +3,7 @@ worker as processes of its own, and the faults it injects into them on a schedul
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
@@ -21,7 +22,6 @@ import httpx
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
 from soak_load import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,8 +83,12 @@ def pick_server(var_dir: Path, choice: str = "auto") -> Server:
         return Server(url, "DATABASE_URL", None, "DATABASE_URL names a server the soak does not manage")
     if _reachable(MACHINE_URL):
         restart = _machine_restart()
-        return Server(MACHINE_URL, "the machine's PostgreSQL at 127.0.0.1:5432", restart,
-                      "" if restart else "no single cluster under /etc/postgresql")
+        return Server(
+            MACHINE_URL,
+            "the machine's PostgreSQL at 127.0.0.1:5432",
+            restart,
+            "" if restart else "no single cluster under /etc/postgresql",
+        )
     return _embedded(var_dir)
 
 
@@ -98,12 +102,24 @@ def _embedded(var_dir: Path) -> Server:
 
     server = pgserver.get_server(var_dir / "pgdata", cleanup_mode="stop")
     # -l: the server's output to its log, not to our pipes (a pipe it holds would hang the call).
-    ctl = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(var_dir / "pgdata"), "-w", "-m", "fast",
-           "-l", str(var_dir / "pgdata" / "log")]
+    ctl = [
+        str(POSTGRES_BIN_PATH / "pg_ctl"),
+        "-D",
+        str(var_dir / "pgdata"),
+        "-w",
+        "-m",
+        "fast",
+        "-l",
+        str(var_dir / "pgdata" / "log"),
+    ]
     if server.system_user:
         ctl = ["runuser", "-u", server.system_user, "--", *ctl]
-    return Server(embedded, f"an embedded PostgreSQL of the soak's own ({var_dir / 'pgdata'})", [*ctl, "restart"],
-                  stop=[*ctl, "stop"])
+    return Server(
+        embedded,
+        f"an embedded PostgreSQL of the soak's own ({var_dir / 'pgdata'})",
+        [*ctl, "restart"],
+        stop=[*ctl, "stop"],
+    )
 
 
 def create_database(server: Server, name: str) -> str:
@@ -133,10 +149,12 @@ def snapshot_code(into: Path) -> str:
         else:
             shutil.copy2(source, into / name)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", *CODE], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return f"{ROOT} (not a git checkout)"
     return f"{ROOT} at {commit}{' with uncommitted changes' if dirty else ''}"
@@ -151,10 +169,8 @@ def free_port() -> int:
 def become_subreaper() -> None:
     """Runners orphaned by a killed worker (and agents by a killed runner) come to us, so we can
     reap them; otherwise they would stay zombies under an init that reaps nothing."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -163,7 +179,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return fields[0], int(fields[1])
 
 
@@ -213,8 +229,14 @@ class Stack:
             return subprocess.Popen(argv, cwd=self.code, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def manage(self, *args: str) -> str:
-        done = subprocess.run([sys.executable, "manage.py", *args], cwd=self.code, env=self.env, capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=self.code,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stderr[-3000:]}")
         return done.stdout.strip()
@@ -255,9 +277,14 @@ class Stack:
         found = {}
         for pid in _pids():
             argv = _cmdline(pid)
-            if "runner" in argv and "-m" in argv and "--manager" in argv and "--run" in argv:
-                if argv[argv.index("--manager") + 1] == self.url:
-                    found[argv[argv.index("--run") + 1]] = pid
+            if (
+                "runner" in argv
+                and "-m" in argv
+                and "--manager" in argv
+                and "--run" in argv
+                and argv[argv.index("--manager") + 1] == self.url
+            ):
+                found[argv[argv.index("--run") + 1]] = pid
         return found
 
     def reap_orphans(self) -> None:
@@ -267,10 +294,8 @@ class Stack:
         for pid in _pids():
             stat = _proc_stat(pid)
             if stat and stat[1] == me and stat[0] == "Z" and pid not in own:
-                try:
+                with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
 
     def stop(self) -> None:
         """The worker first (it stops its runners), then gunicorn; then any runner left over."""
@@ -285,19 +310,15 @@ class Stack:
                 process.wait()
         leftovers = self.runner_pids()
         for pid in leftovers.values():
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
         deadline = time.monotonic() + 10
         while self.runner_pids() and time.monotonic() < deadline:
             self.reap_orphans()
             time.sleep(0.2)
         for pid in self.runner_pids().values():
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self.reap_orphans()
 
 
@@ -319,11 +340,16 @@ class Faults:
     """Injects the chosen faults on a schedule (first at `start`, then every `every` seconds,
     jittered) until `until`; records each in the recorder, with the time window it covered."""
 
-    SCHEDULE = {"web-kill": (6.0, 12.0), "runner-kill": (9.0, 15.0), "worker-kill": (14.0, 35.0),
-                "pg-restart": (30.0, 150.0)}
+    SCHEDULE = {
+        "web-kill": (6.0, 12.0),
+        "runner-kill": (9.0, 15.0),
+        "worker-kill": (14.0, 35.0),
+        "pg-restart": (30.0, 150.0),
+    }
 
-    def __init__(self, stack: Stack, server: Server, db_url: str, recorder: Recorder, kinds: list[str],
-                 rng: random.Random):
+    def __init__(
+        self, stack: Stack, server: Server, db_url: str, recorder: Recorder, kinds: list[str], rng: random.Random
+    ):
         self.stack, self.server, self.db_url, self.recorder, self.rng = stack, server, db_url, recorder, rng
         self.kinds = kinds
         self.conn: psycopg.Connection | None = None
@@ -397,10 +423,8 @@ class Faults:
         with self.recorder.lock:
             self.recorder.killed_runs.add(run_id)
         for child in _descendants(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -412,15 +436,22 @@ class Faults:
         """SIGKILL the worker between a queue task's claim (the dispatcher made its attempt and
         run) and the run's start (the runner's claim); start it again a second later."""
         ids = []
-        api = httpx.Client(base_url=f"{self.stack.url}/api/v1", timeout=20,
-                           headers={"Authorization": f"Bearer {self.client_key}"})
+        api = httpx.Client(
+            base_url=f"{self.stack.url}/api/v1", timeout=20, headers={"Authorization": f"Bearer {self.client_key}"}
+        )
         try:
             for index in range(2):
-                response = api.post("/queue-tasks", json={
-                    "queue": "soak-worker-kill", "backendProfile": "echo", "priority": 10,
-                    "payload": {"prompt": f"sleep: 1\nrun: echo worker-kill {index}"},
-                    "executionPolicy": {"maxAttempts": 3, "backoffSeconds": 0},
-                    "idempotencyKey": f"soak-worker-kill-{time.monotonic_ns()}-{index}"})
+                response = api.post(
+                    "/queue-tasks",
+                    json={
+                        "queue": "soak-worker-kill",
+                        "backendProfile": "echo",
+                        "priority": 10,
+                        "payload": {"prompt": f"sleep: 1\nrun: echo worker-kill {index}"},
+                        "executionPolicy": {"maxAttempts": 3, "backoffSeconds": 0},
+                        "idempotencyKey": f"soak-worker-kill-{time.monotonic_ns()}-{index}",
+                    },
+                )
                 if response.status_code == 201:
                     ids.append(response.json()["id"])
                     self.recorder.acked_record("task", ids[-1])
@@ -436,7 +467,9 @@ class Faults:
             rows = self.query(
                 "SELECT r.id, EXISTS (SELECT 1 FROM runs_runnerjob j WHERE j.run_id = r.id) "
                 "FROM queues_queueattempt a JOIN runs_run r ON r.id = a.run_id "
-                "WHERE a.task_id = ANY(%s) AND r.status = 'pending' LIMIT 1", [ids])
+                "WHERE a.task_id = ANY(%s) AND r.status = 'pending' LIMIT 1",
+                [ids],
+            )
             if rows:
                 window = "after its runner was launched" if rows[0][1] else "before its runner was launched"
             else:
@@ -461,8 +494,9 @@ class Faults:
         # Its output to a file: a restarted server can inherit a pipe and keep it open forever.
         with tempfile.TemporaryFile("w+") as output:
             try:
-                done = subprocess.run(self.server.restart, stdin=subprocess.DEVNULL, stdout=output,
-                                      stderr=subprocess.STDOUT, timeout=120)
+                done = subprocess.run(
+                    self.server.restart, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, timeout=120
+                )
                 output.seek(0)
                 note = "" if done.returncode == 0 else f"exit {done.returncode}: {output.read()[-300:]}"
             except subprocess.TimeoutExpired:

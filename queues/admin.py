@@ -15,8 +15,16 @@ class AttemptInline(admin.TabularInline):
     model = QueueAttempt
     extra = 0
     can_delete = False
-    fields = ("number", "state", "run_link", "command_id", "failure_kind", "failure_message", "started_at",
-              "finished_at")
+    fields = (
+        "number",
+        "state",
+        "run_link",
+        "command_id",
+        "failure_kind",
+        "failure_message",
+        "started_at",
+        "finished_at",
+    )
     readonly_fields = fields
     ordering = ("number",)
 
@@ -30,8 +38,9 @@ class AttemptInline(admin.TabularInline):
     def run_link(self, attempt):
         if not attempt.run_id:
             return "-"
-        return format_html("<a href='{}'>{}</a>", reverse("admin:runs_run_change", args=[attempt.run_id]),
-                           attempt.run_id)
+        return format_html(
+            "<a href='{}'>{}</a>", reverse("admin:runs_run_change", args=[attempt.run_id]), attempt.run_id
+        )
 
 
 @admin.register(QueueTask)

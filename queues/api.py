@@ -46,14 +46,24 @@ class QueueTaskViewSet(viewsets.ViewSet):
     schema = PageListSchema()
     lookup_value_regex = "[^/]+"
     # Attempt updates are the operator's (who may do everything).
-    roles = {"create": {CLIENT}, "list": {CLIENT}, "retrieve": {CLIENT}, "cancel": {CLIENT}, "read": {CLIENT},
-             "attempt": set()}
+    roles = {
+        "create": {CLIENT},
+        "list": {CLIENT},
+        "retrieve": {CLIENT},
+        "cancel": {CLIENT},
+        "read": {CLIENT},
+        "attempt": set(),
+    }
 
-    @extend_schema(request=TaskCreateIn, responses={
-        201: TaskOut, 200: TaskOut,
-        403: error("`tenant-policy-denied`: `tenantId`/`projectId` is outside the key's scope."),
-        409: error("`schema-invalid`: the idempotency key was used before with another task."),
-    })
+    @extend_schema(
+        request=TaskCreateIn,
+        responses={
+            201: TaskOut,
+            200: TaskOut,
+            403: error("`tenant-policy-denied`: `tenantId`/`projectId` is outside the key's scope."),
+            409: error("`schema-invalid`: the idempotency key was used before with another task."),
+        },
+    )
     def create(self, request):
         data = validated(TaskCreateIn, request.data)
         tenant_id, project_id = request.scope.fill(data.get("tenantId"), data.get("projectId"))
@@ -85,8 +95,9 @@ class QueueTaskViewSet(viewsets.ViewSet):
             query_cursor("cursor", "A version: the change feed, tasks changed after it, in version order."),
             query_cursor("updatedAfter", "Alias of `cursor` (a version, not a time)."),
             page_token_parameter("The previous page's `nextPageToken` (the priority view; not with `cursor`)."),
-            query_integer("limit", minimum=1, default=DEFAULT_LIMIT,
-                          description=f"Larger values are taken as {MAX_LIMIT}."),
+            query_integer(
+                "limit", minimum=1, default=DEFAULT_LIMIT, description=f"Larger values are taken as {MAX_LIMIT}."
+            ),
         ],
         responses=TaskListOut,
     )
@@ -103,22 +114,30 @@ class QueueTaskViewSet(viewsets.ViewSet):
             limit=query_int(params, "limit", default=DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT),
         )
         items = [_task(task) for task in page.tasks]
-        return Response({"items": items, "count": len(items), "cursor": page.cursor,
-                         "nextPageToken": page.next_page_token})
+        return Response(
+            {"items": items, "count": len(items), "cursor": page.cursor, "nextPageToken": page.next_page_token}
+        )
 
     @extend_schema(responses=TaskOut)
     def retrieve(self, request, pk=None):
         return Response(_task(selectors.task_get(task_id=pk, scope=request.scope)))
 
-    @extend_schema(request=AttemptIn, responses={
-        200: TaskOut, 409: error(TERMINAL_TASK),
-    })
+    @extend_schema(
+        request=AttemptIn,
+        responses={
+            200: TaskOut,
+            409: error(TERMINAL_TASK),
+        },
+    )
     @action(detail=True, methods=["post"])
     def attempt(self, request, pk=None):
         data = validated(AttemptIn, request.data)
         task = services.task_attempt_update(
-            task_id=pk, state=data["state"], latest_attempt=data["latestAttempt"],
-            session_path=data.get("sessionPath"), scope=request.scope,
+            task_id=pk,
+            state=data["state"],
+            latest_attempt=data["latestAttempt"],
+            session_path=data.get("sessionPath"),
+            scope=request.scope,
         )
         return Response(_task(task))
 
@@ -145,11 +164,14 @@ class QueueViewSet(viewsets.ViewSet):
         stats = selectors.task_stats(scope=request.scope, queue=query_identifier(request.query_params, "queue"))
         return Response(StatsOut().to_representation(stats))
 
-    @extend_schema(parameters=[QUEUE, query_string("readerId", description="Whose read cursors decide `unread`.")],
-                   responses=CommanderOut)
+    @extend_schema(
+        parameters=[QUEUE, query_string("readerId", description="Whose read cursors decide `unread`.")],
+        responses=CommanderOut,
+    )
     @action(detail=False, methods=["get"])
     def commander(self, request):
         reader_id = query_identifier(request.query_params, "readerId")
-        snapshot = selectors.commander(scope=request.scope, queue=query_identifier(request.query_params, "queue"),
-                                       reader_id=reader_id)
+        snapshot = selectors.commander(
+            scope=request.scope, queue=query_identifier(request.query_params, "queue"), reader_id=reader_id
+        )
         return Response(CommanderOut().to_representation(snapshot))

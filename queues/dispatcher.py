@@ -88,7 +88,7 @@ def serve_loop(stop: threading.Event, step: Callable[[], float]) -> None:
                 if listener is None:
                     listener = listen_for_work()
                 timeout = step()
-            except Exception:  # noqa: BLE001 - a lost database must not end the worker
+            except Exception:
                 logger.exception("worker pass failed; retrying")
                 timeout = 1.0
                 if listener is not None and listener.closed:

@@ -55,10 +55,13 @@ class QueueTask(models.Model):
             models.Index(fields=["tenant_id", "version"], name="task_tenant_version"),
             models.Index(fields=["tenant_id", "project_id", "version"], name="task_scope_version"),
             models.Index(fields=["queue", "state", "version"], name="task_queue_state_version"),
-            models.Index(fields=["tenant_id", "project_id", "-priority", "created_at", "id"], name="task_scope_priority"),
+            models.Index(
+                fields=["tenant_id", "project_id", "-priority", "created_at", "id"], name="task_scope_priority"
+            ),
             # What the dispatcher scans: pending tasks in dispatch order.
-            models.Index(fields=["-priority", "created_at", "id"], name="task_pending_order",
-                         condition=models.Q(state="pending")),
+            models.Index(
+                fields=["-priority", "created_at", "id"], name="task_pending_order", condition=models.Q(state="pending")
+            ),
             # What counts against the concurrency limits.
             models.Index(fields=["tenant_id", "queue"], name="task_running", condition=models.Q(state="running")),
         ]
@@ -117,7 +120,9 @@ class Queue(models.Model):
 
     tenant_id = models.CharField(max_length=200)
     name = models.CharField(max_length=200)
-    max_running = models.PositiveIntegerField(null=True, blank=True, help_text="Running attempts at most; empty: no limit.")
+    max_running = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Running attempts at most; empty: no limit."
+    )
     paused = models.BooleanField(default=False, help_text="A paused queue dispatches nothing.")
 
     class Meta:

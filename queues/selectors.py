@@ -65,15 +65,21 @@ def _encode(position: dict) -> str:
 def _decode(raw: str, filters: list) -> dict:
     try:
         position = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        if (position["f"] != filters or not isinstance(position["p"], int) or not isinstance(position["i"], str)
-                or is_unstorable(position["i"])):
+        if (
+            position["f"] != filters
+            or not isinstance(position["p"], int)
+            or not isinstance(position["i"], str)
+            or is_unstorable(position["i"])
+        ):
             raise ValueError("token of another listing")
         created = datetime.fromisoformat(position["c"])
         # The tokens this listing writes carry UTC; a forged one without a zone is read as UTC.
         position["c"] = created if created.tzinfo is not None else created.replace(tzinfo=UTC)
         return position
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise invalid("pageToken is not a token of this listing; start again without it", parameter="pageToken") from None
+        raise invalid(
+            "pageToken is not a token of this listing; start again without it", parameter="pageToken"
+        ) from None
 
 
 def task_list(
@@ -90,8 +96,9 @@ def task_list(
     matching version. Priority and creation time never change, so keyset pages neither skip nor
     repeat; a task whose state changes may leave or join a state filter between pages."""
     if cursor is not None and page_token is not None:
-        raise invalid("give either cursor (the change feed) or pageToken (the priority view), not both",
-                      parameter="pageToken")
+        raise invalid(
+            "give either cursor (the change feed) or pageToken (the priority view), not both", parameter="pageToken"
+        )
     tasks = _filtered(scope, queue, state)
     if cursor is not None:
         page = list(tasks.filter(version__gt=cursor).order_by("version")[:limit])

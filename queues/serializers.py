@@ -117,8 +117,12 @@ class TaskReadCursorOut(serializers.Serializer):
     readAt = serializers.DateTimeField()
 
     def to_representation(self, cursor):
-        return {"taskId": cursor.task_id, "readerId": cursor.reader_id, "taskVersion": cursor.task_version,
-                "readAt": iso(cursor.read_at)}
+        return {
+            "taskId": cursor.task_id,
+            "readerId": cursor.reader_id,
+            "taskVersion": cursor.task_version,
+            "readAt": iso(cursor.read_at),
+        }
 
 
 class TaskSummaryOut(TaskOut):
@@ -139,12 +143,21 @@ class TaskSummaryOut(TaskOut):
         version = getattr(task, "cursor_version", None)
         cursor = None
         if self.reader_id is not None and version is not None:
-            cursor = {"taskId": task.id, "readerId": self.reader_id, "taskVersion": version,
-                      "readAt": iso(task.cursor_read_at)}
+            cursor = {
+                "taskId": task.id,
+                "readerId": self.reader_id,
+                "taskVersion": version,
+                "readAt": iso(task.cursor_read_at),
+            }
         active = task.state in TASK_ACTIVE
         unread = not active and (cursor is None or version < task.version)
-        record.update(readerId=self.reader_id, readCursor=cursor, attentionState=(
-            "active" if active else "unread" if unread else "read"), unread=unread, active=active)
+        record.update(
+            readerId=self.reader_id,
+            readCursor=cursor,
+            attentionState=("active" if active else "unread" if unread else "read"),
+            unread=unread,
+            active=active,
+        )
         return record
 
 
@@ -181,8 +194,16 @@ class CommanderOut(serializers.Serializer):
 class TaskListOut(serializers.Serializer):
     items = TaskOut(many=True)
     count = serializers.IntegerField(min_value=0)
-    cursor = serializers.CharField(allow_null=True, max_length=CURSOR_MAX_LENGTH, help_text=(
-        "With `cursor`: the last item's version, else the cursor given. Without: the highest version among the "
-        "matching tasks (null when none match)."))
-    nextPageToken = serializers.CharField(allow_null=True, max_length=PAGE_TOKEN_MAX_LENGTH, help_text=(
-        "Pass it back as `pageToken`; null on the last page."))
+    cursor = serializers.CharField(
+        allow_null=True,
+        max_length=CURSOR_MAX_LENGTH,
+        help_text=(
+            "With `cursor`: the last item's version, else the cursor given. Without: the highest version among the "
+            "matching tasks (null when none match)."
+        ),
+    )
+    nextPageToken = serializers.CharField(
+        allow_null=True,
+        max_length=PAGE_TOKEN_MAX_LENGTH,
+        help_text=("Pass it back as `pageToken`; null on the last page."),
+    )

@@ -31,13 +31,31 @@ logger = logging.getLogger(__name__)
 UNRESTRICTED = Scope.unrestricted()
 
 HASHED_FIELDS = (
-    "tenant_id", "project_id", "queue", "lane", "title", "priority", "backend_profile", "provider_id", "workspace_ref",
-    "session_ref", "execution_policy", "resource_bundle_ref", "payload", "references", "metadata",
+    "tenant_id",
+    "project_id",
+    "queue",
+    "lane",
+    "title",
+    "priority",
+    "backend_profile",
+    "provider_id",
+    "workspace_ref",
+    "session_ref",
+    "execution_policy",
+    "resource_bundle_ref",
+    "payload",
+    "references",
+    "metadata",
 )
 WIRE_NAMES = {
-    "tenant_id": "tenantId", "project_id": "projectId", "backend_profile": "backendProfile",
-    "provider_id": "providerId", "workspace_ref": "workspaceRef", "session_ref": "sessionRef",
-    "execution_policy": "executionPolicy", "resource_bundle_ref": "resourceBundleRef",
+    "tenant_id": "tenantId",
+    "project_id": "projectId",
+    "backend_profile": "backendProfile",
+    "provider_id": "providerId",
+    "workspace_ref": "workspaceRef",
+    "session_ref": "sessionRef",
+    "execution_policy": "executionPolicy",
+    "resource_bundle_ref": "resourceBundleRef",
 }
 DEFAULT_MAX_ATTEMPTS = 1
 DEFAULT_BACKOFF_SECONDS = 10
@@ -121,8 +139,9 @@ def _task_replay(values: dict, idempotency_key: str, payload_hash: str) -> Queue
         tenant_id=values["tenant_id"], project_id=values["project_id"], idempotency_key=idempotency_key
     ).first()
     if existing is not None and existing.payload_hash != payload_hash:
-        raise conflict(SCHEMA_INVALID, "idempotency key reused with a different queue task",
-                       idempotencyKey=idempotency_key)
+        raise conflict(
+            SCHEMA_INVALID, "idempotency key reused with a different queue task", idempotencyKey=idempotency_key
+        )
     return existing
 
 
@@ -136,8 +155,11 @@ def task_attempt_update(
         raise invalid(f"state must be one of {', '.join(TaskState.values)}", field="state")
     task = _lock_task(task_id, scope)
     if task.is_terminal:
-        raise conflict(CANCELLED if task.state == TaskState.CANCELLED else SCHEMA_INVALID,
-                       f"queue task {task_id} is already terminal: {task.state}", taskId=task_id)
+        raise conflict(
+            CANCELLED if task.state == TaskState.CANCELLED else SCHEMA_INVALID,
+            f"queue task {task_id} is already terminal: {task.state}",
+            taskId=task_id,
+        )
     task.state, task.latest_attempt, task.session_path = state, latest_attempt, session_path
     _bump(task, db_now(), "state", "latest_attempt", "session_path")
     if state == TaskState.PENDING:
@@ -191,8 +213,14 @@ def task_mark_read(*, task_id: str, reader_id: str, scope: Scope) -> QueueReadCu
     task = QueueTask.objects.filter(scope.q(), pk=task_id).only("version").first()
     if task is None:
         raise not_found("queue task", task_id)
-    return upsert_read_cursor(QueueReadCursor, owner_field="task", version_field="task_version",
-                              owner_id=task_id, reader_id=reader_id, version=task.version)
+    return upsert_read_cursor(
+        QueueReadCursor,
+        owner_field="task",
+        version_field="task_version",
+        owner_id=task_id,
+        reader_id=reader_id,
+        version=task.version,
+    )
 
 
 @write_transaction
@@ -202,8 +230,9 @@ def task_retry(*, task_id: str, scope: Scope = UNRESTRICTED) -> QueueTask:
     completed."""
     task = _lock_task(task_id, scope)
     if task.state not in (TaskState.FAILED, TaskState.BLOCKED, TaskState.CANCELLED):
-        raise conflict(SCHEMA_INVALID, f"only a failed, blocked or cancelled task can be retried, not {task.state}",
-                       taskId=task_id)
+        raise conflict(
+            SCHEMA_INVALID, f"only a failed, blocked or cancelled task can be retried, not {task.state}", taskId=task_id
+        )
     task.state, task.not_before, task.cancelled_at, task.cancel_reason = TaskState.PENDING, None, None, None
     _bump(task, db_now(), "state", "not_before", "cancelled_at", "cancel_reason")
     notify.notify(notify.QUEUE_CHANGED)
@@ -375,15 +404,28 @@ def settle(*, attempt_id: str, task_id: str) -> QueueTask | None:
         outcome, failure_kind, message = TaskState.FAILED, "infra-failed", "the attempt's run is gone"
     else:
         outcome = TASK_STATE_FOR_RUN[status]
-    attempt = QueueAttempt(id=attempt_id, task=task, number=number, run_id=run_id, command_id=command_id,
-                           state=outcome, failure_kind=failure_kind, failure_message=message, started_at=started_at,
-                           finished_at=at)
+    attempt = QueueAttempt(
+        id=attempt_id,
+        task=task,
+        number=number,
+        run_id=run_id,
+        command_id=command_id,
+        state=outcome,
+        failure_kind=failure_kind,
+        failure_message=message,
+        started_at=started_at,
+        finished_at=at,
+    )
     attempt.save(update_fields=["state", "failure_kind", "failure_message", "finished_at"])
     if task.is_terminal or task.latest_attempt is None or task.latest_attempt.get("attemptId") != attempt_id:
         return task  # the task moved on (cancelled, or an operator rewrote it): only the attempt ends
     task.latest_attempt = _attempt_ref(attempt)
     max_attempts, backoff, retry_on = _policy(task)
-    if outcome in (TaskState.FAILED, TaskState.BLOCKED) and failure_kind in retry_on and task.attempt_count < max_attempts:
+    if (
+        outcome in (TaskState.FAILED, TaskState.BLOCKED)
+        and failure_kind in retry_on
+        and task.attempt_count < max_attempts
+    ):
         delay = min(backoff * 2 ** (task.attempt_count - 1), MAX_BACKOFF_SECONDS)
         task.state, task.not_before = TaskState.PENDING, at + timedelta(seconds=delay)
         notify.notify(notify.QUEUE_CHANGED)
@@ -397,6 +439,7 @@ def next_retry_at() -> datetime | None:
     """When the earliest backed-off task may start (the dispatcher sleeps until then at most)."""
     return (
         QueueTask.objects.filter(state=TaskState.PENDING, not_before__isnull=False)
-        .order_by("not_before").values_list("not_before", flat=True).first()
+        .order_by("not_before")
+        .values_list("not_before", flat=True)
+        .first()
     )
-

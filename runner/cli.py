@@ -51,8 +51,10 @@ class Out:
             self.line(f"{seq} {self.paint('thinking: ' + str(payload.get('text', '')), 'dim')}")
         elif kind == "command_output":
             status = payload.get("exitCode")
-            self.line(f"{seq} {self.paint('$ ' + str(payload.get('command')), 'cyan')}"
-                      + (f" {self.paint(f'(exit {status})', 'dim')}" if status is not None else ""))
+            self.line(
+                f"{seq} {self.paint('$ ' + str(payload.get('command')), 'cyan')}"
+                + (f" {self.paint(f'(exit {status})', 'dim')}" if status is not None else "")
+            )
             for text in str(payload.get("output") or "").rstrip("\n").splitlines():
                 self.line(f"     {text}")
         elif kind == "diff":
@@ -100,8 +102,10 @@ def notes(payload: dict) -> list[str]:
     cut = payload.get("truncatedBytes")
     if isinstance(cut, int) and not isinstance(cut, bool) and cut > 0:
         said.append(f"(output truncated: {cut:,} bytes cut)")
-    for key, what in (("sanitizedPaths", "characters the database cannot store replaced with U+FFFD"),
-                      ("redactedPaths", "secrets redacted")):
+    for key, what in (
+        ("sanitizedPaths", "characters the database cannot store replaced with U+FFFD"),
+        ("redactedPaths", "secrets redacted"),
+    ):
         paths = payload.get(key)
         if isinstance(paths, list) and paths:
             said.append(f"({what} in {', '.join(str(path) for path in paths)})")
@@ -219,7 +223,9 @@ def _dispatch(client: AgentRunClient, out: Out, args) -> int:
             out.record(page)
             return 0
         for item in page["items"]:
-            mark = {"active": out.paint("●", "green"), "unread": out.paint("●", "blue")}.get(item["attentionState"], " ")
+            mark = {"active": out.paint("●", "green"), "unread": out.paint("●", "blue")}.get(
+                item["attentionState"], " "
+            )
             out.line(f"{mark} {item['sessionId']:<28} {item['executionState']:<9} {item.get('title') or ''}")
         out.line(out.paint(f"{page['count']} session(s)", "dim"))
         return 0
@@ -233,8 +239,13 @@ def _dispatch(client: AgentRunClient, out: Out, args) -> int:
         out.line(out.paint(f"{page['count']} task(s)", "dim"))
         return 0
     if args.command == "task":
-        body = {"queue": args.queue, "backendProfile": args.backend, "priority": args.priority,
-                "title": args.prompt[:120], "payload": {"prompt": args.prompt}}
+        body = {
+            "queue": args.queue,
+            "backendProfile": args.backend,
+            "priority": args.priority,
+            "title": args.prompt[:120],
+            "payload": {"prompt": args.prompt},
+        }
         if args.session:
             body["sessionRef"] = {"sessionId": args.session}
         if args.max_attempts:

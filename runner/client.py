@@ -33,7 +33,7 @@ class Backoff:
         self.step, self.cap = first, cap
 
     def next(self) -> float:
-        delay = random.uniform(self.step / 2, self.step)
+        delay = random.uniform(self.step / 2, self.step)  # noqa: S311 - jitter, not a secret
         self.step = min(self.step * 2, self.cap)
         return delay
 
@@ -51,15 +51,23 @@ class ApiError(Exception):
 
 
 class AgentRunClient:
-    def __init__(self, base_url: str, key: str, *, retries: int = 6, timeout: float = DEFAULT_TIMEOUT,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        key: str,
+        *,
+        retries: int = 6,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/api/v1"):
             self.base_url += "/api/v1"
         self.retries = retries
         self.retry_while: Callable[[], bool] | None = None
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
-                                 headers={"Authorization": f"Bearer {key}"})
+        self.http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, transport=transport, headers={"Authorization": f"Bearer {key}"}
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -70,8 +78,9 @@ class AgentRunClient:
     def __exit__(self, *exc):
         self.close()
 
-    def request(self, method: str, path: str, *, json=None, params=None, content: bytes | None = None,
-                retry: bool = True) -> dict:
+    def request(
+        self, method: str, path: str, *, json=None, params=None, content: bytes | None = None, retry: bool = True
+    ) -> dict:
         """The answer's JSON, or ApiError. `content` is a body already encoded (JSON); with
         `retry=False`, one attempt, whose transport error is raised as it is."""
         if json is not None:
@@ -107,15 +116,17 @@ class AgentRunClient:
         if response.status_code >= 400:
             error = (body or {}).get("error") if isinstance(body, dict) else None
             if isinstance(error, dict):
-                raise ApiError(response.status_code, error.get("kind", "unknown"), error.get("message", ""),
-                               error.get("details"))
+                raise ApiError(
+                    response.status_code, error.get("kind", "unknown"), error.get("message", ""), error.get("details")
+                )
             raise ApiError(response.status_code, "unknown", response.text[:200])
         return body
 
     # --- clients ---------------------------------------------------------------------------
 
-    def create_run(self, *, backend_profile: str, session_id: str | None = None, idempotency_key: str | None = None,
-                   **fields) -> dict:
+    def create_run(
+        self, *, backend_profile: str, session_id: str | None = None, idempotency_key: str | None = None, **fields
+    ) -> dict:
         body = {"backendProfile": backend_profile, "idempotencyKey": idempotency_key or uuid.uuid4().hex, **fields}
         if session_id:
             body["sessionRef"] = {"sessionId": session_id, **body.get("sessionRef", {})}
@@ -127,16 +138,22 @@ class AgentRunClient:
     def cancel_run(self, run_id: str, reason: str | None = None) -> dict:
         return self.request("POST", f"/runs/{run_id}/cancel", json={"reason": reason} if reason else {})
 
-    def send_command(self, run_id: str, command_type: str, payload: dict, *, idempotency_key: str | None = None) -> dict:
-        return self.request("POST", f"/runs/{run_id}/commands", json={
-            "type": command_type, "payload": payload, "idempotencyKey": idempotency_key or uuid.uuid4().hex})
+    def send_command(
+        self, run_id: str, command_type: str, payload: dict, *, idempotency_key: str | None = None
+    ) -> dict:
+        return self.request(
+            "POST",
+            f"/runs/{run_id}/commands",
+            json={"type": command_type, "payload": payload, "idempotencyKey": idempotency_key or uuid.uuid4().hex},
+        )
 
     def send_turn(self, run_id: str, prompt: str, **kwargs) -> dict:
         return self.send_command(run_id, "turn", {"prompt": prompt}, **kwargs)
 
     def events(self, run_id: str, *, after_seq: int = 0, limit: int = 500, wait: float = 0) -> dict:
-        return self.request("GET", f"/runs/{run_id}/events",
-                            params={"afterSeq": after_seq, "limit": limit, "wait": wait})
+        return self.request(
+            "GET", f"/runs/{run_id}/events", params={"afterSeq": after_seq, "limit": limit, "wait": wait}
+        )
 
     def follow_events(self, run_id: str, *, after_seq: int = 0, until_terminal: bool = True) -> Iterator[dict]:
         """Every event from `after_seq` on, as it is appended; ends after `terminal_status`."""
@@ -163,28 +180,43 @@ class AgentRunClient:
         return self.request("POST", f"/runs/{run_id}/claim", json={"runnerId": runner_id, "leaseMs": lease_ms})
 
     def heartbeat(self, run_id: str, runner_id: str, lease_epoch: int, lease_ms: int, *, retry: bool = True) -> dict:
-        return self.request("POST", f"/runs/{run_id}/heartbeat", retry=retry,
-                            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, "leaseMs": lease_ms})
+        return self.request(
+            "POST",
+            f"/runs/{run_id}/heartbeat",
+            retry=retry,
+            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, "leaseMs": lease_ms},
+        )
 
     def append_events(self, run_id: str, runner_id: str, lease_epoch: int, events: list[dict], batch_key: str) -> dict:
         """One batch as given. The runner sends through runner.sink, which shapes and splits batches
         to the API's limits."""
-        return self.request("POST", f"/runs/{run_id}/events", json={
-            "runnerId": runner_id, "leaseEpoch": lease_epoch, "batchKey": batch_key, "events": events})
+        return self.request(
+            "POST",
+            f"/runs/{run_id}/events",
+            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, "batchKey": batch_key, "events": events},
+        )
 
     def commands(self, run_id: str, *, after_seq: int = 0, wait: float = 0) -> dict:
         return self.request("GET", f"/runs/{run_id}/commands", params={"afterSeq": after_seq, "wait": wait})
 
     def ack(self, command_id: str, runner_id: str, lease_epoch: int) -> dict:
-        return self.request("POST", f"/commands/{command_id}/ack", json={"runnerId": runner_id, "leaseEpoch": lease_epoch})
+        return self.request(
+            "POST", f"/commands/{command_id}/ack", json={"runnerId": runner_id, "leaseEpoch": lease_epoch}
+        )
 
     def finish_command(self, command_id: str, runner_id: str, lease_epoch: int, **result) -> dict:
-        return self.request("POST", f"/commands/{command_id}/finish",
-                            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)})
+        return self.request(
+            "POST",
+            f"/commands/{command_id}/finish",
+            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)},
+        )
 
     def finish_run(self, run_id: str, runner_id: str, lease_epoch: int, **result) -> dict:
-        return self.request("POST", f"/runs/{run_id}/finish",
-                            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)})
+        return self.request(
+            "POST",
+            f"/runs/{run_id}/finish",
+            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)},
+        )
 
 
 def _compact(result: dict) -> dict:

@@ -63,7 +63,7 @@ def cut_string(text: str, budget: int) -> tuple[str, int]:
     total = utf8_length(text)
 
     def kept(keep: int) -> tuple[str, int, int]:
-        head, tail = text[:keep], text[len(text) - keep:]
+        head, tail = text[:keep], text[len(text) - keep :]
         cut = total - utf8_length(head) - utf8_length(tail)
         result = head + cut_marker(cut) + tail
         return result, cut, budget - len(json_bytes(result))

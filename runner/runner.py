@@ -17,6 +17,7 @@ events back, and finishes the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -45,14 +46,28 @@ class Turn:
 
 
 class Runner:
-    def __init__(self, client: AgentRunClient, run_id: str, *, runner_id: str | None = None,
-                 lease_ms: int = 60_000, workdir: str = ".", idle_seconds: float = 10.0,
-                 first_command_seconds: float = 600.0, grace_seconds: float = 5.0,
-                 backend: Backend | None = None, server_error_attempts: int = SERVER_ERROR_ATTEMPTS):
+    def __init__(
+        self,
+        client: AgentRunClient,
+        run_id: str,
+        *,
+        runner_id: str | None = None,
+        lease_ms: int = 60_000,
+        workdir: str = ".",
+        idle_seconds: float = 10.0,
+        first_command_seconds: float = 600.0,
+        grace_seconds: float = 5.0,
+        backend: Backend | None = None,
+        server_error_attempts: int = SERVER_ERROR_ATTEMPTS,
+    ):
         self.client, self.run_id = client, run_id
         self.runner_id = runner_id or f"runner-{uuid.uuid4().hex[:12]}"
         self.lease_ms, self.workdir = lease_ms, workdir
-        self.idle_seconds, self.first_command_seconds, self.grace_seconds = idle_seconds, first_command_seconds, grace_seconds
+        self.idle_seconds, self.first_command_seconds, self.grace_seconds = (
+            idle_seconds,
+            first_command_seconds,
+            grace_seconds,
+        )
         self.backend = backend
         self.server_error_attempts = server_error_attempts
         self.epoch = 0
@@ -108,11 +123,18 @@ class Runner:
         self.thread_id = (run.get("sessionRef") or {}).get("threadId")
         if self.backend is None:
             self.backend = backend_for(run["backendProfile"])
-        logger.info("run %s claimed by %s (epoch %d, backend %s)", self.run_id, self.runner_id, self.epoch,
-                    self.backend.profile)
-        self.events = EventSink(self.client, run_id=self.run_id, runner_id=self.runner_id, lease_epoch=self.epoch,
-                                holding=self.holding, lease_lost=self.lose_lease,
-                                server_error_attempts=self.server_error_attempts)
+        logger.info(
+            "run %s claimed by %s (epoch %d, backend %s)", self.run_id, self.runner_id, self.epoch, self.backend.profile
+        )
+        self.events = EventSink(
+            self.client,
+            run_id=self.run_id,
+            runner_id=self.runner_id,
+            lease_epoch=self.epoch,
+            holding=self.holding,
+            lease_lost=self.lose_lease,
+            server_error_attempts=self.server_error_attempts,
+        )
         retry_while, self.client.retry_while = self.client.retry_while, self.holding
         heartbeat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         heartbeat.start()
@@ -130,10 +152,8 @@ class Runner:
             if self.turn is not None:
                 self.turn.thread.join(timeout=self.grace_seconds + 10)
             if not self.lost.is_set():
-                try:
+                with contextlib.suppress(LeaseLost):
                     self.events.close()  # a late flush is allowed with our epoch
-                except LeaseLost:
-                    pass
             self.client.retry_while = retry_while
             heartbeat.join(timeout=2)
         if self.lost.is_set():
@@ -156,7 +176,7 @@ class Runner:
                 logger.warning("heartbeat failed: %s", error)
                 wait = min(interval, backoff.next())
                 continue
-            except Exception:  # noqa: BLE001 - the lease has slack; try again
+            except Exception:
                 logger.warning("heartbeat failed", exc_info=True)
                 wait = min(interval, backoff.next())
                 continue
@@ -200,9 +220,12 @@ class Runner:
             self._ended_elsewhere()
         elif phase == "command-created":
             self._take_commands()
-        elif phase == "command-terminal" and self.turn is not None and payload.get("commandId") == self.turn.command["id"]:
-            if payload.get("state") == "cancelled":
-                self._cancel_turn()
+        elif (
+            phase == "command-terminal"
+            and self.turn is not None
+            and payload.get("commandId") == self.turn.command["id"]
+        ) and payload.get("state") == "cancelled":
+            self._cancel_turn()
 
     def _take_commands(self) -> None:
         page = self.client.commands(self.run_id, after_seq=self.command_seq)
@@ -216,8 +239,9 @@ class Runner:
             elif command["type"] == "steer":
                 self._steer(command)
             else:
-                self._finish_command(command, TurnResult("failed", "schema-invalid",
-                                                         f"unknown command type {command['type']}"))
+                self._finish_command(
+                    command, TurnResult("failed", "schema-invalid", f"unknown command type {command['type']}")
+                )
 
     def _steer(self, command: dict) -> None:
         self._ack(command)
@@ -239,14 +263,15 @@ class Runner:
     def _start(self, command: dict) -> None:
         self._ack(command)
         prompt = (command.get("payload") or {}).get("prompt") or ""
-        process = self.backend.start(prompt=prompt, thread_id=self.thread_id, workdir=self.workdir,
-                                     emit=self.events.emit)
+        process = self.backend.start(
+            prompt=prompt, thread_id=self.thread_id, workdir=self.workdir, emit=self.events.emit
+        )
         turn = Turn(command=command, process=process, thread=None)
 
         def work():
             try:
                 turn.result = process.wait()
-            except Exception as exc:  # noqa: BLE001 - the turn fails, the runner goes on
+            except Exception as exc:
                 logger.exception("turn %s failed in the runner", command["id"])
                 turn.result = TurnResult("failed", "agent-failed", f"runner error: {exc}")
             finally:
@@ -272,9 +297,15 @@ class Runner:
 
     def _finish_command(self, command: dict, result: TurnResult) -> None:
         try:
-            self.client.finish_command(command["id"], self.runner_id, self.epoch,
-                                       terminalStatus=result.terminal_status, failureKind=result.failure_kind,
-                                       failureMessage=result.message, threadId=result.thread_id)
+            self.client.finish_command(
+                command["id"],
+                self.runner_id,
+                self.epoch,
+                terminalStatus=result.terminal_status,
+                failureKind=result.failure_kind,
+                failureMessage=result.message,
+                threadId=result.thread_id,
+            )
         except ApiError as error:
             if error.lease_lost:
                 raise LeaseLost from None
@@ -290,9 +321,15 @@ class Runner:
         else:
             result = TurnResult("failed", "agent-failed", "no command arrived")
         try:
-            self.client.finish_run(self.run_id, self.runner_id, self.epoch, terminalStatus=result.terminal_status,
-                                   failureKind=result.failure_kind, failureMessage=result.message,
-                                   threadId=self.thread_id)
+            self.client.finish_run(
+                self.run_id,
+                self.runner_id,
+                self.epoch,
+                terminalStatus=result.terminal_status,
+                failureKind=result.failure_kind,
+                failureMessage=result.message,
+                threadId=self.thread_id,
+            )
         except ApiError as error:
             if error.lease_lost:
                 raise LeaseLost from None

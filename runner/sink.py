@@ -77,9 +77,9 @@ class Batch:
         error named one (the 413 of an oversized payload does), else in two halves."""
         events = self.events
         if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(events):
-            parts = [events[:index], events[index:index + 1], events[index + 1:]]
+            parts = [events[:index], events[index : index + 1], events[index + 1 :]]
         else:
-            parts = [events[:len(events) // 2], events[len(events) // 2:]]
+            parts = [events[: len(events) // 2], events[len(events) // 2 :]]
         return [Batch(part) for part in parts if part]
 
 
@@ -91,9 +91,17 @@ class EventSink:
     is left undone. `lease_lost()` is told when the manager says another runner holds the run.
     """
 
-    def __init__(self, client: AgentRunClient, *, run_id: str, runner_id: str, lease_epoch: int,
-                 holding: Callable[[], bool] = lambda: True, lease_lost: Callable[[], None] = lambda: None,
-                 server_error_attempts: int = SERVER_ERROR_ATTEMPTS):
+    def __init__(
+        self,
+        client: AgentRunClient,
+        *,
+        run_id: str,
+        runner_id: str,
+        lease_epoch: int,
+        holding: Callable[[], bool] = lambda: True,
+        lease_lost: Callable[[], None] = lambda: None,
+        server_error_attempts: int = SERVER_ERROR_ATTEMPTS,
+    ):
         self.client, self.run_id, self.runner_id, self.lease_epoch = client, run_id, runner_id, lease_epoch
         self.holding, self.lease_lost = holding, lease_lost
         self.server_error_attempts = server_error_attempts
@@ -144,7 +152,7 @@ class EventSink:
             except LeaseLost:
                 self.lease_lost()
                 return
-            except Exception:  # noqa: BLE001 - a bug here must not end the sending; the events stay queued
+            except Exception:
                 logger.exception("sending events failed; will try again")
                 self.closed.wait(1.0)
 
@@ -192,8 +200,9 @@ class EventSink:
 
     def _body(self, batch: Batch, events: bytes | None = None) -> bytes:
         """The request body, byte for byte the same each time the batch is sent."""
-        head = json_bytes({"runnerId": self.runner_id, "leaseEpoch": self.lease_epoch,
-                           "batchKey": batch.key(self.key_prefix)})
+        head = json_bytes(
+            {"runnerId": self.runner_id, "leaseEpoch": self.lease_epoch, "batchKey": batch.key(self.key_prefix)}
+        )
         if events is None:
             events = b",".join(event.data for event in batch.events)
         return head[:-1] + b',"events":[' + events + b"]}"
@@ -227,8 +236,9 @@ class EventSink:
             if not self.holding():
                 return False
             delay = backoff.next()
-            logger.warning("run %s: sending %d events failed (%s); again in %.1f s", self.run_id,
-                           len(batch.events), reason, delay)
+            logger.warning(
+                "run %s: sending %d events failed (%s); again in %.1f s", self.run_id, len(batch.events), reason, delay
+            )
             self.retry_now.wait(delay)
             if not self.holding():
                 return False
@@ -241,14 +251,29 @@ class EventSink:
             return
         [event] = batch.events
         if batch.replacement:
-            logger.error("run %s: the manager refused even the notice of a rejected %s event: %s", self.run_id,
-                         event.type, error)
+            logger.error(
+                "run %s: the manager refused even the notice of a rejected %s event: %s", self.run_id, event.type, error
+            )
             return
-        logger.error("run %s: the manager refused a %s event of %d bytes: %s", self.run_id, event.type,
-                     event.payload_bytes, error)
-        notice = prepare(event.position, "backend_status", {
-            "phase": "event-rejected", "eventType": event.type, "bytes": event.payload_bytes,
-            "errorKind": error.kind, "status": error.status, "message": (error.message or "")[:200]})
+        logger.error(
+            "run %s: the manager refused a %s event of %d bytes: %s",
+            self.run_id,
+            event.type,
+            event.payload_bytes,
+            error,
+        )
+        notice = prepare(
+            event.position,
+            "backend_status",
+            {
+                "phase": "event-rejected",
+                "eventType": event.type,
+                "bytes": event.payload_bytes,
+                "errorKind": error.kind,
+                "status": error.status,
+                "message": (error.message or "")[:200],
+            },
+        )
         self.pending.appendleft(Batch((notice,), replacement=True))
 
 

@@ -96,12 +96,26 @@ class SessionWithRunsAdmin(SessionAdmin):
     def runs(self, session):
         runs = Run.objects.filter(session_id=session.session_id).order_by("-created_at")[:RECENT_RUNS]
         rows = format_html_join(
-            "", "<tr><td><a href='{}'>{}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            ((reverse("admin:runs_run_change", args=[run.id]), run.id, run.status, run.claimed_by or "",
-              run.created_at) for run in runs),
+            "",
+            "<tr><td><a href='{}'>{}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    reverse("admin:runs_run_change", args=[run.id]),
+                    run.id,
+                    run.status,
+                    run.claimed_by or "",
+                    run.created_at,
+                )
+                for run in runs
+            ),
         )
-        return format_html("<table><tr><th>run</th><th>status</th><th>claimed by</th><th>created</th></tr>{}</table>",
-                           rows) if runs else "none"
+        return (
+            format_html(
+                "<table><tr><th>run</th><th>status</th><th>claimed by</th><th>created</th></tr>{}</table>", rows
+            )
+            if runs
+            else "none"
+        )
 
     @admin.display(description=f"events of the active or last run (the last {RECENT_EVENTS})")
     def recent_events(self, session):
@@ -110,11 +124,13 @@ class SessionWithRunsAdmin(SessionAdmin):
             return "none"
         events = list(RunEvent.objects.filter(run_id=run_id).order_by("-seq")[:RECENT_EVENTS])[::-1]
         rows = format_html_join(
-            "", "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
             ((event.seq, event.created_at, event.type, json.dumps(event.payload)[:300]) for event in events),
         )
-        return format_html("<p>run {}</p><table><tr><th>seq</th><th>at</th><th>type</th><th>payload</th></tr>{}"
-                           "</table>", run_id, rows)
+        return format_html(
+            "<p>run {}</p><table><tr><th>seq</th><th>at</th><th>type</th><th>payload</th></tr>{}</table>", run_id, rows
+        )
 
 
 admin.site.unregister(Session)

@@ -47,10 +47,13 @@ MAX_COMMANDS_PAGE = 100
 DEFAULT_PAGE = 100
 
 # What the schema says of the routes' own errors; `agentrun.openapi` adds what every route answers.
-LEASE_CONFLICT = error("`runner-lease-conflict`: `runnerId` is not the run's holder, or `leaseEpoch` is not its "
-                       "current epoch (a newer claim took the lease); nothing was written.")
-TERMINAL_RUN = ("the run is terminal: the kind is its `failureKind`, else `cancelled` when it was cancelled, "
-                "else `schema-invalid`.")
+LEASE_CONFLICT = error(
+    "`runner-lease-conflict`: `runnerId` is not the run's holder, or `leaseEpoch` is not its "
+    "current epoch (a newer claim took the lease); nothing was written."
+)
+TERMINAL_RUN = (
+    "the run is terminal: the kind is its `failureKind`, else `cancelled` when it was cancelled, else `schema-invalid`."
+)
 IDEMPOTENCY_CONFLICT = "`schema-invalid`: the idempotency key was used before with another body."
 EVENT_APPEND = PolymorphicProxySerializer(
     component_name="EventAppend", serializers=[EventAppendOneIn, EventAppendBatchIn], resource_type_field_name=None
@@ -76,7 +79,7 @@ def _created(record, created: bool, serializer_class) -> Response:
 class _Page:
     """A seq page. Its JSON is rendered once, however many woken waiters share the page."""
 
-    __slots__ = ("items", "serializer_class", "after_seq", "head", "_body")
+    __slots__ = ("_body", "after_seq", "head", "items", "serializer_class")
 
     def __init__(self, items, serializer_class, after_seq: int, head: dict | None = None):
         self.items, self.serializer_class, self.after_seq, self.head = items, serializer_class, after_seq, head
@@ -90,8 +93,9 @@ class _Page:
             cursor = str(self.items[-1].seq) if self.items else str(self.after_seq)
             # The bytes DRF's JSONRenderer writes (compact, UTF-8), without its per-request cost.
             page = render_page(self.items, self.serializer_class, cursor=cursor)
-            self._body = json.dumps({**self.head, **page} if self.head else page, ensure_ascii=False,
-                                    separators=(",", ":")).encode()
+            self._body = json.dumps(
+                {**self.head, **page} if self.head else page, ensure_ascii=False, separators=(",", ":")
+            ).encode()
         return self._body
 
 
@@ -131,12 +135,18 @@ class RunViewSet(viewsets.ViewSet):
         "runner_jobs": {RUNNER},
     }
 
-    @extend_schema(request=RunCreateIn, responses={
-        201: RunOut, 200: RunOut,
-        403: error("`tenant-policy-denied`: `tenantId`/`projectId` is outside the key's scope, or `sessionRef` "
-                   "names a session of another tenant or project."),
-        409: error(IDEMPOTENCY_CONFLICT),
-    })
+    @extend_schema(
+        request=RunCreateIn,
+        responses={
+            201: RunOut,
+            200: RunOut,
+            403: error(
+                "`tenant-policy-denied`: `tenantId`/`projectId` is outside the key's scope, or `sessionRef` "
+                "names a session of another tenant or project."
+            ),
+            409: error(IDEMPOTENCY_CONFLICT),
+        },
+    )
     def create(self, request):
         data = validated(RunCreateIn, request.data)
         tenant_id, project_id = request.scope.fill(data.get("tenantId"), data.get("projectId"))
@@ -161,10 +171,13 @@ class RunViewSet(viewsets.ViewSet):
     def retrieve(self, request, pk=None):
         return Response(RunOut().to_representation(selectors.run_get(run_id=pk, scope=request.scope)))
 
-    @extend_schema(request=ClaimIn, responses={
-        200: RunOut,
-        409: error(f"`runner-lease-conflict`: another runner holds a live lease; or {TERMINAL_RUN}"),
-    })
+    @extend_schema(
+        request=ClaimIn,
+        responses={
+            200: RunOut,
+            409: error(f"`runner-lease-conflict`: another runner holds a live lease; or {TERMINAL_RUN}"),
+        },
+    )
     @action(detail=True, methods=["post"])
     def claim(self, request, pk=None):
         data = validated(ClaimIn, request.data)
@@ -176,7 +189,10 @@ class RunViewSet(viewsets.ViewSet):
     def heartbeat(self, request, pk=None):
         data = validated(HeartbeatIn, request.data)
         run = services.run_heartbeat(
-            run_id=pk, runner_id=data["runnerId"], lease_epoch=data["leaseEpoch"], lease_ms=data["leaseMs"],
+            run_id=pk,
+            runner_id=data["runnerId"],
+            lease_epoch=data["leaseEpoch"],
+            lease_ms=data["leaseMs"],
             scope=request.scope,
         )
         return Response(RunOut().to_representation(run))
@@ -206,19 +222,29 @@ class RunViewSet(viewsets.ViewSet):
         return Response(RunOut().to_representation(run))
 
     @extend_schema(methods=["GET"], parameters=page_parameters(maximum=MAX_EVENTS_PAGE), responses=EventPageOut)
-    @extend_schema(methods=["POST"], request=EVENT_APPEND, responses={
-        201: EVENT_APPENDED, 200: EVENT_APPENDED,
-        409: error("`runner-lease-conflict`: not the holder of the run's current lease (after a finish, only the "
-                   "last epoch may still append); `schema-invalid`: `batchKey` was used before with other events."),
-        413: error("`schema-invalid`: one event's payload is over 256 KiB of JSON (`details`: `index`, `bytes`, "
-                   "`limitBytes`); nothing of the batch was written."),
-    })
+    @extend_schema(
+        methods=["POST"],
+        request=EVENT_APPEND,
+        responses={
+            201: EVENT_APPENDED,
+            200: EVENT_APPENDED,
+            409: error(
+                "`runner-lease-conflict`: not the holder of the run's current lease (after a finish, only the "
+                "last epoch may still append); `schema-invalid`: `batchKey` was used before with other events."
+            ),
+            413: error(
+                "`schema-invalid`: one event's payload is over 256 KiB of JSON (`details`: `index`, `bytes`, "
+                "`limitBytes`); nothing of the batch was written."
+            ),
+        },
+    )
     @action(detail=True, methods=["get", "post"])
     def events(self, request, pk=None):
         if request.method == "GET":
             selectors.run_exists(run_id=pk, scope=request.scope)
-            return _page(request, run_id=pk, maximum=MAX_EVENTS_PAGE, fetch=selectors.event_list,
-                         serializer_class=EventOut)
+            return _page(
+                request, run_id=pk, maximum=MAX_EVENTS_PAGE, fetch=selectors.event_list, serializer_class=EventOut
+            )
         body = parse_event_append(request.data, body_bytes=_content_length(request))
         events, created = services.event_append(
             run_id=pk,
@@ -234,15 +260,22 @@ class RunViewSet(viewsets.ViewSet):
         return Response(render_page(events, EventOut, cursor=str(events[-1].seq)), status=code)
 
     @extend_schema(methods=["GET"], parameters=page_parameters(maximum=MAX_COMMANDS_PAGE), responses=CommandPageOut)
-    @extend_schema(methods=["POST"], request=CommandCreateIn, responses={
-        201: CommandOut, 200: CommandOut, 409: error(f"{IDEMPOTENCY_CONFLICT} Or {TERMINAL_RUN}"),
-    })
+    @extend_schema(
+        methods=["POST"],
+        request=CommandCreateIn,
+        responses={
+            201: CommandOut,
+            200: CommandOut,
+            409: error(f"{IDEMPOTENCY_CONFLICT} Or {TERMINAL_RUN}"),
+        },
+    )
     @action(detail=True, methods=["get", "post"])
     def commands(self, request, pk=None):
         if request.method == "GET":
             selectors.run_exists(run_id=pk, scope=request.scope)
-            return _page(request, run_id=pk, maximum=MAX_COMMANDS_PAGE, fetch=selectors.command_list,
-                         serializer_class=CommandOut)
+            return _page(
+                request, run_id=pk, maximum=MAX_COMMANDS_PAGE, fetch=selectors.command_list, serializer_class=CommandOut
+            )
         data = validated(CommandCreateIn, request.data)
         command, created = services.command_create(
             run_id=pk,
@@ -253,13 +286,21 @@ class RunViewSet(viewsets.ViewSet):
         )
         return _created(command, created, CommandOut)
 
-    @extend_schema(methods=["GET"], parameters=[query_string("commandId", description="Only this command's jobs.")],
-                   responses=RunnerJobPageOut)
-    @extend_schema(methods=["POST"], request=RunnerJobIn, responses={
-        201: RunnerJobOut, 200: RunnerJobOut,
-        404: error("`schema-invalid`: no runner job with this `id`."),
-        409: error(f"{IDEMPOTENCY_CONFLICT} Or the job `id` belongs to another run."),
-    })
+    @extend_schema(
+        methods=["GET"],
+        parameters=[query_string("commandId", description="Only this command's jobs.")],
+        responses=RunnerJobPageOut,
+    )
+    @extend_schema(
+        methods=["POST"],
+        request=RunnerJobIn,
+        responses={
+            201: RunnerJobOut,
+            200: RunnerJobOut,
+            404: error("`schema-invalid`: no runner job with this `id`."),
+            409: error(f"{IDEMPOTENCY_CONFLICT} Or the job `id` belongs to another run."),
+        },
+    )
     @action(detail=True, methods=["get", "post"], url_path="runner-jobs")
     def runner_jobs(self, request, pk=None):
         if request.method == "GET":
@@ -282,7 +323,10 @@ class RunViewSet(viewsets.ViewSet):
             "result": data["result"],
         }
         job, created = services.runner_job_save(
-            run_id=pk, fields=fields, job_id=data.get("id"), idempotency_key=data.get("idempotencyKey"),
+            run_id=pk,
+            fields=fields,
+            job_id=data.get("id"),
+            idempotency_key=data.get("idempotencyKey"),
             scope=request.scope,
         )
         return _created(job, created, RunnerJobOut)
@@ -338,9 +382,14 @@ class CommandViewSet(viewsets.ViewSet):
 class RunnerViewSet(viewsets.ViewSet):
     roles = {"create": {RUNNER}}
 
-    @extend_schema(request=RunnerRegisterIn, responses={
-        201: RunnerOut, 200: RunnerOut, 403: error("`tenant-policy-denied`: this runnerId belongs to another tenant."),
-    })
+    @extend_schema(
+        request=RunnerRegisterIn,
+        responses={
+            201: RunnerOut,
+            200: RunnerOut,
+            403: error("`tenant-policy-denied`: this runnerId belongs to another tenant."),
+        },
+    )
     def create(self, request):
         data = validated(RunnerRegisterIn, request.data)
         attributes = request.data if isinstance(request.data, dict) else {}
@@ -369,19 +418,26 @@ class SessionEventViewSet(viewsets.ViewSet):
         if run_id is None:
             after_seq, _, _ = _page_parameters(request, MAX_EVENTS_PAGE)
             return Response({**head, "items": [], "count": 0, "cursor": str(after_seq)})
-        return _page(request, run_id=run_id, maximum=MAX_EVENTS_PAGE, fetch=fetch, serializer_class=EventOut,
-                     head=head)
+        return _page(request, run_id=run_id, maximum=MAX_EVENTS_PAGE, fetch=fetch, serializer_class=EventOut, head=head)
 
-    @extend_schema(parameters=SESSION_EVENT_PARAMETERS, responses={
-        200: SessionEventPageOut, 404: error("`schema-invalid`: no such session, or `runId` is not one of its runs."),
-    })
+    @extend_schema(
+        parameters=SESSION_EVENT_PARAMETERS,
+        responses={
+            200: SessionEventPageOut,
+            404: error("`schema-invalid`: no such session, or `runId` is not one of its runs."),
+        },
+    )
     @action(detail=True, methods=["get"])
     def trace(self, request, pk=None):
         return self._events(request, pk, selectors.event_list)
 
-    @extend_schema(parameters=SESSION_EVENT_PARAMETERS, responses={
-        200: SessionEventPageOut, 404: error("`schema-invalid`: no such session, or `runId` is not one of its runs."),
-    })
+    @extend_schema(
+        parameters=SESSION_EVENT_PARAMETERS,
+        responses={
+            200: SessionEventPageOut,
+            404: error("`schema-invalid`: no such session, or `runId` is not one of its runs."),
+        },
+    )
     @action(detail=True, methods=["get"])
     def output(self, request, pk=None):
         """Only output events (SPEC §4.10), filtered before the limit (A3)."""

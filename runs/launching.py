@@ -63,47 +63,83 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
         if any(_live(job, launcher, now) for job in jobs):
             return False
         if len(jobs) >= MAX_LAUNCHES:
-            services.run_expire(run_id=run.id, terminal_status="failed", failure_kind=INFRA_FAILED,
-                                message=f"no runner started after {len(jobs)} launches")
+            services.run_expire(
+                run_id=run.id,
+                terminal_status="failed",
+                failure_kind=INFRA_FAILED,
+                message=f"no runner started after {len(jobs)} launches",
+            )
             return False
         attempt = len(jobs) + 1
         runner_id = f"{launcher.name}-{run.id}-{attempt}"
-        key, raw_key = api_key_create(tenant_id=run.tenant_id, project_id=run.project_id, role="runner",
-                                      run_id=run.id, name=f"runner for {run.id}")
+        key, raw_key = api_key_create(
+            tenant_id=run.tenant_id,
+            project_id=run.project_id,
+            role="runner",
+            run_id=run.id,
+            name=f"runner for {run.id}",
+        )
         session = _session_storage(run)
         spec = LaunchSpec(
-            run_id=run.id, attempt=attempt, runner_id=runner_id, runner_key=raw_key,
-            manager_url=settings.AGENTRUN_URL, backend_profile=run.backend_profile, tenant_id=run.tenant_id,
-            project_id=run.project_id, session_id=run.session_id, needs_storage=can(run.backend_profile, "resume"),
+            run_id=run.id,
+            attempt=attempt,
+            runner_id=runner_id,
+            runner_key=raw_key,
+            manager_url=settings.AGENTRUN_URL,
+            backend_profile=run.backend_profile,
+            tenant_id=run.tenant_id,
+            project_id=run.project_id,
+            session_id=run.session_id,
+            needs_storage=can(run.backend_profile, "resume"),
             **session,
         )
         fields = {
-            "command_id": "", "payload_hash": stable_hash({"run": run.id, "attempt": attempt}),
-            "attempt_id": str(attempt), "runner_id": runner_id, "namespace": "", "job_name": "",
-            "manager_url": settings.AGENTRUN_URL, "image": "", "source_commit": "", "result": {"keyId": key.pk},
+            "command_id": "",
+            "payload_hash": stable_hash({"run": run.id, "attempt": attempt}),
+            "attempt_id": str(attempt),
+            "runner_id": runner_id,
+            "namespace": "",
+            "job_name": "",
+            "manager_url": settings.AGENTRUN_URL,
+            "image": "",
+            "source_commit": "",
+            "result": {"keyId": key.pk},
         }
-        job, created = services.runner_job_save(run_id=run.id, fields=fields, idempotency_key=f"launch:{run.id}:{attempt}")
+        job, created = services.runner_job_save(
+            run_id=run.id, fields=fields, idempotency_key=f"launch:{run.id}:{attempt}"
+        )
         if not created:
             return False
     # Outside the lock: starting a Job or a process may take a while. The record holds the place.
     try:
         launched = launcher.launch(spec)
-    except Exception as exc:  # noqa: BLE001 - recorded; the next pass tries again, up to MAX_LAUNCHES
+    except Exception as exc:
         logger.exception("launching a runner for run %s failed", run_id)
         api_key_revoke(key_id=key.pk)  # no runner will use it
-        services.runner_job_update(job_id=job.id, result={**job.result, "failed": True, "error": str(exc)[:500]},
-                                   stopped_at=db_now())
+        services.runner_job_update(
+            job_id=job.id, result={**job.result, "failed": True, "error": str(exc)[:500]}, stopped_at=db_now()
+        )
         return False
-    services.runner_job_update(job_id=job.id, namespace=launched.namespace, job_name=launched.job_name,
-                               image=launched.image, result={**job.result, "launched": True, **launched.details})
+    services.runner_job_update(
+        job_id=job.id,
+        namespace=launched.namespace,
+        job_name=launched.job_name,
+        image=launched.image,
+        result={**job.result, "launched": True, **launched.details},
+    )
     if launched.details.get("pvcCreated") and spec.session_id:
         # The launcher made the session a volume: the session learns of it (and GC can find it).
         try:
-            session_services.session_storage_refresh(session_id=spec.session_id, storage_kind=StorageKind.PVC,
-                                                     pvc_name=launched.details["pvc"], namespace=launched.namespace)
+            session_services.session_storage_refresh(
+                session_id=spec.session_id,
+                storage_kind=StorageKind.PVC,
+                pvc_name=launched.details["pvc"],
+                namespace=launched.namespace,
+            )
         except AgentRunError:
-            logger.warning("session %s is gone; nothing will collect its new volume %s",
-                           spec.session_id, launched.details["pvc"])
+            logger.warning(
+                "session %s is gone; nothing will collect its new volume %s", spec.session_id, launched.details["pvc"]
+            )
     logger.info("started runner %s for run %s (%s/%s)", runner_id, run_id, launched.namespace, launched.job_name)
     return True
 
@@ -111,7 +147,9 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
 def _session_storage(run: Run) -> dict:
     if not run.session_id:
         return {}
-    session = Session.objects.filter(pk=run.session_id).only("storage_kind", "storage_pvc_name", "storage_namespace").first()
+    session = (
+        Session.objects.filter(pk=run.session_id).only("storage_kind", "storage_pvc_name", "storage_namespace").first()
+    )
     if session is None or session.storage_kind != StorageKind.PVC or not session.storage_pvc_name:
         return {}
     return {"pvc_name": session.storage_pvc_name, "pvc_namespace": session.storage_namespace}
@@ -122,13 +160,15 @@ def stop_finished(launcher: Launcher, *, limit: int = 100) -> int:
     if launcher.name == "none":
         return 0
     stopped = 0
-    jobs = RunnerJob.objects.filter(stopped_at__isnull=True, run__status__in=RUN_TERMINAL).order_by("updated_at")[:limit]
+    jobs = RunnerJob.objects.filter(stopped_at__isnull=True, run__status__in=RUN_TERMINAL).order_by("updated_at")[
+        :limit
+    ]
     for job in jobs:
         launched = (job.result or {}).get("launched")  # else recorded by a runner itself, or never started
         if launched:
             try:
                 launcher.stop(_job_view(job))
-            except Exception:  # noqa: BLE001 - the next pass tries again
+            except Exception:
                 logger.exception("stopping runner job %s failed", job.id)
                 continue
             stopped += 1

@@ -78,7 +78,9 @@ class Run(models.Model):
             models.Index(fields=["session_id", "created_at"], name="run_session_created"),
             # What the worker's launch pass looks at: runs waiting for a runner.
             models.Index(fields=["created_at"], name="run_pending_created", condition=models.Q(status="pending")),
-            models.Index(fields=["lease_expires_at"], name="run_active_lease", condition=models.Q(status__in=RUN_ACTIVE)),
+            models.Index(
+                fields=["lease_expires_at"], name="run_active_lease", condition=models.Q(status__in=RUN_ACTIVE)
+            ),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -94,7 +96,6 @@ class Run(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in RUN_TERMINAL
-
 
 
 class Command(models.Model):
@@ -163,6 +164,9 @@ class EventBatch(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["run", "batch_key"], name="event_batch_key")]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}/{self.batch_key}"
 
 
 class Runner(models.Model):

@@ -29,13 +29,21 @@ def due(*, limit: int = 500) -> list[Reaped]:
     now = db_now()
     grace = timedelta(seconds=settings.AGENTRUN_REAP_GRACE_SECONDS)
     found = [
-        Reaped(run.id, "runner-lost", f"runner {run.claimed_by} stopped renewing its lease (lapsed {run.lease_expires_at.isoformat()})")
-        for run in Run.objects.filter(status=RunStatus.CLAIMED, lease_expires_at__lt=now - grace)
-        .order_by("lease_expires_at")[:limit]
+        Reaped(
+            run.id,
+            "runner-lost",
+            f"runner {run.claimed_by} stopped renewing its lease (lapsed {run.lease_expires_at.isoformat()})",
+        )
+        for run in Run.objects.filter(status=RunStatus.CLAIMED, lease_expires_at__lt=now - grace).order_by(
+            "lease_expires_at"
+        )[:limit]
     ]
     timed = (
-        Run.objects.filter(status__in=[RunStatus.PENDING, RunStatus.CLAIMED], claimed_at__isnull=False,
-                           execution_policy__has_key="timeoutSeconds")
+        Run.objects.filter(
+            status__in=[RunStatus.PENDING, RunStatus.CLAIMED],
+            claimed_at__isnull=False,
+            execution_policy__has_key="timeoutSeconds",
+        )
         .annotate(timeout=Cast(KeyTextTransform("timeoutSeconds", "execution_policy"), FloatField()))
         .filter(timeout__isnull=False)
     )
@@ -54,10 +62,11 @@ def reap(*, dry_run: bool = False, limit: int = 500) -> list[Reaped]:
             done.append(item)
             continue
         status = "timeout" if item.reason == "timeout" else "failed"
-        if services.run_expire(run_id=item.run_id, terminal_status=status, failure_kind=item.reason,
-                               message=item.detail) is not None:
+        if (
+            services.run_expire(
+                run_id=item.run_id, terminal_status=status, failure_kind=item.reason, message=item.detail
+            )
+            is not None
+        ):
             done.append(item)
     return done
-
-
-

@@ -27,8 +27,11 @@ class Finding:
 
 def reconcile(launcher: KubernetesLauncher, *, dry_run: bool = False) -> list[Finding]:
     findings = []
-    latest = (RunnerJob.objects.filter(run__status=RunStatus.CLAIMED, result__launched=True)
-              .values("run_id").annotate(last=Max("created_at")))
+    latest = (
+        RunnerJob.objects.filter(run__status=RunStatus.CLAIMED, result__launched=True)
+        .values("run_id")
+        .annotate(last=Max("created_at"))
+    )
     for row in latest:
         job = RunnerJob.objects.filter(run_id=row["run_id"], created_at=row["last"]).first()
         view = {"namespace": job.namespace, "jobName": job.job_name}
@@ -38,8 +41,12 @@ def reconcile(launcher: KubernetesLauncher, *, dry_run: bool = False) -> list[Fi
             continue
         findings.append(Finding("fail-run", job.run_id, f"{job.namespace}/{job.job_name}", reason))
         if not dry_run:
-            services.run_expire(run_id=job.run_id, terminal_status="failed", failure_kind="runner-lost",
-                                message=f"runner Job {job.namespace}/{job.job_name}: {reason}")
+            services.run_expire(
+                run_id=job.run_id,
+                terminal_status="failed",
+                failure_kind="runner-lost",
+                message=f"runner Job {job.namespace}/{job.job_name}: {reason}",
+            )
     terminal = set(map(str, RUN_TERMINAL))
     for k8s_job in launcher.list_jobs():
         run_id = (k8s_job.metadata.labels or {}).get(RUN_LABEL, "")

@@ -46,8 +46,12 @@ def session_run_id(*, session_id: str, run_id: str | None, scope: Scope = UNREST
     if run is None:
         raise not_found("run", run_id)
     if run.session_id != session_id:
-        raise AgentRunError(SCHEMA_INVALID, f"run {run_id} does not belong to session {session_id}", status=404,
-                            details={"sessionId": session_id, "runId": run_id})
+        raise AgentRunError(
+            SCHEMA_INVALID,
+            f"run {run_id} does not belong to session {session_id}",
+            status=404,
+            details={"sessionId": session_id, "runId": run_id},
+        )
     return run_id
 
 
@@ -56,10 +60,9 @@ def command_list(*, run_id: str, after_seq: int, limit: int) -> list[Command]:
 
 
 def command_get(*, command_id: str, scope: Scope = UNRESTRICTED) -> Command:
-    command = (
-        Command.objects.filter(scope.q(tenant="run__tenant_id", project="run__project_id", run="run_id"), pk=command_id)
-        .first()
-    )
+    command = Command.objects.filter(
+        scope.q(tenant="run__tenant_id", project="run__project_id", run="run_id"), pk=command_id
+    ).first()
     if command is None:
         raise not_found("command", command_id)
     return command

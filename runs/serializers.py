@@ -412,8 +412,9 @@ def render_page(items: list, serializer_class, *, cursor: str | None) -> dict:
 class EventPageOut(serializers.Serializer):
     items = EventOut(many=True)
     count = serializers.IntegerField(min_value=0)
-    cursor = serializers.CharField(max_length=CURSOR_MAX_LENGTH,
-                                   help_text="The last item's seq; on an empty page, the afterSeq given (else 0).")
+    cursor = serializers.CharField(
+        max_length=CURSOR_MAX_LENGTH, help_text="The last item's seq; on an empty page, the afterSeq given (else 0)."
+    )
 
 
 class CommandPageOut(EventPageOut):

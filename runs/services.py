@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, connection
 from django.db.models.functions import Now
 from psycopg.types.json import Jsonb
 
@@ -47,12 +47,7 @@ RUN_FINISHED_MESSAGE = "run finished"
 
 def _lock_run(run_id: str, scope: Scope) -> Run:
     """The run, row-locked, with `db_now` (the database clock) for this transaction."""
-    run = (
-        Run.objects.select_for_update(no_key=True)
-        .filter(scope.q(run="id"), pk=run_id)
-        .annotate(db_now=Now())
-        .first()
-    )
+    run = Run.objects.select_for_update(no_key=True).filter(scope.q(run="id"), pk=run_id).annotate(db_now=Now()).first()
     if run is None:
         raise not_found("run", run_id)
     return run
@@ -110,7 +105,7 @@ class NewEvent:
     """An event this operation appends: what the insert and the response need, without the
     cost of a model instance per row (a batch holds up to 500)."""
 
-    __slots__ = ("id", "run_id", "seq", "type", "payload", "created_at")
+    __slots__ = ("created_at", "id", "payload", "run_id", "seq", "type")
 
     def __init__(self, *, id, run_id, seq, type, payload, created_at):  # noqa: A002 - the wire's names
         self.id, self.run_id, self.seq, self.type = id, run_id, seq, type
@@ -180,7 +175,9 @@ def _write_events(run: Run, events: list[NewEvent], at: datetime, extra_statemen
     ]
     if run.session_id:
         ctes.append(
-            session_services.session_event_touch_sql(session_id=run.session_id, last_event_seq=run.last_event_seq, at=at)
+            session_services.session_event_touch_sql(
+                session_id=run.session_id, last_event_seq=run.last_event_seq, at=at
+            )
         )
     sql = "WITH " + ", ".join(f"w{index} AS ({statement})" for index, (statement, _) in enumerate(ctes))
     sql += " UPDATE runs_run SET last_event_seq = %s WHERE id = %s RETURNING pg_notify(%s, %s)"
@@ -319,19 +316,24 @@ def validate_resource_bundle_ref(ref) -> dict | None:
     for index, item in enumerate(bundles):
         for key in ("subpath", "targetPath"):
             if not isinstance(item.get(key), str):
-                raise invalid(f"resourceBundleRef.bundles[{index}].{key} must be a string",
-                              field=f"resourceBundleRef.bundles.{index}.{key}")
+                raise invalid(
+                    f"resourceBundleRef.bundles[{index}].{key} must be a string",
+                    field=f"resourceBundleRef.bundles.{index}.{key}",
+                )
     for key in ("promptRefs", "requiredSkills"):
         items = ref.get(key)
         if items is not None and (
-            not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items)
+            not isinstance(items, list)
+            or not all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items)
         ):
-            raise invalid(f"resourceBundleRef.{key} must be a list of objects with a name",
-                          field=f"resourceBundleRef.{key}")
+            raise invalid(
+                f"resourceBundleRef.{key} must be a list of objects with a name", field=f"resourceBundleRef.{key}"
+            )
     credential = ref.get("credentialRef")
     if credential is not None and (not isinstance(credential, dict) or not isinstance(credential.get("name"), str)):
-        raise invalid("resourceBundleRef.credentialRef must be an object with a name",
-                      field="resourceBundleRef.credentialRef")
+        raise invalid(
+            "resourceBundleRef.credentialRef must be an object with a name", field="resourceBundleRef.credentialRef"
+        )
     return ref
 
 
@@ -428,7 +430,7 @@ def run_create(
         "metadata": metadata,
         "extra": extra or {},
     }
-    payload_hash = stable_hash({key: value for key, value in fields.items()})
+    payload_hash = stable_hash(dict(fields.items()))
     if idempotency_key:
         existing = _run_replay(tenant_id, project_id, idempotency_key, payload_hash)
         if existing is not None:
@@ -446,8 +448,9 @@ def run_create(
 def _run_replay(tenant_id: str, project_id: str, idempotency_key: str, payload_hash: str) -> Run | None:
     existing = Run.objects.filter(tenant_id=tenant_id, project_id=project_id, idempotency_key=idempotency_key).first()
     if existing is not None and existing.payload_hash != payload_hash:
-        raise conflict(SCHEMA_INVALID, "idempotency key reused with a different run input",
-                       idempotencyKey=idempotency_key)
+        raise conflict(
+            SCHEMA_INVALID, "idempotency key reused with a different run input", idempotencyKey=idempotency_key
+        )
     return existing
 
 
@@ -675,8 +678,9 @@ def command_create(
         existing = Command.objects.filter(run_id=run.id, idempotency_key=idempotency_key).first()
         if existing is not None:
             if existing.payload_hash != payload_hash:
-                raise conflict(SCHEMA_INVALID, "idempotency key reused with a different command",
-                               idempotencyKey=idempotency_key)
+                raise conflict(
+                    SCHEMA_INVALID, "idempotency key reused with a different command", idempotencyKey=idempotency_key
+                )
             return existing, False
     if run.is_terminal:
         raise _terminal_run_error(run)
@@ -713,8 +717,11 @@ def command_create(
 
 
 def _lock_command(command_id: str, scope: Scope) -> tuple[Run, Command]:
-    run_id = Command.objects.filter(scope.q(tenant="run__tenant_id", project="run__project_id", run="run_id"),
-                                    pk=command_id).values_list("run_id", flat=True).first()
+    run_id = (
+        Command.objects.filter(scope.q(tenant="run__tenant_id", project="run__project_id", run="run_id"), pk=command_id)
+        .values_list("run_id", flat=True)
+        .first()
+    )
     if run_id is None:
         raise not_found("command", command_id)
     run = _lock_run(run_id, UNRESTRICTED)
@@ -849,7 +856,9 @@ _RUNNER_SERVER_FIELDS = {"id", "runnerId", "registeredAt", "heartbeatAt", "tenan
 
 
 @write_transaction
-def runner_register(*, tenant_id: str, runner_id: str | None = None, attributes: dict | None = None) -> tuple[Runner, bool]:
+def runner_register(
+    *, tenant_id: str, runner_id: str | None = None, attributes: dict | None = None
+) -> tuple[Runner, bool]:
     """Register (or re-register) a runner. Returns (runner, created). The caller's fields are
     kept, except the ones the server owns (id, timestamps). Error: 403 when the id belongs to
     another tenant."""
@@ -869,8 +878,12 @@ def runner_register(*, tenant_id: str, runner_id: str | None = None, attributes:
         created = cursor.fetchone() is not None
     runner = Runner.objects.select_for_update().get(pk=runner_id)
     if runner.tenant_id != tenant_id:
-        raise AgentRunError(TENANT_POLICY_DENIED, f"runner {runner_id} belongs to another tenant", status=403,
-                            details={"runnerId": runner_id, "valuesPrinted": False})
+        raise AgentRunError(
+            TENANT_POLICY_DENIED,
+            f"runner {runner_id} belongs to another tenant",
+            status=403,
+            details={"runnerId": runner_id, "valuesPrinted": False},
+        )
     if created:
         return runner, True
     Runner.objects.filter(pk=runner_id).update(attributes=attributes, heartbeat_at=at)
@@ -910,8 +923,9 @@ def runner_job_save(
         if existing is not None:
             return existing, False
     try:
-        return _runner_job_write(run_id=run_id, fields=fields, job_id=job_id, idempotency_key=idempotency_key,
-                                 scope=scope)
+        return _runner_job_write(
+            run_id=run_id, fields=fields, job_id=job_id, idempotency_key=idempotency_key, scope=scope
+        )
     except IntegrityError:
         existing = _runner_job_replay(run_id, idempotency_key, fields["payload_hash"]) if idempotency_key else None
         if existing is None:
@@ -928,8 +942,9 @@ def runner_job_update(*, job_id: str, **fields) -> None:
 def _runner_job_replay(run_id: str, idempotency_key: str, payload_hash: str) -> RunnerJob | None:
     existing = RunnerJob.objects.filter(run_id=run_id, idempotency_key=idempotency_key).first()
     if existing is not None and existing.payload_hash != payload_hash:
-        raise conflict(SCHEMA_INVALID, "runner job idempotency key reused with a different payload",
-                       idempotencyKey=idempotency_key)
+        raise conflict(
+            SCHEMA_INVALID, "runner job idempotency key reused with a different payload", idempotencyKey=idempotency_key
+        )
     return existing
 
 

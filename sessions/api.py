@@ -28,8 +28,9 @@ MAX_LIMIT, DEFAULT_LIMIT = 100, 50
 
 READER = query_string("readerId", description="Whose read cursors decide `unread` and `readCursor`.")
 LIST_PARAMETERS = [
-    query_string("state", enum=list(selectors.STATES),
-                 description="Attention filter (default: `default`, active or unread)."),
+    query_string(
+        "state", enum=list(selectors.STATES), description="Attention filter (default: `default`, active or unread)."
+    ),
     query_string("backendProfile", enum=list(PROFILES)),
     READER,
     query_cursor("cursor", "A version: the change feed, sessions changed after it, in version order."),
@@ -69,8 +70,11 @@ class SessionViewSet(viewsets.ViewSet):
         reader_id = _reader(params)
         cursor_name = "cursor" if params.get("cursor") else "updatedAfter"
         cursor_given = params.get(cursor_name) or None
-        cursor = (query_int(params, cursor_name, default=None, minimum=0, at_most=BIGINT_MAX)
-                  if cursor_given is not None else None)
+        cursor = (
+            query_int(params, cursor_name, default=None, minimum=0, at_most=BIGINT_MAX)
+            if cursor_given is not None
+            else None
+        )
         limit = query_int(params, "limit", default=DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT)
         page = selectors.session_list(
             scope=request.scope,
@@ -83,19 +87,21 @@ class SessionViewSet(viewsets.ViewSet):
         )
         serializer = SessionOut(reader_id=reader_id)
         items = [serializer.to_representation(session) for session in page.sessions]
-        return Response({
-            "items": items,
-            "count": len(items),
-            "cursor": page.cursor,
-            "nextPageToken": page.next_page_token,
-            "filters": {
-                "state": state,
-                "backendProfile": backend_profile,
-                "readerId": reader_id,
-                "cursor": cursor_given,
-                "limit": limit,
-            },
-        })
+        return Response(
+            {
+                "items": items,
+                "count": len(items),
+                "cursor": page.cursor,
+                "nextPageToken": page.next_page_token,
+                "filters": {
+                    "state": state,
+                    "backendProfile": backend_profile,
+                    "readerId": reader_id,
+                    "cursor": cursor_given,
+                    "limit": limit,
+                },
+            }
+        )
 
     @extend_schema(parameters=[READER], responses=SessionOut)
     def retrieve(self, request, pk=None):
@@ -103,10 +109,16 @@ class SessionViewSet(viewsets.ViewSet):
         session = selectors.session_with_cursor(session_id=pk, reader_id=reader_id, scope=request.scope)
         return Response(_summary(session, reader_id))
 
-    @extend_schema(request=SessionPutIn, responses={
-        201: SessionOut, 200: SessionOut,
-        403: error("`tenant-policy-denied`: the session belongs to another tenant or project, or the body names one."),
-    })
+    @extend_schema(
+        request=SessionPutIn,
+        responses={
+            201: SessionOut,
+            200: SessionOut,
+            403: error(
+                "`tenant-policy-denied`: the session belongs to another tenant or project, or the body names one."
+            ),
+        },
+    )
     def update(self, request, pk=None):
         check_identifier(pk, field="sessionId", max_length=SESSION_ID_MAX_LENGTH)
         data = validated(SessionPutIn, request.data)
@@ -151,9 +163,13 @@ class SessionViewSet(viewsets.ViewSet):
         )
         return Response(_summary(session))
 
-    @extend_schema(request=EvictIn, responses={
-        200: SessionOut, 409: error("`schema-invalid`: `pvcName` is not the session's current PVC; nothing changed."),
-    })
+    @extend_schema(
+        request=EvictIn,
+        responses={
+            200: SessionOut,
+            409: error("`schema-invalid`: `pvcName` is not the session's current PVC; nothing changed."),
+        },
+    )
     @action(detail=True, methods=["post"], url_path="storage/evict")
     def storage_evict(self, request, pk=None):
         data = validated(EvictIn, request.data)

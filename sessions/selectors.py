@@ -43,11 +43,18 @@ from sessions.models import ExecutionState, Session, StorageKind
 
 STATES = ("default", "running", "unread", "terminal", "idle", "all")
 ACTIVE, UNREAD, READ = 0, 1, 2
-GROUPS = {"default": (ACTIVE, UNREAD), "running": (ACTIVE,), "unread": (UNREAD,), "terminal": (UNREAD, READ),
-          "idle": (UNREAD, READ), "all": (ACTIVE, UNREAD, READ)}
+GROUPS = {
+    "default": (ACTIVE, UNREAD),
+    "running": (ACTIVE,),
+    "unread": (UNREAD,),
+    "terminal": (UNREAD, READ),
+    "idle": (UNREAD, READ),
+    "all": (ACTIVE, UNREAD, READ),
+}
 _RUNNING = f"s.execution_state = '{ExecutionState.RUNNING}'"
-_UNREAD = (f"s.execution_state <> '{ExecutionState.RUNNING}' "
-           "AND (c.session_version IS NULL OR c.session_version < s.version)")
+_UNREAD = (
+    f"s.execution_state <> '{ExecutionState.RUNNING}' AND (c.session_version IS NULL OR c.session_version < s.version)"
+)
 _GROUP_CONDITION = {
     ACTIVE: _RUNNING,
     UNREAD: _UNREAD,
@@ -108,10 +115,16 @@ class _Query:
     def __init__(self, *, scope: Scope, backend_profile: str | None, reader_id: str | None):
         self.params: dict = {"reader": reader_id}
         conditions, ranges, scoped = [], [], []
-        self.scope_columns = [column for column, value in (("tenant_id", scope.tenant_id),
-                                                           ("project_id", scope.project_id)) if value is not None]
-        for column, value in (("tenant_id", scope.tenant_id), ("project_id", scope.project_id),
-                              ("backend_profile", backend_profile)):
+        self.scope_columns = [
+            column
+            for column, value in (("tenant_id", scope.tenant_id), ("project_id", scope.project_id))
+            if value is not None
+        ]
+        for column, value in (
+            ("tenant_id", scope.tenant_id),
+            ("project_id", scope.project_id),
+            ("backend_profile", backend_profile),
+        ):
             if value is not None:
                 conditions.append(f"s.{column} = %({column})s")
                 self.params[column] = value
@@ -130,16 +143,20 @@ class _Query:
         self.version_order_desc = ", ".join(f"{column} DESC" for column in [*scoped, "s.version"])
         if reader_id is None:
             self.source = "agent_sessions_session s"
-            self.columns = ("s.*, NULL::bigint AS cursor_version, NULL::timestamptz AS cursor_read_at, "
-                            "NULL::bigint AS cursor_read_version")
+            self.columns = (
+                "s.*, NULL::bigint AS cursor_version, NULL::timestamptz AS cursor_read_at, "
+                "NULL::bigint AS cursor_read_version"
+            )
             self.join_free = True
         else:
             self.source = (
                 "agent_sessions_session s LEFT JOIN agent_sessions_sessionreadcursor c "
                 "ON c.session_id = s.session_id AND c.reader_id = %(reader)s"
             )
-            self.columns = ("s.*, c.session_version AS cursor_version, c.read_at AS cursor_read_at, "
-                            "c.read_version AS cursor_read_version")
+            self.columns = (
+                "s.*, c.session_version AS cursor_version, c.read_at AS cursor_read_at, "
+                "c.read_version AS cursor_read_version"
+            )
             self.join_free = False
 
     def scope_where(self, alias: str) -> str:
@@ -184,8 +201,9 @@ def _main_page(query: _Query, *, state, position, edge: int, limit: int) -> list
     if not branches:
         return []
     order = _ORDER.replace("s.", "")
-    return query.run(f"SELECT * FROM ({' UNION ALL '.join(branches)}) page ORDER BY attention_group, {order} "
-                     "LIMIT %(limit)s", params)
+    return query.run(
+        f"SELECT * FROM ({' UNION ALL '.join(branches)}) page ORDER BY attention_group, {order} LIMIT %(limit)s", params
+    )
 
 
 def _tail_page(query: _Query, *, state, edge: int, position, limit: int) -> list[Session]:
@@ -215,9 +233,12 @@ def _tail_page(query: _Query, *, state, edge: int, position, limit: int) -> list
 def _edge_and_watermark(query: _Query, state: str) -> tuple[int, str | None]:
     """The session counter's value (a walk's edge) and the highest version among the matching
     sessions, in one statement, so in one snapshot with each other."""
-    sql = query.sql(_STATE_CONDITION[state], version_ordered=True).replace(
-        f"SELECT {query.columns} ", "SELECT s.version ", 1
-    ) + f" ORDER BY {query.version_order_desc} LIMIT 1"
+    sql = (
+        query.sql(_STATE_CONDITION[state], version_ordered=True).replace(
+            f"SELECT {query.columns} ", "SELECT s.version ", 1
+        )
+        + f" ORDER BY {query.version_order_desc} LIMIT 1"
+    )
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT (SELECT value FROM agentrun_counter WHERE name = %(counter)s), ({query.finish(sql)})",
@@ -254,8 +275,9 @@ def _decode_token(raw: str, filters: list) -> dict:
                 raise ValueError("bad stamp")
         return token
     except (ValueError, KeyError, TypeError, IndexError, binascii.Error, UnicodeDecodeError, AttributeError):
-        raise invalid("pageToken is not a token of this listing; start again without it",
-                      parameter="pageToken") from None
+        raise invalid(
+            "pageToken is not a token of this listing; start again without it", parameter="pageToken"
+        ) from None
 
 
 def _is_stamp(value) -> bool:
@@ -264,8 +286,12 @@ def _is_stamp(value) -> bool:
 
 def _main_position(session: Session) -> dict:
     activity = session.last_activity_at or session.updated_at
-    return {"g": session.attention_group, "a": activity.isoformat(), "u": session.updated_at.isoformat(),
-            "i": session.session_id}
+    return {
+        "g": session.attention_group,
+        "a": activity.isoformat(),
+        "u": session.updated_at.isoformat(),
+        "i": session.session_id,
+    }
 
 
 def session_list(
@@ -316,8 +342,9 @@ def session_list(
         else:
             sessions = main
             remaining = limit - len(sessions)
-            tail = _tail_page(query, state=state, edge=edge, position=position if phase == "tail" else None,
-                              limit=remaining + 1)
+            tail = _tail_page(
+                query, state=state, edge=edge, position=position if phase == "tail" else None, limit=remaining + 1
+            )
             sessions += tail[:remaining]
             if len(tail) <= remaining:
                 next_token = None

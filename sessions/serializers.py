@@ -122,7 +122,9 @@ class SessionOut(serializers.Serializer):
 
     def to_representation(self, session: Session):
         version = getattr(session, "cursor_version", None)
-        read_cursor = render_cursor(session.session_id, self.reader_id, version, getattr(session, "cursor_read_at", None))
+        read_cursor = render_cursor(
+            session.session_id, self.reader_id, version, getattr(session, "cursor_read_at", None)
+        )
         active = session.active
         unread = not active and (read_cursor is None or version < session.version)
         return {
@@ -180,9 +182,17 @@ class SessionListFiltersOut(serializers.Serializer):
 class SessionListOut(serializers.Serializer):
     items = SessionOut(many=True)
     count = serializers.IntegerField(min_value=0)
-    cursor = serializers.CharField(allow_null=True, max_length=CURSOR_MAX_LENGTH, help_text=(
-        "With `cursor`: the last item's version, else the cursor given. Without: the highest version among "
-        "the matching sessions (null when none match), to follow the change feed from."))
-    nextPageToken = serializers.CharField(allow_null=True, max_length=PAGE_TOKEN_MAX_LENGTH,
-                                          help_text="Pass it back as `pageToken`; null on the last page.")
+    cursor = serializers.CharField(
+        allow_null=True,
+        max_length=CURSOR_MAX_LENGTH,
+        help_text=(
+            "With `cursor`: the last item's version, else the cursor given. Without: the highest version among "
+            "the matching sessions (null when none match), to follow the change feed from."
+        ),
+    )
+    nextPageToken = serializers.CharField(
+        allow_null=True,
+        max_length=PAGE_TOKEN_MAX_LENGTH,
+        help_text="Pass it back as `pageToken`; null on the last page.",
+    )
     filters = SessionListFiltersOut()

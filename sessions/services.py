@@ -123,7 +123,9 @@ def _lock_scoped(session_id: str, scope: Scope) -> Session:
     """The session, row-locked, if the key may see it (another tenant's or project's is 404). A
     run-scoped key reaches only the session its run is the current or last run of."""
     session = Session.objects.select_for_update(no_key=True).filter(scope.q(), pk=session_id).first()
-    if session is None or (scope.run_id is not None and scope.run_id not in (session.active_run_id, session.last_run_id)):
+    if session is None or (
+        scope.run_id is not None and scope.run_id not in (session.active_run_id, session.last_run_id)
+    ):
         raise not_found("session", session_id)
     return session
 
@@ -269,8 +271,15 @@ def session_touch_run_ended(
 
 
 def session_thread_update(
-    *, run_session_ref: dict, tenant_id: str, project_id: str, backend_profile: str, run_id: str,
-    thread_id: str, turn_id: str | None, at: datetime,
+    *,
+    run_session_ref: dict,
+    tenant_id: str,
+    project_id: str,
+    backend_profile: str,
+    run_id: str,
+    thread_id: str,
+    turn_id: str | None,
+    at: datetime,
 ) -> dict:
     """A finished turn or run reported its thread. Only the thread fields, metadata.lastTurnId,
     activity and version change (A4): storage and the rest of the row are kept. Returns the
@@ -366,8 +375,14 @@ def session_upsert(
     session.version = counters.next_version(counters.SESSIONS)
     session.save(
         update_fields=[
-            "conversation_id", "thread_id", "metadata", "expires_at", "codex_rollout_subdir", "title",
-            "updated_at", "version",
+            "conversation_id",
+            "thread_id",
+            "metadata",
+            "expires_at",
+            "codex_rollout_subdir",
+            "title",
+            "updated_at",
+            "version",
         ]
     )
     return session, False
@@ -384,8 +399,14 @@ def session_mark_read(*, session_id: str, reader_id: str, scope: Scope) -> Sessi
     session = Session.objects.filter(scope.q(), pk=session_id).only("version").first()
     if session is None:
         raise not_found("session", session_id)
-    cursor = upsert_read_cursor(SessionReadCursor, owner_field="session", version_field="session_version",
-                                owner_id=session_id, reader_id=reader_id, version=session.version)
+    cursor = upsert_read_cursor(
+        SessionReadCursor,
+        owner_field="session",
+        version_field="session_version",
+        owner_id=session_id,
+        reader_id=reader_id,
+        version=session.version,
+    )
     cursor.read_version = counters.next_version(counters.SESSIONS)
     SessionReadCursor.objects.filter(session_id=session_id, reader_id=reader_id).update(
         read_version=cursor.read_version
@@ -394,7 +415,11 @@ def session_mark_read(*, session_id: str, reader_id: str, scope: Scope) -> Sessi
 
 
 STORAGE_FIELDS = (
-    "storage_pvc_name", "storage_namespace", "storage_pvc_phase", "storage_size_bytes", "storage_files_count",
+    "storage_pvc_name",
+    "storage_namespace",
+    "storage_pvc_phase",
+    "storage_size_bytes",
+    "storage_files_count",
     "storage_sha256",
 )
 
@@ -431,8 +456,13 @@ def session_storage_refresh(
     session.version = counters.next_version(counters.SESSIONS)
     session.save(
         update_fields=[
-            *STORAGE_FIELDS, "storage_kind", "codex_rollout_subdir", "storage_evicted_at", "storage_updated_at",
-            "updated_at", "version",
+            *STORAGE_FIELDS,
+            "storage_kind",
+            "codex_rollout_subdir",
+            "storage_evicted_at",
+            "storage_updated_at",
+            "updated_at",
+            "version",
         ]
     )
     return session
@@ -480,9 +510,12 @@ def session_storage_collect(*, session_id: str, delete_pvc, default_namespace: s
     gone, and raises otherwise. With `expired_at`, only a session expired by then is collected.
     Returns (outcome, detail)."""
     with transaction.atomic(durable=True):
-        sessions = Session.objects.select_for_update(no_key=True, skip_locked=True).filter(
-            pk=session_id, storage_kind=StorageKind.PVC
-        ).exclude(storage_pvc_name__isnull=True).exclude(storage_pvc_name="")
+        sessions = (
+            Session.objects.select_for_update(no_key=True, skip_locked=True)
+            .filter(pk=session_id, storage_kind=StorageKind.PVC)
+            .exclude(storage_pvc_name__isnull=True)
+            .exclude(storage_pvc_name="")
+        )
         if expired_at is not None:
             sessions = sessions.filter(expires_at__lte=expired_at)
         session = sessions.first()

@@ -1,5 +1,6 @@
 """Settings shared by every environment. Values come from the environment."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -70,10 +71,9 @@ STATIC_ROOT = BASE_DIR / "var" / "static"
 # Static files (admin, API docs) are served by the app itself, from the finders when no
 # collectstatic has run (development, tests) and from STATIC_ROOT once it has (the image).
 WHITENOISE_USE_FINDERS = True
-try:
+# A read-only image: collectstatic made it at build time, or the finders serve.
+with contextlib.suppress(OSError):
     STATIC_ROOT.mkdir(parents=True, exist_ok=True)
-except OSError:  # a read-only image: collectstatic made it at build time, or finders serve
-    pass
 
 # A body over 1 MiB is refused with 413 before it is parsed.
 AGENTRUN_MAX_BODY_BYTES = 1024 * 1024

@@ -25,8 +25,12 @@ def install() -> tuple[Path, Path]:
     if not (codex.exists() and claude.exists()):
         CACHE.mkdir(parents=True, exist_ok=True)
         try:
-            done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(CACHE),
-                                   CODEX_PACKAGE, CLAUDE_PACKAGE], capture_output=True, text=True, timeout=600)
+            done = subprocess.run(
+                ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(CACHE), CODEX_PACKAGE, CLAUDE_PACKAGE],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             pytest.skip(f"the agent CLIs could not be installed from npm: {exc}")
         if done.returncode != 0 or not (codex.exists() and claude.exists()):
@@ -96,18 +100,39 @@ class Anthropic(ScriptedModel):
         else:
             block, delta, stop = {"type": "text", "text": ""}, {"type": "text_delta", "text": step["text"]}, "end_turn"
         if not body.get("stream"):
-            message = {"id": "msg_mock", "type": "message", "role": "assistant", "model": body.get("model"),
-                       "content": [{"type": "text", "text": step.get("text", "ok")}], "stop_reason": "end_turn",
-                       "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 2}}
+            message = {
+                "id": "msg_mock",
+                "type": "message",
+                "role": "assistant",
+                "model": body.get("model"),
+                "content": [{"type": "text", "text": step.get("text", "ok")}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 5, "output_tokens": 2},
+            }
             return self.send(handler, 200, json.dumps(message).encode(), "application/json")
         events = [
-            {"type": "message_start", "message": {"id": f"msg_{len(self.requests)}", "type": "message", "role": "assistant",
-                                                  "model": body.get("model"), "content": [], "stop_reason": None,
-                                                  "stop_sequence": None, "usage": {"input_tokens": 20, "output_tokens": 1}}},
+            {
+                "type": "message_start",
+                "message": {
+                    "id": f"msg_{len(self.requests)}",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": body.get("model"),
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 20, "output_tokens": 1},
+                },
+            },
             {"type": "content_block_start", "index": 0, "content_block": block},
             {"type": "content_block_delta", "index": 0, "delta": delta},
             {"type": "content_block_stop", "index": 0},
-            {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": 9}},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": 9},
+            },
             {"type": "message_stop"},
         ]
         self.send(handler, 200, self.sse(events), "text/event-stream")
@@ -119,22 +144,46 @@ class Responses(ScriptedModel):
     def answer(self, handler, body):
         step = self.next_step(True)
         if "status" in step:
-            error = {"error": {"message": "scripted failure", "type": "invalid_request_error",
-                               "code": "context_length_exceeded"}}
+            error = {
+                "error": {
+                    "message": "scripted failure",
+                    "type": "invalid_request_error",
+                    "code": "context_length_exceeded",
+                }
+            }
             return self.send(handler, step["status"], json.dumps(error).encode(), "application/json")
         if "tool" in step:
             name, arguments = step["tool"]
-            item = {"type": "function_call", "id": f"fc_{len(self.requests)}", "call_id": f"call_{len(self.requests)}",
-                    "name": name, "arguments": json.dumps(arguments)}
+            item = {
+                "type": "function_call",
+                "id": f"fc_{len(self.requests)}",
+                "call_id": f"call_{len(self.requests)}",
+                "name": name,
+                "arguments": json.dumps(arguments),
+            }
         else:
-            item = {"type": "message", "role": "assistant", "id": f"msg_{len(self.requests)}",
-                    "content": [{"type": "output_text", "text": step["text"]}]}
+            item = {
+                "type": "message",
+                "role": "assistant",
+                "id": f"msg_{len(self.requests)}",
+                "content": [{"type": "output_text", "text": step["text"]}],
+            }
         events = [
             {"type": "response.created", "response": {"id": f"resp_{len(self.requests)}"}},
             {"type": "response.output_item.added", "output_index": 0, "item": item},
             {"type": "response.output_item.done", "output_index": 0, "item": item},
-            {"type": "response.completed", "response": {"id": f"resp_{len(self.requests)}", "usage": {
-                "input_tokens": 100, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 10,
-                "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 110}}},
+            {
+                "type": "response.completed",
+                "response": {
+                    "id": f"resp_{len(self.requests)}",
+                    "usage": {
+                        "input_tokens": 100,
+                        "input_tokens_details": {"cached_tokens": 0},
+                        "output_tokens": 10,
+                        "output_tokens_details": {"reasoning_tokens": 0},
+                        "total_tokens": 110,
+                    },
+                },
+            },
         ]
         self.send(handler, 200, self.sse(events), "text/event-stream")

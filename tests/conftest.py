@@ -22,6 +22,8 @@ def _stop_listener_before_teardown(django_db_setup):
     from agentrun import notify
 
     notify.hub.stop()
+
+
 PROJECT = "web"
 
 
@@ -39,10 +41,7 @@ class KeyClient:
         # As gunicorn does: the path as sent, so a %2F inside an id stays in the id.
         kwargs.setdefault("RAW_URI", url)
         call = getattr(self.client, method)
-        if body is None:
-            response = call(url, **kwargs)
-        else:
-            response = call(url, body, format="json", **kwargs)
+        response = call(url, **kwargs) if body is None else call(url, body, format="json", **kwargs)
         # A long-poll that had to wait streams its one JSON body.
         content = b"".join(response.streaming_content) if response.streaming else response.content
         data = json.loads(content) if content and response["Content-Type"].startswith("application/json") else None

@@ -64,11 +64,21 @@ class FakeKube:
                 self.calls.append(("DELETE", path))
             time.sleep(delay)
             if status == 200:
-                body = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                        "metadata": {"name": name, "namespace": namespace}, "status": {"phase": "Bound"}}
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "status": {"phase": "Bound"},
+                }
             else:
-                body = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": status,
-                        "reason": "NotFound" if status == 404 else "InternalError", "message": "fake"}
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "Status",
+                    "status": "Failure",
+                    "code": status,
+                    "reason": "NotFound" if status == 404 else "InternalError",
+                    "message": "fake",
+                }
             return Response(json.dumps(body), status=status, content_type="application/json")
 
         self.server.expect_request(path, method="DELETE").respond_with_handler(handler)
@@ -78,14 +88,18 @@ class FakeKube:
 @pytest.fixture
 def fake_kube(httpserver, tmp_path, monkeypatch):
     config = tmp_path / "kubeconfig"
-    config.write_text(json.dumps({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "fake", "cluster": {"server": httpserver.url_for("").rstrip("/")}}],
-        "users": [{"name": "agentrun", "user": {"token": TOKEN}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "agentrun"}}],
-        "current-context": "fake",
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": httpserver.url_for("").rstrip("/")}}],
+                "users": [{"name": "agentrun", "user": {"token": TOKEN}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "agentrun"}}],
+                "current-context": "fake",
+            }
+        )
+    )
     monkeypatch.setenv("KUBECONFIG", str(config))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     kube.reset()
@@ -116,13 +130,17 @@ class FakeCluster:
             collection = re.compile("^" + path.replace("{ns}", "(?P<ns>[a-z0-9-]+)") + "$")
             item = re.compile("^" + path.replace("{ns}", "(?P<ns>[a-z0-9-]+)") + "/(?P<name>[a-z0-9.-]+)$")
             fake.server.expect_request(collection, method="POST").respond_with_handler(
-                lambda request, p=plural, k=kind, a=api_version, c=collection: self._create(request, p, k, a, c))
+                lambda request, p=plural, k=kind, a=api_version, c=collection: self._create(request, p, k, a, c)
+            )
             fake.server.expect_request(collection, method="GET").respond_with_handler(
-                lambda request, p=plural, k=kind, a=api_version, c=collection: self._list(request, p, k, a, c))
+                lambda request, p=plural, k=kind, a=api_version, c=collection: self._list(request, p, k, a, c)
+            )
             fake.server.expect_request(item, method="GET").respond_with_handler(
-                lambda request, p=plural, i=item: self._read(request, p, i))
+                lambda request, p=plural, i=item: self._read(request, p, i)
+            )
             fake.server.expect_request(item, method="DELETE").respond_with_handler(
-                lambda request, p=plural, i=item: self._delete(request, p, i))
+                lambda request, p=plural, i=item: self._delete(request, p, i)
+            )
 
     @staticmethod
     def _json(body, status=200):
@@ -130,8 +148,17 @@ class FakeCluster:
 
     @staticmethod
     def _status(code, reason, message):
-        return FakeCluster._json({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code,
-                                  "reason": reason, "message": message}, code)
+        return FakeCluster._json(
+            {
+                "apiVersion": "v1",
+                "kind": "Status",
+                "status": "Failure",
+                "code": code,
+                "reason": reason,
+                "message": message,
+            },
+            code,
+        )
 
     def _create(self, request, plural, kind, api_version, pattern):
         import uuid
@@ -153,16 +180,24 @@ class FakeCluster:
         name = body["metadata"]["name"]
         if (plural, namespace, name) in self.objects:
             return self._status(409, "AlreadyExists", f'{plural} "{name}" already exists')
-        stored = {**body, "metadata": {**body["metadata"], "namespace": namespace, "uid": str(uuid.uuid4())},
-                  "status": {}}
+        stored = {
+            **body,
+            "metadata": {**body["metadata"], "namespace": namespace, "uid": str(uuid.uuid4())},
+            "status": {},
+        }
         self.objects[(plural, namespace, name)] = stored
         return self._json(stored, 201)
 
     def _list(self, request, plural, kind, api_version, pattern):
         namespace = pattern.match(request.path).group("ns")
         selector = dict(part.split("=", 1) for part in request.args.get("labelSelector", "").split(",") if part)
-        items = [obj for (p, ns, _), obj in self.objects.items() if p == plural and ns == namespace
-                 and all((obj["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
+        items = [
+            obj
+            for (p, ns, _), obj in self.objects.items()
+            if p == plural
+            and ns == namespace
+            and all((obj["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
+        ]
         return self._json({"apiVersion": api_version, "kind": f"{kind}List", "metadata": {}, "items": items})
 
     def _read(self, request, plural, pattern):

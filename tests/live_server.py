@@ -29,8 +29,13 @@ def free_port() -> int:
 
 def live_database_url() -> str:
     db = connection.settings_dict
-    params = {"dbname": db["NAME"], "user": db["USER"], "password": db["PASSWORD"] or None,
-              "host": db["HOST"] or None, "port": db["PORT"] or None}
+    params = {
+        "dbname": db["NAME"],
+        "user": db["USER"],
+        "password": db["PASSWORD"] or None,
+        "host": db["HOST"] or None,
+        "port": db["PORT"] or None,
+    }
     return make_conninfo(**{k: v for k, v in params.items() if v})
 
 
@@ -53,8 +58,13 @@ def gunicorn(tmp_path: Path, *, workers: int = 2, threads: int = 16, **env):
     }
     log_path = tmp_path / "gunicorn.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
-                                   cwd=ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
+            cwd=ROOT,
+            env=process_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
 
         def healthy():

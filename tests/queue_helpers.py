@@ -12,16 +12,22 @@ def make_task(queue="default", *, tenant=TENANT, project=PROJECT, priority=0, ke
     fields.setdefault("title", "a task")
     fields.setdefault("backend_profile", "echo")
     fields.setdefault("payload", {"prompt": "do the thing"})
-    task, _ = services.task_create(tenant_id=tenant, project_id=project, queue=queue, priority=priority,
-                                   idempotency_key=key, **fields)
+    task, _ = services.task_create(
+        tenant_id=tenant, project_id=project, queue=queue, priority=priority, idempotency_key=key, **fields
+    )
     return task
 
 
 def finish_run(run_id, terminal_status="completed", failure_kind=None, runner="runner-1"):
     """What a runner does at the end: claim (if it has not) and finish."""
     run = run_services.run_claim(run_id=run_id, runner_id=runner, lease_ms=60_000)
-    return run_services.run_finish(run_id=run_id, runner_id=runner, lease_epoch=run.lease_epoch,
-                                   terminal_status=terminal_status, failure_kind=failure_kind)
+    return run_services.run_finish(
+        run_id=run_id,
+        runner_id=runner,
+        lease_epoch=run.lease_epoch,
+        terminal_status=terminal_status,
+        failure_kind=failure_kind,
+    )
 
 
 def settle_all():

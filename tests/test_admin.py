@@ -38,8 +38,9 @@ def test_run_change_page_shows_commands_and_recent_events_read_only(staff):
     run = make_run()
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
     command, _ = services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "hello"})
-    services.event_append(run_id=run.id, runner_id="r", lease_epoch=1,
-                          events=[("assistant_message", {"n": n}) for n in range(60)])
+    services.event_append(
+        run_id=run.id, runner_id="r", lease_epoch=1, events=[("assistant_message", {"n": n}) for n in range(60)]
+    )
     response = staff.get(f"/admin/runs/run/{run.id}/change/")
     assert response.status_code == 200
     body = response.content.decode()
@@ -100,8 +101,9 @@ def _session_setup():
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
     services.event_append(run_id=run.id, runner_id="r", lease_epoch=1, events=[("assistant_message", {"n": 7})])
     session_services.session_upsert(session_id="adm-s2", tenant_id="acme", project_id="web", backend_profile="codex")
-    session_services.session_storage_refresh(session_id="adm-s1", storage_kind="pvc", pvc_name="pvc-adm",
-                                             namespace="agents")
+    session_services.session_storage_refresh(
+        session_id="adm-s1", storage_kind="pvc", pvc_name="pvc-adm", namespace="agents"
+    )
     return run
 
 
@@ -194,8 +196,10 @@ def test_queue_limits_and_pause_are_edited_in_admin(staff):
     from queues.models import Queue
 
     queue = Queue.objects.create(tenant_id="acme", name="builds")
-    response = staff.post(f"/admin/queues/queue/{queue.pk}/change/",
-                          {"tenant_id": "acme", "name": "builds", "max_running": "4", "paused": "on"})
+    response = staff.post(
+        f"/admin/queues/queue/{queue.pk}/change/",
+        {"tenant_id": "acme", "name": "builds", "max_running": "4", "paused": "on"},
+    )
     assert response.status_code == 302
     queue.refresh_from_db()
     assert (queue.max_running, queue.paused) == (4, True)

@@ -23,8 +23,11 @@ def clis():
 def git_repo(path):
     path.mkdir()
     (path / "greet.py").write_text('def greet(name):\n    return "Hello " + name\n')
-    for argv in (["git", "init", "-q"], ["git", "add", "."],
-                 ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "start"]):
+    for argv in (
+        ["git", "init", "-q"],
+        ["git", "add", "."],
+        ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "start"],
+    ):
         subprocess.run(argv, cwd=path, check=True)
     return path
 
@@ -60,8 +63,10 @@ def codex(clis, tmp_path, monkeypatch):
         model = Responses(script)
         home = tmp_path / "home"
         (home / ".codex").mkdir(parents=True, exist_ok=True)
-        provider = (f'model_providers.mock={{name="mock",base_url="{model.url}/v1",wire_api="responses",'
-                    'env_key="MOCK_API_KEY",request_max_retries=0,stream_max_retries=0}')
+        provider = (
+            f'model_providers.mock={{name="mock",base_url="{model.url}/v1",wire_api="responses",'
+            'env_key="MOCK_API_KEY",request_max_retries=0,stream_max_retries=0}'
+        )
         monkeypatch.setenv("HOME", str(home))
         monkeypatch.setenv("CODEX_HOME", str(home / ".codex"))
         monkeypatch.setenv("MOCK_API_KEY", "mock")
@@ -85,8 +90,13 @@ EOF"""
 
 def test_codex_turn_with_a_command_and_an_edit_then_a_resume(codex, tmp_path):
     repo = git_repo(tmp_path / "repo")
-    model = codex([{"tool": ("exec_command", {"cmd": "echo hello-codex"})},
-                   {"tool": ("exec_command", {"cmd": PATCH})}, {"text": "Fixed greet."}])
+    model = codex(
+        [
+            {"tool": ("exec_command", {"cmd": "echo hello-codex"})},
+            {"tool": ("exec_command", {"cmd": PATCH})},
+            {"text": "Fixed greet."},
+        ]
+    )
     turn = Turn(CodexBackend(), repo)
     result = turn.wait()
     assert result.terminal_status == "completed", result
@@ -135,9 +145,15 @@ def claude(clis, tmp_path, monkeypatch):
         home = tmp_path / "home"
         home.mkdir(exist_ok=True)
         for name, value in {
-            "HOME": str(home), "ANTHROPIC_BASE_URL": model.url, "ANTHROPIC_API_KEY": "sk-ant-mock",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1",
-            "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "0", "AGENTRUN_CLAUDE_BIN": str(clis[1]),
+            "HOME": str(home),
+            "ANTHROPIC_BASE_URL": model.url,
+            "ANTHROPIC_API_KEY": "sk-ant-mock",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "DISABLE_AUTOUPDATER": "1",
+            "DISABLE_TELEMETRY": "1",
+            "DISABLE_ERROR_REPORTING": "1",
+            "CLAUDE_CODE_MAX_RETRIES": "0",
+            "AGENTRUN_CLAUDE_BIN": str(clis[1]),
             "AGENTRUN_CLAUDE_ARGS": "--permission-mode acceptEdits --allowedTools Bash Read Edit",
         }.items():
             monkeypatch.setenv(name, value)
@@ -149,13 +165,23 @@ def claude(clis, tmp_path, monkeypatch):
 def test_claude_turn_with_a_command_and_an_edit_then_a_resume(claude, tmp_path):
     repo = git_repo(tmp_path / "repo")
     path = str(repo / "greet.py")
-    model = claude([
-        {"tool": ("Read", {"file_path": path})},
-        {"tool": ("Edit", {"file_path": path, "old_string": '    return "Hello " + name',
-                           "new_string": '    return f"Hello, {name}!"'})},
-        {"tool": ("Bash", {"command": "echo hello-claude", "description": "greet"})},
-        {"text": "Fixed greet."},
-    ])
+    model = claude(
+        [
+            {"tool": ("Read", {"file_path": path})},
+            {
+                "tool": (
+                    "Edit",
+                    {
+                        "file_path": path,
+                        "old_string": '    return "Hello " + name',
+                        "new_string": '    return f"Hello, {name}!"',
+                    },
+                )
+            },
+            {"tool": ("Bash", {"command": "echo hello-claude", "description": "greet"})},
+            {"text": "Fixed greet."},
+        ]
+    )
     turn = Turn(ClaudeBackend(), repo)
     result = turn.wait()
     assert result.terminal_status == "completed", (result, turn.events[-3:])
@@ -181,7 +207,12 @@ def test_claude_failing_turn(claude, tmp_path):
 
 
 def test_claude_cancelled_turn(claude, tmp_path):
-    claude([{"tool": ("Bash", {"command": "python3 -c 'import time; time.sleep(42.75)'", "description": "wait"})}, {"text": "never"}])
+    claude(
+        [
+            {"tool": ("Bash", {"command": "python3 -c 'import time; time.sleep(42.75)'", "description": "wait"})},
+            {"text": "never"},
+        ]
+    )
     turn = Turn(ClaudeBackend(), git_repo(tmp_path / "repo"))
     deadline = time.monotonic() + 60
     while not still_running("time.sleep.42.75") and time.monotonic() < deadline:

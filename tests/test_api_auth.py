@@ -19,8 +19,15 @@ pytestmark = pytest.mark.django_db
 
 def job_body():
     return {
-        "commandId": "cmd_1", "payloadHash": "h", "attemptId": "a", "runnerId": "runner-1", "namespace": "ns",
-        "jobName": "j", "managerUrl": "http://m", "image": "i", "sourceCommit": "c",
+        "commandId": "cmd_1",
+        "payloadHash": "h",
+        "attemptId": "a",
+        "runnerId": "runner-1",
+        "namespace": "ns",
+        "jobName": "j",
+        "managerUrl": "http://m",
+        "image": "i",
+        "sourceCommit": "c",
     }
 
 
@@ -94,11 +101,21 @@ def test_role_may_not_call(role, name):
 def test_forbidden_list_matches_roles_table():
     """API.md's Roles table, spelled out, so a change to CALLS cannot silently drop a 403 case."""
     assert {name for role, name in FORBIDDEN if role == "client"} == {
-        "run-claim", "run-heartbeat", "run-finish", "events-append", "command-ack", "command-finish", "runners",
-        "runner-jobs-list", "runner-jobs-create",
+        "run-claim",
+        "run-heartbeat",
+        "run-finish",
+        "events-append",
+        "command-ack",
+        "command-finish",
+        "runners",
+        "runner-jobs-list",
+        "runner-jobs-create",
     }
     assert {name for role, name in FORBIDDEN if role == "runner"} == {
-        "run-create", "run-cancel", "commands-create", "command-cancel",
+        "run-create",
+        "run-cancel",
+        "commands-create",
+        "command-cancel",
     }
 
 
@@ -161,8 +178,19 @@ def test_other_tenants_run_is_404_for_every_role():
         assert_error(*api.get(f"commands/{command.id}"), 404, "schema-invalid")
     before = db_state()
     op = make_key("operator", tenant="globex")
-    for name in ("run-cancel", "run-claim", "run-heartbeat", "run-finish", "events-append", "commands-create",
-                 "command-ack", "command-finish", "command-cancel", "runner-jobs-list", "runner-jobs-create"):
+    for name in (
+        "run-cancel",
+        "run-claim",
+        "run-heartbeat",
+        "run-finish",
+        "events-append",
+        "commands-create",
+        "command-ack",
+        "command-finish",
+        "command-cancel",
+        "runner-jobs-list",
+        "runner-jobs-create",
+    ):
         assert_error(*call(op, name, run, command), 404, "schema-invalid")
     assert db_state() == before
 
@@ -192,9 +220,20 @@ def test_run_scoped_runner_key_sees_only_its_run():
     assert api.get(f"commands/{my_command.id}")[0] == 200
     assert api.post(f"runs/{mine.id}/heartbeat", LEASE)[0] == 200
     before = db_state()
-    for name in ("run-get", "run-claim", "run-heartbeat", "run-finish", "events-read", "events-append",
-                 "commands-list", "command-get", "command-ack", "command-finish", "runner-jobs-list",
-                 "runner-jobs-create"):
+    for name in (
+        "run-get",
+        "run-claim",
+        "run-heartbeat",
+        "run-finish",
+        "events-read",
+        "events-append",
+        "commands-list",
+        "command-get",
+        "command-ack",
+        "command-finish",
+        "runner-jobs-list",
+        "runner-jobs-create",
+    ):
         assert_error(*call(api, name, other, other_command), 404, "schema-invalid")
     assert db_state() == before
 
@@ -206,8 +245,9 @@ def test_run_create_fills_tenant_and_project_from_key(client_api):
     assert status == 201 and (body["tenantId"], body["projectId"]) == (TENANT, PROJECT)
 
 
-@pytest.mark.parametrize("scope", [{"tenantId": "globex"}, {"projectId": "mobile"},
-                                   {"tenantId": "globex", "projectId": PROJECT}])
+@pytest.mark.parametrize(
+    "scope", [{"tenantId": "globex"}, {"projectId": "mobile"}, {"tenantId": "globex", "projectId": PROJECT}]
+)
 def test_run_create_outside_key_scope_is_403(client_api, scope):
     assert_error(*client_api.post("runs", {"backendProfile": "echo", **scope}), 403, "tenant-policy-denied")
     assert Run.objects.count() == 0
@@ -236,7 +276,9 @@ def test_session_of_other_backend_is_400_with_details(client_api):
     status, body = client_api.post("runs", {"backendProfile": "echo", "sessionRef": {"sessionId": "codex-sess"}})
     assert_error(status, body, 400, "schema-invalid")
     assert body["error"]["details"] == {
-        "sessionId": "codex-sess", "existingBackendProfile": "codex", "requestedBackendProfile": "echo",
+        "sessionId": "codex-sess",
+        "existingBackendProfile": "codex",
+        "requestedBackendProfile": "echo",
         "valuesPrinted": False,
     }
     assert Run.objects.count() == runs
@@ -244,8 +286,11 @@ def test_session_of_other_backend_is_400_with_details(client_api):
 
 def test_session_tenant_check_comes_before_backend_check(client_api):
     make_run(tenant="globex", backend="codex", session_id="both-sess")
-    assert_error(*client_api.post("runs", {"backendProfile": "echo", "sessionRef": {"sessionId": "both-sess"}}),
-                 403, "tenant-policy-denied")
+    assert_error(
+        *client_api.post("runs", {"backendProfile": "echo", "sessionRef": {"sessionId": "both-sess"}}),
+        403,
+        "tenant-policy-denied",
+    )
 
 
 def test_operator_does_everything_in_its_tenant(operator_api):
@@ -257,8 +302,10 @@ def test_operator_does_everything_in_its_tenant(operator_api):
     lease = {"runnerId": "op-runner", "leaseEpoch": 1}
     assert operator_api.post(f"commands/{command['id']}/ack", lease)[1]["state"] == "acknowledged"
     assert operator_api.post(f"runs/{run['id']}/events", {**lease, "type": "usage", "payload": {}})[0] == 201
-    assert operator_api.post(f"commands/{command['id']}/finish",
-                             {**lease, "terminalStatus": "completed"})[1]["state"] == "completed"
+    assert (
+        operator_api.post(f"commands/{command['id']}/finish", {**lease, "terminalStatus": "completed"})[1]["state"]
+        == "completed"
+    )
     assert operator_api.post(f"runs/{run['id']}/heartbeat", lease)[0] == 200
     assert operator_api.post(f"runs/{run['id']}/runner-jobs", job_body())[0] == 201
     assert operator_api.get(f"runs/{run['id']}/runner-jobs")[1]["count"] == 1

@@ -16,8 +16,22 @@ pytestmark = pytest.mark.django_db
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 COMMAND_KEYS = {
-    "id", "runId", "seq", "type", "payload", "idempotencyKey", "payloadHash", "state", "acknowledgedAt",
-    "terminalStatus", "failureKind", "failureMessage", "threadId", "turnId", "createdAt", "updatedAt",
+    "id",
+    "runId",
+    "seq",
+    "type",
+    "payload",
+    "idempotencyKey",
+    "payloadHash",
+    "state",
+    "acknowledgedAt",
+    "terminalStatus",
+    "failureKind",
+    "failureMessage",
+    "threadId",
+    "turnId",
+    "createdAt",
+    "updatedAt",
 }
 
 
@@ -29,15 +43,22 @@ def claimed_run(runner_id="runner-1", times=1, **kwargs):
 
 
 def new_command(run, command_type="turn", payload=None, **kwargs):
-    command, _ = services.command_create(run_id=run.id, command_type=command_type,
-                                         payload=payload if payload is not None else {"prompt": "hi"}, **kwargs)
+    command, _ = services.command_create(
+        run_id=run.id, command_type=command_type, payload=payload if payload is not None else {"prompt": "hi"}, **kwargs
+    )
     return command
 
 
 def command_snapshot(command_id):
     command = Command.objects.get(pk=command_id)
-    return (command.state, command.acknowledged_at, command.terminal_status, command.thread_id, command.updated_at,
-            len(events_of(command.run_id)))
+    return (
+        command.state,
+        command.acknowledged_at,
+        command.terminal_status,
+        command.thread_id,
+        command.updated_at,
+        len(events_of(command.run_id)),
+    )
 
 
 def lease(epoch=1, runner_id="runner-1", **extra):
@@ -83,7 +104,9 @@ def test_create_command_replay_same_key_is_200_same_record(client_api):
     assert Command.objects.filter(run_id=run.id).count() == 1
 
 
-@pytest.mark.parametrize("other", [{"type": "turn", "payload": {"prompt": "y"}}, {"type": "steer", "payload": {"prompt": "x"}}])
+@pytest.mark.parametrize(
+    "other", [{"type": "turn", "payload": {"prompt": "y"}}, {"type": "steer", "payload": {"prompt": "x"}}]
+)
 def test_create_command_same_key_other_command_is_409(client_api, other):
     run = make_run()
     client_api.post(f"runs/{run.id}/commands", {"type": "turn", "payload": {"prompt": "x"}, "idempotencyKey": "ik"})
@@ -103,12 +126,17 @@ def test_create_command_replay_after_run_terminal_returns_original(client_api):
 
 @pytest.mark.parametrize(
     ("terminal_status", "failure_kind", "kind"),
-    [("failed", "agent-failed", "agent-failed"), ("timeout", "timeout", "timeout"), ("completed", None, "schema-invalid")],
+    [
+        ("failed", "agent-failed", "agent-failed"),
+        ("timeout", "timeout", "timeout"),
+        ("completed", None, "schema-invalid"),
+    ],
 )
 def test_create_command_on_finished_run_is_409_failure_kind(client_api, terminal_status, failure_kind, kind):
     run = claimed_run()
-    services.run_finish(run_id=run.id, runner_id="runner-1", lease_epoch=1, terminal_status=terminal_status,
-                        failure_kind=failure_kind)
+    services.run_finish(
+        run_id=run.id, runner_id="runner-1", lease_epoch=1, terminal_status=terminal_status, failure_kind=failure_kind
+    )
     assert_error(*client_api.post(f"runs/{run.id}/commands", {"type": "turn", "payload": {}}), 409, kind)
     assert not Command.objects.filter(run_id=run.id).exists()
 
@@ -122,8 +150,9 @@ def test_create_command_on_cancelled_run_is_409_cancelled(client_api):
 @pytest.mark.parametrize("backend", ["codex", "claude-code"])
 def test_steer_to_backend_without_steer_is_400(client_api, backend):
     run = make_run(backend=backend)
-    assert_error(*client_api.post(f"runs/{run.id}/commands", {"type": "steer", "payload": {"text": "s"}}), 400,
-                 "schema-invalid")
+    assert_error(
+        *client_api.post(f"runs/{run.id}/commands", {"type": "steer", "payload": {"text": "s"}}), 400, "schema-invalid"
+    )
     assert not Command.objects.filter(run_id=run.id).exists()
     assert client_api.post(f"runs/{run.id}/commands", {"type": "turn", "payload": {}})[0] == 201
 
@@ -134,8 +163,16 @@ def test_steer_to_echo_is_201(client_api):
     assert status == 201 and body["type"] == "steer"
 
 
-@pytest.mark.parametrize("body", [{"type": "explode", "payload": {}}, {"payload": {}}, {"type": 3},
-                                  {"type": "turn", "payload": [1]}, {"type": "turn", "payload": "p"}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "explode", "payload": {}},
+        {"payload": {}},
+        {"type": 3},
+        {"type": "turn", "payload": [1]},
+        {"type": "turn", "payload": "p"},
+    ],
+)
 def test_create_command_bad_input_is_400(client_api, body):
     run = make_run()
     assert_error(*client_api.post(f"runs/{run.id}/commands", body), 400, "schema-invalid")
@@ -167,7 +204,9 @@ def test_list_commands_empty_page_cursor(client_api):
     assert client_api.get(f"runs/{run.id}/commands") == (200, {"items": [], "count": 0, "cursor": "0"})
     assert client_api.get(f"runs/{run.id}/commands", afterSeq=9) == (200, {"items": [], "count": 0, "cursor": "9"})
     assert client_api.get(f"runs/{run.id}/commands", afterSeq=4, wait="0.01") == (
-        200, {"items": [], "count": 0, "cursor": "4"})
+        200,
+        {"items": [], "count": 0, "cursor": "4"},
+    )
 
 
 def test_list_commands_limit_clamps_to_100(client_api):
@@ -211,8 +250,7 @@ def test_ack_stale_epoch_or_other_runner_is_409_and_writes_nothing(runner_api, r
     run = claimed_run(times=2)
     command = new_command(run)
     before = command_snapshot(command.id)
-    assert_error(*runner_api.post(f"commands/{command.id}/ack", lease(epoch, runner_id)), 409,
-                 "runner-lease-conflict")
+    assert_error(*runner_api.post(f"commands/{command.id}/ack", lease(epoch, runner_id)), 409, "runner-lease-conflict")
     assert command_snapshot(command.id) == before
 
 
@@ -241,20 +279,29 @@ def test_finish_command_completed(runner_api):
     assert body["state"] == "completed" and body["terminalStatus"] == "completed"
     event = events_of(run.id)[-1]
     assert event.payload == {
-        "phase": "command-terminal", "commandId": command.id, "state": "completed", "terminalStatus": "completed",
-        "failureKind": None, "message": None, "threadId": None, "turnId": None,
+        "phase": "command-terminal",
+        "commandId": command.id,
+        "state": "completed",
+        "terminalStatus": "completed",
+        "failureKind": None,
+        "message": None,
+        "threadId": None,
+        "turnId": None,
     }
     assert Run.objects.get(pk=run.id).status == "claimed"
 
 
-@pytest.mark.parametrize(("terminal_status", "state"), [("failed", "failed"), ("blocked", "failed"),
-                                                        ("timeout", "failed"), ("cancelled", "cancelled")])
+@pytest.mark.parametrize(
+    ("terminal_status", "state"),
+    [("failed", "failed"), ("blocked", "failed"), ("timeout", "failed"), ("cancelled", "cancelled")],
+)
 def test_finish_command_maps_state(runner_api, terminal_status, state):
     run = claimed_run()
     command = new_command(run)
-    status, body = runner_api.post(f"commands/{command.id}/finish",
-                                   lease(terminalStatus=terminal_status, failureKind="agent-failed",
-                                         failureMessage="boom"))
+    status, body = runner_api.post(
+        f"commands/{command.id}/finish",
+        lease(terminalStatus=terminal_status, failureKind="agent-failed", failureMessage="boom"),
+    )
     assert status == 200
     assert body["state"] == state and body["failureKind"] == "agent-failed" and body["failureMessage"] == "boom"
     assert events_of(run.id)[-1].payload["message"] == "boom"
@@ -265,13 +312,15 @@ def test_finish_command_with_thread_emits_session_updated_then_command_terminal(
     claim(run)
     command = new_command(run)
     start = len(events_of(run.id))
-    status, body = runner_api.post(f"commands/{command.id}/finish",
-                                   lease(terminalStatus="completed", threadId="th-9", turnId="tu-9"))
+    status, body = runner_api.post(
+        f"commands/{command.id}/finish", lease(terminalStatus="completed", threadId="th-9", turnId="tu-9")
+    )
     assert status == 200, body
     assert body["threadId"] == "th-9" and body["turnId"] == "tu-9"
     new = events_of(run.id)[start:]
     assert [(e.type, e.payload.get("phase")) for e in new] == [
-        ("backend_status", "session-updated"), ("backend_status", "command-terminal")
+        ("backend_status", "session-updated"),
+        ("backend_status", "command-terminal"),
     ]
     assert set(new[0].payload) == {"phase", "sessionRef", "turnId"}
     assert new[0].payload["sessionRef"]["threadId"] == "th-9" and new[0].payload["turnId"] == "tu-9"
@@ -288,9 +337,13 @@ def test_finish_command_stale_epoch_is_409_and_writes_nothing(runner_api, runner
     command = new_command(run)
     before = command_snapshot(command.id)
     session_before = Session.objects.get(pk="sess-stale").version
-    assert_error(*runner_api.post(f"commands/{command.id}/finish",
-                                  lease(epoch, runner_id, terminalStatus="completed", threadId="t")),
-                 409, "runner-lease-conflict")
+    assert_error(
+        *runner_api.post(
+            f"commands/{command.id}/finish", lease(epoch, runner_id, terminalStatus="completed", threadId="t")
+        ),
+        409,
+        "runner-lease-conflict",
+    )
     assert command_snapshot(command.id) == before
     assert Session.objects.get(pk="sess-stale").version == session_before
 
@@ -309,8 +362,9 @@ def test_finish_command_unknown_terminal_status_is_400(runner_api):
     run = claimed_run()
     command = new_command(run)
     before = command_snapshot(command.id)
-    assert_error(*runner_api.post(f"commands/{command.id}/finish", lease(terminalStatus="finished")), 400,
-                 "schema-invalid")
+    assert_error(
+        *runner_api.post(f"commands/{command.id}/finish", lease(terminalStatus="finished")), 400, "schema-invalid"
+    )
     assert_error(*runner_api.post(f"commands/{command.id}/finish", lease()), 400, "schema-invalid")
     assert command_snapshot(command.id) == before
 
@@ -327,8 +381,12 @@ def test_cancel_turn_command(client_api):
     assert body["state"] == "cancelled" and body["terminalStatus"] == "cancelled"
     assert body["failureKind"] == "cancelled"
     assert events_of(run.id)[-1].payload == {
-        "phase": "command-terminal", "commandId": command.id, "state": "cancelled", "terminalStatus": "cancelled",
-        "failureKind": "cancelled", "message": "nevermind",
+        "phase": "command-terminal",
+        "commandId": command.id,
+        "state": "cancelled",
+        "terminalStatus": "cancelled",
+        "failureKind": "cancelled",
+        "message": "nevermind",
     }
     session = Session.objects.get(pk="sess-cancel")
     assert session.execution_state == "terminal" and session.active_command_id is None

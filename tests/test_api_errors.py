@@ -107,8 +107,18 @@ def test_body_not_an_object_is_400(client_api, runner_api, body):
     assert Command.objects.get(pk=command.id).state == "pending"
 
 
-@pytest.mark.parametrize("bad", [{"leaseEpoch": "1"}, {"runnerId": 5}, {"leaseEpoch": 1.5}, {"leaseEpoch": True},
-                                 {"leaseEpoch": None}, {"leaseEpoch": -1}, {"runnerId": ""}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"leaseEpoch": "1"},
+        {"runnerId": 5},
+        {"leaseEpoch": 1.5},
+        {"leaseEpoch": True},
+        {"leaseEpoch": None},
+        {"leaseEpoch": -1},
+        {"runnerId": ""},
+    ],
+)
 def test_wrong_types_in_runner_calls_are_400(runner_api, bad):
     run = claimed_run()
     command, _ = services.command_create(run_id=run.id, command_type="turn", payload={})
@@ -137,18 +147,23 @@ def test_claim_runner_id_must_be_a_string(runner_api):
 
 
 def test_run_create_wrong_types_are_400(client_api):
-    for body in ({"backendProfile": 1}, {"backendProfile": "echo", "metadata": [1]},
-                 {"backendProfile": "echo", "sessionRef": "s"}, {"backendProfile": "echo", "sessionRef": {}},
-                 {"backendProfile": "echo", "executionPolicy": {"maxAttempts": 0}},
-                 {"backendProfile": "echo", "resourceBundleRef": {"kind": "git"}}):
+    for body in (
+        {"backendProfile": 1},
+        {"backendProfile": "echo", "metadata": [1]},
+        {"backendProfile": "echo", "sessionRef": "s"},
+        {"backendProfile": "echo", "sessionRef": {}},
+        {"backendProfile": "echo", "executionPolicy": {"maxAttempts": 0}},
+        {"backendProfile": "echo", "resourceBundleRef": {"kind": "git"}},
+    ):
         assert_error(*client_api.post("runs", body), 400, "schema-invalid")
     assert Run.objects.count() == 0
 
 
 def test_body_over_1_mib_is_413(client_api, runner_api):
     run = claimed_run()
-    big = json.dumps({"runnerId": "runner-1", "leaseEpoch": 1, "type": "usage",
-                      "payload": {"blob": "x" * (1024 * 1024)}}).encode()
+    big = json.dumps(
+        {"runnerId": "runner-1", "leaseEpoch": 1, "type": "usage", "payload": {"blob": "x" * (1024 * 1024)}}
+    ).encode()
     events = RunEvent.objects.filter(run_id=run.id).count()
     assert_error(*runner_api.raw("post", f"runs/{run.id}/events", big), 413, "schema-invalid")
     assert RunEvent.objects.filter(run_id=run.id).count() == events
@@ -160,8 +175,11 @@ def test_body_over_1_mib_is_413(client_api, runner_api):
 def test_body_just_under_1_mib_is_accepted(runner_api):
     """Five events of about 200 KiB each: every payload under 256 KiB, the body exactly 1 MiB."""
     run = claimed_run()
-    body = {"runnerId": "runner-1", "leaseEpoch": 1,
-            "events": [{"type": "usage", "payload": {"blob": ""}} for _ in range(5)]}
+    body = {
+        "runnerId": "runner-1",
+        "leaseEpoch": 1,
+        "events": [{"type": "usage", "payload": {"blob": ""}} for _ in range(5)],
+    }
     overhead = len(json.dumps(body).encode())
     share, rest = divmod(1024 * 1024 - overhead, 5)
     for index, event in enumerate(body["events"]):
@@ -185,8 +203,9 @@ def test_one_event_over_256_kib_is_413_with_its_index_and_nothing_is_written(run
     assert RunEvent.objects.filter(run_id=run.id).count() == before
     # Just under the limit is stored.
     fits = {"blob": "x" * (256 * 1024 - len('{"blob":""}'))}
-    status, _ = runner_api.post(f"runs/{run.id}/events",
-                                {"runnerId": "runner-1", "leaseEpoch": 1, "type": "usage", "payload": fits})
+    status, _ = runner_api.post(
+        f"runs/{run.id}/events", {"runnerId": "runner-1", "leaseEpoch": 1, "type": "usage", "payload": fits}
+    )
     assert status == 201
 
 
@@ -278,8 +297,11 @@ def test_api_routes_without_database_are_503_infra_failed():
         for call, args in calls:
             status, body = call(*args)
             assert_error(status, body, 503, "infra-failed")
-            assert body["error"]["details"] == {"adapter": "postgres", "databaseUrl": "missing",
-                                                "memoryFallback": "disabled"}
+            assert body["error"]["details"] == {
+                "adapter": "postgres",
+                "databaseUrl": "missing",
+                "memoryFallback": "disabled",
+            }
     assert Run.objects.count() == 1
     assert Run.objects.get(pk=run.id).lease_epoch == 0
 

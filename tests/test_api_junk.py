@@ -55,6 +55,10 @@ def test_junk_bodies_are_4xx_in_the_envelope(targets):
                 continue
             assert 400 <= status < 500, (role, method, path, body, status, answer)
             assert set(answer) == {"error"} and answer["error"]["kind"], (path, body, answer)
-    assert (RunEvent.objects.count(), Command.objects.count(), Session.objects.count(),
-            QueueTask.objects.count()) == before
+    assert (
+        RunEvent.objects.count(),
+        Command.objects.count(),
+        Session.objects.count(),
+        QueueTask.objects.count(),
+    ) == before
     assert dict(Session.objects.values_list("session_id", "version")) == versions

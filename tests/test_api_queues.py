@@ -10,10 +10,32 @@ from tests.conftest import PROJECT, TENANT, assert_error, make_key
 pytestmark = pytest.mark.django_db
 
 TASK_KEYS = [
-    "id", "tenantId", "projectId", "queue", "lane", "title", "priority", "backendProfile", "providerId",
-    "workspaceRef", "sessionRef", "executionPolicy", "resourceBundleRef", "payload", "references", "metadata",
-    "idempotencyKey", "state", "version", "payloadHash", "latestAttempt", "sessionPath", "createdAt", "updatedAt",
-    "cancelledAt", "cancelReason",
+    "id",
+    "tenantId",
+    "projectId",
+    "queue",
+    "lane",
+    "title",
+    "priority",
+    "backendProfile",
+    "providerId",
+    "workspaceRef",
+    "sessionRef",
+    "executionPolicy",
+    "resourceBundleRef",
+    "payload",
+    "references",
+    "metadata",
+    "idempotencyKey",
+    "state",
+    "version",
+    "payloadHash",
+    "latestAttempt",
+    "sessionPath",
+    "createdAt",
+    "updatedAt",
+    "cancelledAt",
+    "cancelReason",
 ]
 
 
@@ -77,8 +99,14 @@ def test_get_list_cancel_read(client_api):
 
 @pytest.mark.parametrize(
     "params",
-    [{"state": "done"}, {"limit": "0"}, {"cursor": "x"}, {"updatedAfter": "-1"}, {"cursor": "1", "pageToken": "a"},
-     {"pageToken": "garbage"}],
+    [
+        {"state": "done"},
+        {"limit": "0"},
+        {"cursor": "x"},
+        {"updatedAfter": "-1"},
+        {"cursor": "1", "pageToken": "a"},
+        {"pageToken": "garbage"},
+    ],
 )
 def test_list_rejects_bad_parameters(client_api, params):
     assert_error(*client_api.get("queue-tasks", **params), 400, "schema-invalid")
@@ -90,8 +118,9 @@ def test_attempt_is_for_operators(client_api, operator_api):
     assert_error(*client_api.post(f"queue-tasks/{task['id']}/attempt", body), 403, "forbidden")
     status, updated = operator_api.post(f"queue-tasks/{task['id']}/attempt", body)
     assert status == 200 and updated["state"] == "running" and updated["latestAttempt"] == {"runId": "r1"}
-    assert_error(*operator_api.post(f"queue-tasks/{task['id']}/attempt", {**body, "state": "asleep"}), 400,
-                 "schema-invalid")
+    assert_error(
+        *operator_api.post(f"queue-tasks/{task['id']}/attempt", {**body, "state": "asleep"}), 400, "schema-invalid"
+    )
     operator_api.post(f"queue-tasks/{task['id']}/cancel", {})
     assert_error(*operator_api.post(f"queue-tasks/{task['id']}/attempt", body), 409, "cancelled")
 

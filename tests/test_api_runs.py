@@ -17,18 +17,55 @@ pytestmark = pytest.mark.django_db
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 RUN_KEYS = {
-    "id", "tenantId", "projectId", "backendProfile", "sessionRef", "resourceBundleRef", "providerId",
-    "workspaceRef", "executionPolicy", "metadata", "idempotencyKey", "status", "terminalStatus", "failureKind",
-    "failureMessage", "claimedBy", "leaseExpiresAt", "leaseEpoch", "createdAt", "updatedAt",
+    "id",
+    "tenantId",
+    "projectId",
+    "backendProfile",
+    "sessionRef",
+    "resourceBundleRef",
+    "providerId",
+    "workspaceRef",
+    "executionPolicy",
+    "metadata",
+    "idempotencyKey",
+    "status",
+    "terminalStatus",
+    "failureKind",
+    "failureMessage",
+    "claimedBy",
+    "leaseExpiresAt",
+    "leaseEpoch",
+    "createdAt",
+    "updatedAt",
 }
 EVENT_KEYS = {"id", "runId", "seq", "type", "payload", "createdAt"}
 HEALTH_KEYS = {
-    "adapter", "ready", "reachable", "migrationReady", "migrationId", "failureKind", "message",
+    "adapter",
+    "ready",
+    "reachable",
+    "migrationReady",
+    "migrationId",
+    "failureKind",
+    "message",
     "credentialValuesPrinted",
 }
 JOB_KEYS = {
-    "id", "runId", "commandId", "idempotencyKey", "payloadHash", "attemptId", "runnerId", "namespace", "jobName",
-    "managerUrl", "image", "sourceCommit", "serviceAccountName", "result", "createdAt", "updatedAt",
+    "id",
+    "runId",
+    "commandId",
+    "idempotencyKey",
+    "payloadHash",
+    "attemptId",
+    "runnerId",
+    "namespace",
+    "jobName",
+    "managerUrl",
+    "image",
+    "sourceCommit",
+    "serviceAccountName",
+    "result",
+    "createdAt",
+    "updatedAt",
 }
 GHP = "ghp_" + "a" * 36
 
@@ -56,7 +93,12 @@ def snapshot(run_id):
     """Everything a runner call could change on a run."""
     run = db_run(run_id)
     return (
-        run.status, run.claimed_by, run.lease_expires_at, run.lease_epoch, run.terminal_status, run.updated_at,
+        run.status,
+        run.claimed_by,
+        run.lease_expires_at,
+        run.lease_epoch,
+        run.terminal_status,
+        run.updated_at,
         [(e.seq, e.type, e.payload) for e in events_of(run_id)],
         list(Command.objects.filter(run_id=run_id).order_by("seq").values_list("state", "updated_at")),
     )
@@ -131,8 +173,18 @@ def test_create_run_returns_201_with_exact_shape(client_api):
     assert body["status"] == "pending"
     assert body["leaseEpoch"] == 0
     assert body["providerId"] == "p1" and body["metadata"] == {"a": 1}
-    for key in ("sessionRef", "resourceBundleRef", "terminalStatus", "failureKind", "failureMessage", "claimedBy",
-                "leaseExpiresAt", "idempotencyKey", "workspaceRef", "executionPolicy"):
+    for key in (
+        "sessionRef",
+        "resourceBundleRef",
+        "terminalStatus",
+        "failureKind",
+        "failureMessage",
+        "claimedBy",
+        "leaseExpiresAt",
+        "idempotencyKey",
+        "workspaceRef",
+        "executionPolicy",
+    ):
         assert body[key] is None, key
     assert ISO_MS.match(body["createdAt"]) and ISO_MS.match(body["updatedAt"])
     assert phases(body["id"]) == [("backend_status", "run-created")]
@@ -156,8 +208,12 @@ def test_create_run_with_session_ref_and_bundle(client_api):
     assert body["resourceBundleRef"] == bundle
     payload = events_of(body["id"])[0].payload
     assert payload["sessionRef"] == {
-        "sessionId": "sess-1", "conversationId": None, "threadId": None, "expiresAt": None,
-        "metadataKeys": ["title"], "valuesPrinted": False,
+        "sessionId": "sess-1",
+        "conversationId": None,
+        "threadId": None,
+        "expiresAt": None,
+        "metadataKeys": ["title"],
+        "valuesPrinted": False,
     }
     assert payload["resourceBundleRef"]["kind"] == "git"
     assert payload["resourceBundleRef"]["bundles"]["count"] == 1
@@ -175,8 +231,7 @@ def test_create_run_idempotent_replay_is_200_same_record(client_api):
 
 def test_create_run_same_key_other_input_is_409(client_api):
     assert client_api.post("runs", {"backendProfile": "echo", "idempotencyKey": "k-2"})[0] == 201
-    assert_error(*client_api.post("runs", {"backendProfile": "codex", "idempotencyKey": "k-2"}), 409,
-                 "schema-invalid")
+    assert_error(*client_api.post("runs", {"backendProfile": "codex", "idempotencyKey": "k-2"}), 409, "schema-invalid")
     assert Run.objects.filter(idempotency_key="k-2").count() == 1
 
 
@@ -225,7 +280,7 @@ def test_claim_returns_epoch_1_then_2(runner_api):
 
 def test_claim_lease_ms_defaults_to_60s(runner_api):
     run = make_run()
-    status, body = runner_api.post(f"runs/{run.id}/claim", {"runnerId": "runner-1"})
+    status, _body = runner_api.post(f"runs/{run.id}/claim", {"runnerId": "runner-1"})
     assert status == 200
     stored = db_run(run.id)
     assert stored.lease_expires_at - stored.claimed_at == timedelta(milliseconds=60_000)
@@ -243,8 +298,11 @@ def test_claim_after_lease_lapsed_takes_over_and_fences_old_epoch(runner_api):
     Run.objects.filter(pk=run.id).update(lease_expires_at=db_run(run.id).claimed_at - timedelta(seconds=1))
     status, body = http_claim(runner_api, run.id, runner_id="runner-2")
     assert status == 200 and body["claimedBy"] == "runner-2" and body["leaseEpoch"] == 2
-    assert_error(*runner_api.post(f"runs/{run.id}/heartbeat", {"runnerId": "runner-1", "leaseEpoch": 1}), 409,
-                 "runner-lease-conflict")
+    assert_error(
+        *runner_api.post(f"runs/{run.id}/heartbeat", {"runnerId": "runner-1", "leaseEpoch": 1}),
+        409,
+        "runner-lease-conflict",
+    )
 
 
 @pytest.mark.parametrize("lease_ms", [0, 3_600_001, "abc", -5, 1.5, True])
@@ -269,8 +327,13 @@ def test_claim_lease_ms_bounds_are_accepted(runner_api, lease_ms):
 )
 def test_claim_terminal_run_is_409_with_run_failure_kind(runner_api, terminal, kind):
     run = claimed_run()
-    services.run_finish(run_id=run.id, runner_id="runner-1", lease_epoch=1, terminal_status=terminal["terminalStatus"],
-                        failure_kind=terminal.get("failureKind"))
+    services.run_finish(
+        run_id=run.id,
+        runner_id="runner-1",
+        lease_epoch=1,
+        terminal_status=terminal["terminalStatus"],
+        failure_kind=terminal.get("failureKind"),
+    )
     assert_error(*http_claim(runner_api, run.id), 409, kind)
 
 
@@ -289,8 +352,9 @@ def test_claim_missing_run_is_404(runner_api):
 
 def test_heartbeat_renews_lease(runner_api):
     run = claimed_run()
-    status, body = runner_api.post(f"runs/{run.id}/heartbeat", {"runnerId": "runner-1", "leaseEpoch": 1,
-                                                                 "leaseMs": 120_000})
+    status, body = runner_api.post(
+        f"runs/{run.id}/heartbeat", {"runnerId": "runner-1", "leaseEpoch": 1, "leaseMs": 120_000}
+    )
     assert status == 200, body
     assert set(body) == RUN_KEYS and body["leaseEpoch"] == 1 and body["status"] == "claimed"
     stored = db_run(run.id)
@@ -318,8 +382,11 @@ def test_heartbeat_lease_ms_out_of_range_is_400(runner_api, lease_ms):
 
 def test_heartbeat_on_unclaimed_run_is_409(runner_api):
     run = make_run()
-    assert_error(*runner_api.post(f"runs/{run.id}/heartbeat", {"runnerId": "runner-1", "leaseEpoch": 0}), 409,
-                 "runner-lease-conflict")
+    assert_error(
+        *runner_api.post(f"runs/{run.id}/heartbeat", {"runnerId": "runner-1", "leaseEpoch": 0}),
+        409,
+        "runner-lease-conflict",
+    )
 
 
 def test_heartbeat_on_terminal_run_returns_it_unchanged_whatever_the_epoch(runner_api, client_api):
@@ -357,8 +424,9 @@ def test_finish_completes_run_clears_lease_keeps_claimed_by(runner_api):
 )
 def test_finish_maps_terminal_status(runner_api, terminal_status, run_status):
     run = claimed_run()
-    status, body = runner_api.post(f"runs/{run.id}/finish", finish_body(1, status=terminal_status,
-                                                                        failureKind="agent-failed"))
+    status, body = runner_api.post(
+        f"runs/{run.id}/finish", finish_body(1, status=terminal_status, failureKind="agent-failed")
+    )
     assert status == 200
     assert body["status"] == run_status and body["terminalStatus"] == terminal_status
     assert body["failureKind"] == "agent-failed"
@@ -382,8 +450,9 @@ def test_finish_stale_epoch_or_other_runner_is_409_and_writes_nothing(runner_api
     run = claimed_run(times=2)
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "hi"})
     before = snapshot(run.id)
-    assert_error(*runner_api.post(f"runs/{run.id}/finish", finish_body(epoch, runner_id=runner_id)), 409,
-                 "runner-lease-conflict")
+    assert_error(
+        *runner_api.post(f"runs/{run.id}/finish", finish_body(epoch, runner_id=runner_id)), 409, "runner-lease-conflict"
+    )
     assert snapshot(run.id) == before
 
 
@@ -405,7 +474,7 @@ def test_finish_cancels_open_commands_with_run_finished_before_terminal(runner_a
     done, _ = services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "c"})
     services.command_finish(command_id=done.id, runner_id="runner-1", lease_epoch=1, terminal_status="completed")
     start = len(events_of(run.id))
-    status, body = runner_api.post(f"runs/{run.id}/finish", finish_body(1))
+    status, _body = runner_api.post(f"runs/{run.id}/finish", finish_body(1))
     assert status == 200
     new = events_of(run.id)[start:]
     assert [(e.type, e.payload.get("phase")) for e in new] == [
@@ -413,10 +482,14 @@ def test_finish_cancels_open_commands_with_run_finished_before_terminal(runner_a
         ("backend_status", "command-terminal"),
         ("terminal_status", None),
     ]
-    for event, command in zip(new[:2], (turn, steer)):
+    for event, command in zip(new[:2], (turn, steer), strict=True):
         assert event.payload == {
-            "phase": "command-terminal", "commandId": command.id, "state": "cancelled",
-            "terminalStatus": "cancelled", "failureKind": "cancelled", "message": "run finished",
+            "phase": "command-terminal",
+            "commandId": command.id,
+            "state": "cancelled",
+            "terminalStatus": "cancelled",
+            "failureKind": "cancelled",
+            "message": "run finished",
         }
     assert not any(e.payload.get("phase") == "cancel-requested" for e in events_of(run.id))
     states = dict(Command.objects.filter(run_id=run.id).values_list("id", "state"))
@@ -431,7 +504,8 @@ def test_finish_with_thread_emits_session_updated_before_terminal(runner_api):
     assert body["sessionRef"]["threadId"] == "th-1"
     tail = events_of(run.id)[-2:]
     assert [(e.type, e.payload.get("phase")) for e in tail] == [
-        ("backend_status", "session-updated"), ("terminal_status", None)
+        ("backend_status", "session-updated"),
+        ("terminal_status", None),
     ]
     assert set(tail[0].payload) == {"phase", "sessionRef", "turnId"}
     assert tail[0].payload["turnId"] == "tu-1"
@@ -455,10 +529,20 @@ def test_cancel_run_event_order_and_fields(client_api):
     assert body["leaseExpiresAt"] is None and body["claimedBy"] == "runner-1"
     new = [e.payload for e in events_of(run.id)[start:]]
     assert new == [
-        {"phase": "command-terminal", "commandId": c1.id, "state": "cancelled", "terminalStatus": "cancelled",
-         "failureKind": "cancelled"},
-        {"phase": "command-terminal", "commandId": c2.id, "state": "cancelled", "terminalStatus": "cancelled",
-         "failureKind": "cancelled"},
+        {
+            "phase": "command-terminal",
+            "commandId": c1.id,
+            "state": "cancelled",
+            "terminalStatus": "cancelled",
+            "failureKind": "cancelled",
+        },
+        {
+            "phase": "command-terminal",
+            "commandId": c2.id,
+            "state": "cancelled",
+            "terminalStatus": "cancelled",
+            "failureKind": "cancelled",
+        },
         {"phase": "cancel-requested", "reason": "user stop"},
         {"terminalStatus": "cancelled", "failureKind": "cancelled", "message": "user stop"},
     ]
@@ -495,9 +579,15 @@ def test_append_single_event_is_201_bare_event(runner_api):
 
 def test_append_batch_is_201_items_count(runner_api):
     run = claimed_run()
-    body = {"runnerId": "runner-1", "leaseEpoch": 1,
-            "events": [{"type": "reasoning", "payload": {"n": 1}}, {"type": "usage", "payload": {"inputTokens": 5}},
-                       {"type": "diff"}]}
+    body = {
+        "runnerId": "runner-1",
+        "leaseEpoch": 1,
+        "events": [
+            {"type": "reasoning", "payload": {"n": 1}},
+            {"type": "usage", "payload": {"inputTokens": 5}},
+            {"type": "diff"},
+        ],
+    }
     status, page = runner_api.post(f"runs/{run.id}/events", body)
     assert status == 201, page
     assert {"items", "count"} <= set(page)
@@ -510,8 +600,12 @@ def test_append_batch_is_201_items_count(runner_api):
 
 def test_batch_key_replay_is_200_and_writes_nothing(runner_api):
     run = claimed_run()
-    body = {"runnerId": "runner-1", "leaseEpoch": 1, "batchKey": "b-1",
-            "events": [{"type": "assistant_message", "payload": {"text": "x"}}]}
+    body = {
+        "runnerId": "runner-1",
+        "leaseEpoch": 1,
+        "batchKey": "b-1",
+        "events": [{"type": "assistant_message", "payload": {"text": "x"}}],
+    }
     status1, first = runner_api.post(f"runs/{run.id}/events", body)
     count = RunEvent.objects.filter(run_id=run.id).count()
     status2, second = runner_api.post(f"runs/{run.id}/events", body)
@@ -523,8 +617,12 @@ def test_batch_key_replay_is_200_and_writes_nothing(runner_api):
 
 def test_batch_key_with_other_events_is_409(runner_api):
     run = claimed_run()
-    body = {"runnerId": "runner-1", "leaseEpoch": 1, "batchKey": "b-2",
-            "events": [{"type": "assistant_message", "payload": {"text": "x"}}]}
+    body = {
+        "runnerId": "runner-1",
+        "leaseEpoch": 1,
+        "batchKey": "b-2",
+        "events": [{"type": "assistant_message", "payload": {"text": "x"}}],
+    }
     runner_api.post(f"runs/{run.id}/events", body)
     count = RunEvent.objects.filter(run_id=run.id).count()
     body["events"][0]["payload"] = {"text": "y"}
@@ -545,8 +643,11 @@ def test_batch_over_500_is_400_and_500_is_accepted(runner_api):
 
 def test_empty_batch_is_400(runner_api):
     run = claimed_run()
-    assert_error(*runner_api.post(f"runs/{run.id}/events", {"runnerId": "runner-1", "leaseEpoch": 1, "events": []}),
-                 400, "schema-invalid")
+    assert_error(
+        *runner_api.post(f"runs/{run.id}/events", {"runnerId": "runner-1", "leaseEpoch": 1, "events": []}),
+        400,
+        "schema-invalid",
+    )
 
 
 def test_unknown_event_type_is_400_and_writes_nothing(runner_api):
@@ -554,8 +655,11 @@ def test_unknown_event_type_is_400_and_writes_nothing(runner_api):
     count = RunEvent.objects.filter(run_id=run.id).count()
     single = {"runnerId": "runner-1", "leaseEpoch": 1, "type": "nonsense", "payload": {}}
     assert_error(*runner_api.post(f"runs/{run.id}/events", single), 400, "schema-invalid")
-    batch = {"runnerId": "runner-1", "leaseEpoch": 1,
-             "events": [{"type": "assistant_message", "payload": {"a": 1}}, {"type": "nonsense", "payload": {}}]}
+    batch = {
+        "runnerId": "runner-1",
+        "leaseEpoch": 1,
+        "events": [{"type": "assistant_message", "payload": {"a": 1}}, {"type": "nonsense", "payload": {}}],
+    }
     assert_error(*runner_api.post(f"runs/{run.id}/events", batch), 400, "schema-invalid")
     assert RunEvent.objects.filter(run_id=run.id).count() == count
 
@@ -566,22 +670,33 @@ def test_event_payload_not_an_object_is_400(runner_api, payload):
     count = RunEvent.objects.filter(run_id=run.id).count()
     single = {"runnerId": "runner-1", "leaseEpoch": 1, "type": "assistant_message", "payload": payload}
     assert_error(*runner_api.post(f"runs/{run.id}/events", single), 400, "schema-invalid")
-    batch = {"runnerId": "runner-1", "leaseEpoch": 1,
-             "events": [{"type": "usage", "payload": {}}, {"type": "usage", "payload": payload}]}
+    batch = {
+        "runnerId": "runner-1",
+        "leaseEpoch": 1,
+        "events": [{"type": "usage", "payload": {}}, {"type": "usage", "payload": payload}],
+    }
     assert_error(*runner_api.post(f"runs/{run.id}/events", batch), 400, "schema-invalid")
     assert RunEvent.objects.filter(run_id=run.id).count() == count
 
 
 def test_event_payload_is_redacted_before_storage(runner_api):
     run = claimed_run()
-    payload = {"githubToken": "plain-value", "text": f"export T={GHP}", "inputTokens": 12,
-               "credentialRef": "my-secret-ref", "nested": {"password": {"deep": 1}}}
+    payload = {
+        "githubToken": "plain-value",
+        "text": f"export T={GHP}",
+        "inputTokens": 12,
+        "credentialRef": "my-secret-ref",
+        "nested": {"password": {"deep": 1}},
+    }
     body = {"runnerId": "runner-1", "leaseEpoch": 1, "type": "command_output", "payload": payload}
     status, event = runner_api.post(f"runs/{run.id}/events", body)
     assert status == 201
     expected = {
-        "githubToken": "[REDACTED]", "text": "export T=[REDACTED]", "inputTokens": 12,
-        "credentialRef": "my-secret-ref", "nested": {"password": "[REDACTED]"},
+        "githubToken": "[REDACTED]",
+        "text": "export T=[REDACTED]",
+        "inputTokens": 12,
+        "credentialRef": "my-secret-ref",
+        "nested": {"password": "[REDACTED]"},
         "redactedPaths": ["/githubToken", "/nested/password", "/text"],
     }
     assert event["payload"] == expected
@@ -594,8 +709,7 @@ def test_event_payload_is_redacted_before_storage(runner_api):
 def test_append_with_stale_epoch_or_other_runner_is_409_and_writes_nothing(runner_api, runner_id, epoch):
     run = claimed_run(times=2)
     before = snapshot(run.id)
-    body = {"runnerId": runner_id, "leaseEpoch": epoch, "events": [{"type": "usage", "payload": {}}],
-            "batchKey": "bk"}
+    body = {"runnerId": runner_id, "leaseEpoch": epoch, "events": [{"type": "usage", "payload": {}}], "batchKey": "bk"}
     assert_error(*runner_api.post(f"runs/{run.id}/events", body), 409, "runner-lease-conflict")
     assert snapshot(run.id) == before
     assert not EventBatch.objects.filter(run_id=run.id).exists()
@@ -707,8 +821,9 @@ def test_register_runner_without_id_generates_one(runner_api):
 
 def test_register_runner_timestamps_not_overridable(runner_api):
     forged = "2000-01-01T00:00:00.000Z"
-    status, body = runner_api.post("runners", {"runnerId": "pod-2", "registeredAt": forged, "heartbeatAt": forged,
-                                               "version": "1.2"})
+    status, body = runner_api.post(
+        "runners", {"runnerId": "pod-2", "registeredAt": forged, "heartbeatAt": forged, "version": "1.2"}
+    )
     assert status == 201
     assert body["registeredAt"] != forged and body["heartbeatAt"] != forged
     assert ISO_MS.match(body["registeredAt"])
@@ -725,8 +840,15 @@ def test_register_runner_bad_runner_id_is_400(runner_api):
 
 def job_body(**overrides):
     body = {
-        "commandId": "cmd_1", "payloadHash": "h1", "attemptId": "a1", "runnerId": "runner-1", "namespace": "ns",
-        "jobName": "job-1", "managerUrl": "http://mgr", "image": "img:1", "sourceCommit": "abc",
+        "commandId": "cmd_1",
+        "payloadHash": "h1",
+        "attemptId": "a1",
+        "runnerId": "runner-1",
+        "namespace": "ns",
+        "jobName": "job-1",
+        "managerUrl": "http://mgr",
+        "image": "img:1",
+        "sourceCommit": "abc",
         "result": {"exitCode": 0, "token": "kept-as-sent"},
     }
     body.update(overrides)
@@ -750,13 +872,28 @@ def test_runner_job_idempotent_replay_and_conflict(runner_api):
     status2, second = runner_api.post(f"runs/{run.id}/runner-jobs", job_body(idempotencyKey="ik", jobName="other"))
     assert (status1, status2) == (201, 200)
     assert second == first
-    assert_error(*runner_api.post(f"runs/{run.id}/runner-jobs", job_body(idempotencyKey="ik", payloadHash="h2")),
-                 409, "schema-invalid")
+    assert_error(
+        *runner_api.post(f"runs/{run.id}/runner-jobs", job_body(idempotencyKey="ik", payloadHash="h2")),
+        409,
+        "schema-invalid",
+    )
     assert RunnerJob.objects.filter(run_id=run.id).count() == 1
 
 
-@pytest.mark.parametrize("missing", ["commandId", "payloadHash", "attemptId", "runnerId", "namespace", "jobName",
-                                     "managerUrl", "image", "sourceCommit"])
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "commandId",
+        "payloadHash",
+        "attemptId",
+        "runnerId",
+        "namespace",
+        "jobName",
+        "managerUrl",
+        "image",
+        "sourceCommit",
+    ],
+)
 def test_runner_job_missing_required_field_is_400(runner_api, missing):
     run = make_run()
     body = job_body()
@@ -772,7 +909,7 @@ def test_runner_job_list_ordered_by_created_at_with_command_filter(runner_api):
         ids.append(runner_api.post(f"runs/{run.id}/runner-jobs", job_body(jobName=name, commandId=command))[1]["id"])
     base = RunnerJob.objects.get(pk=ids[0]).created_at
     # Make createdAt disagree with insertion and id order: j3 oldest, then j1, then j2.
-    for job_id, offset in zip(ids, (2, 3, 1)):
+    for job_id, offset in zip(ids, (2, 3, 1), strict=True):
         RunnerJob.objects.filter(pk=job_id).update(created_at=base + timedelta(seconds=offset))
     status, page = runner_api.get(f"runs/{run.id}/runner-jobs")
     assert status == 200
@@ -788,4 +925,3 @@ def test_runner_job_list_ordered_by_created_at_with_command_filter(runner_api):
 def test_runner_job_of_missing_run_is_404(runner_api):
     assert_error(*runner_api.post("runs/run_nope/runner-jobs", job_body()), 404, "schema-invalid")
     assert_error(*runner_api.get("runs/run_nope/runner-jobs"), 404, "schema-invalid")
-

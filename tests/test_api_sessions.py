@@ -11,12 +11,44 @@ from tests.conftest import PROJECT, TENANT, assert_error, claim, make_key, make_
 pytestmark = pytest.mark.django_db
 
 SUMMARY_KEYS = [
-    "sessionId", "tenantId", "projectId", "backendProfile", "conversationId", "threadId", "metadata", "version",
-    "executionState", "lastRunId", "lastCommandId", "activeRunId", "activeCommandId", "lastEventSeq",
-    "terminalStatus", "failureKind", "title", "summary", "lastActivityAt", "createdAt", "updatedAt", "expiresAt",
-    "storageKind", "storagePvcName", "storageNamespace", "storagePvcPhase", "storageSizeBytes", "storageFilesCount",
-    "storageSha256", "storageUpdatedAt", "storageEvictedAt", "codexRolloutSubdir", "sessionPath", "readerId",
-    "readCursor", "attentionState", "unread", "active",
+    "sessionId",
+    "tenantId",
+    "projectId",
+    "backendProfile",
+    "conversationId",
+    "threadId",
+    "metadata",
+    "version",
+    "executionState",
+    "lastRunId",
+    "lastCommandId",
+    "activeRunId",
+    "activeCommandId",
+    "lastEventSeq",
+    "terminalStatus",
+    "failureKind",
+    "title",
+    "summary",
+    "lastActivityAt",
+    "createdAt",
+    "updatedAt",
+    "expiresAt",
+    "storageKind",
+    "storagePvcName",
+    "storageNamespace",
+    "storagePvcPhase",
+    "storageSizeBytes",
+    "storageFilesCount",
+    "storageSha256",
+    "storageUpdatedAt",
+    "storageEvictedAt",
+    "codexRolloutSubdir",
+    "sessionPath",
+    "readerId",
+    "readCursor",
+    "attentionState",
+    "unread",
+    "active",
 ]
 
 
@@ -64,8 +96,9 @@ def test_put_across_tenant_project_or_backend_is_refused(client_api):
     status, body = put(client_api, "mine", backendProfile="codex")
     assert_error(status, body, 400, "schema-invalid")
     assert body["error"]["details"]["existingBackendProfile"] == "echo"
-    assert_error(*client_api.put("sessions/x", {"backendProfile": "echo", "tenantId": "t2"}), 403,
-                 "tenant-policy-denied")
+    assert_error(
+        *client_api.put("sessions/x", {"backendProfile": "echo", "tenantId": "t2"}), 403, "tenant-policy-denied"
+    )
 
 
 def test_get_summary_with_and_without_a_reader(client_api):
@@ -107,8 +140,13 @@ def test_list_shape_and_filters(client_api):
     assert status == 200
     assert list(body) == ["items", "count", "cursor", "nextPageToken", "filters"]
     assert body["count"] == 1 and list(body["items"][0]) == SUMMARY_KEYS
-    assert body["filters"] == {"state": "default", "backendProfile": None, "readerId": "ana", "cursor": None,
-                               "limit": 1}
+    assert body["filters"] == {
+        "state": "default",
+        "backendProfile": None,
+        "readerId": "ana",
+        "cursor": None,
+        "limit": 1,
+    }
     versions = sorted(Session.objects.values_list("version", flat=True))
     assert body["cursor"] == str(versions[-1])
     status, second = client_api.get("sessions", readerId="ana", limit="1", pageToken=body["nextPageToken"])
@@ -165,8 +203,7 @@ def test_list_sees_only_the_key_scope(client_api):
 
 def append(run, runner="runner-1", *events):
     claimed = claim(run, runner_id=runner)
-    run_services.event_append(run_id=run.id, runner_id=runner, lease_epoch=claimed.lease_epoch,
-                              events=list(events))
+    run_services.event_append(run_id=run.id, runner_id=runner, lease_epoch=claimed.lease_epoch, events=list(events))
     return claimed
 
 
@@ -176,12 +213,23 @@ def test_trace_and_output_follow_the_active_or_last_run(client_api):
     status, body = client_api.get("sessions/empty/trace")
     assert status == 200 and body == {"sessionId": "empty", "runId": None, "items": [], "count": 0, "cursor": "0"}
     run = make_run(session_id="s1")
-    append(run, "runner-1", ("reasoning", {"text": "hmm"}), ("assistant_message", {"text": "hi"}),
-           ("tool_call", {"name": "ls"}), ("diff", {"patch": "+"}))
+    append(
+        run,
+        "runner-1",
+        ("reasoning", {"text": "hmm"}),
+        ("assistant_message", {"text": "hi"}),
+        ("tool_call", {"name": "ls"}),
+        ("diff", {"patch": "+"}),
+    )
     status, trace = client_api.get("sessions/s1/trace")
     assert status == 200 and trace["sessionId"] == "s1" and trace["runId"] == run.id
     assert [e["type"] for e in trace["items"]] == [
-        "backend_status", "backend_status", "reasoning", "assistant_message", "tool_call", "diff"
+        "backend_status",
+        "backend_status",
+        "reasoning",
+        "assistant_message",
+        "tool_call",
+        "diff",
     ]
     status, output = client_api.get("sessions/s1/output", limit="1")
     # Filtered before the limit (A3): the first output event, not an empty page.
@@ -220,11 +268,22 @@ def test_trace_rejects_bad_paging(client_api):
 
 def test_runner_refreshes_and_evicts_storage(runner_api):
     make_run(session_id="s1")
-    body = {"storageKind": "pvc", "pvcName": "pvc-1", "storageNamespace": "agents", "pvcPhase": "Bound",
-            "storageSizeBytes": 2048, "storageFilesCount": 4, "storageSha256": "f" * 64}
+    body = {
+        "storageKind": "pvc",
+        "pvcName": "pvc-1",
+        "storageNamespace": "agents",
+        "pvcPhase": "Bound",
+        "storageSizeBytes": 2048,
+        "storageFilesCount": 4,
+        "storageSha256": "f" * 64,
+    }
     status, session = runner_api.post("sessions/s1/storage", body)
     assert status == 200
-    assert (session["storageKind"], session["storagePvcName"], session["storageNamespace"]) == ("pvc", "pvc-1", "agents")
+    assert (session["storageKind"], session["storagePvcName"], session["storageNamespace"]) == (
+        "pvc",
+        "pvc-1",
+        "agents",
+    )
     assert (session["storageSizeBytes"], session["storageFilesCount"]) == (2048, 4)
     assert session["codexRolloutSubdir"] == "sessions" and session["storageUpdatedAt"] == session["updatedAt"]
     status, error = runner_api.post("sessions/s1/storage/evict", {"pvcName": "pvc-0"})

@@ -47,8 +47,14 @@ def test_codex_success():
     [diff] = of_type(events, "diff")
     assert diff["changes"] == [{"path": "/workspace/repo/greet.py", "kind": "update"}]
     [usage] = of_type(events, "usage")
-    assert usage == {"inputTokens": 18600, "cachedInputTokens": 13824, "cacheWriteInputTokens": 0,
-                     "outputTokens": 225, "reasoningOutputTokens": 64, "scope": "thread-cumulative"}
+    assert usage == {
+        "inputTokens": 18600,
+        "cachedInputTokens": 13824,
+        "cacheWriteInputTokens": 0,
+        "outputTokens": 225,
+        "reasoningOutputTokens": 64,
+        "scope": "thread-cumulative",
+    }
     assert kinds[-1] == "usage"
 
 
@@ -94,11 +100,14 @@ def test_codex_without_a_line_is_backend_unavailable():
     assert "no rollout" in result.message
 
 
-@pytest.mark.parametrize(("message", "kind"), [
-    ("unexpected status 401 Unauthorized: bad key", "backend-unavailable"),
-    ("unexpected status 503 Service Unavailable", "backend-unavailable"),
-    ("Codex ran out of room in the model's context window", "agent-failed"),
-])
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ("unexpected status 401 Unauthorized: bad key", "backend-unavailable"),
+        ("unexpected status 503 Service Unavailable", "backend-unavailable"),
+        ("Codex ran out of room in the model's context window", "agent-failed"),
+    ],
+)
 def test_codex_failure_kind_policy(message, kind):
     assert failure_kind_for(message) == kind
 
@@ -112,9 +121,17 @@ def test_codex_file_change_patch_comes_from_git(tmp_path):
     subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x"], cwd=tmp_path, check=True)
     (tmp_path / "greet.py").write_text("new\n")
     parser = CodexParser(str(tmp_path))
-    [(kind, payload)] = parser.feed({"type": "item.completed", "item": {
-        "id": "item_4", "type": "file_change", "status": "completed",
-        "changes": [{"path": str(tmp_path / "greet.py"), "kind": "update"}]}})
+    [(kind, payload)] = parser.feed(
+        {
+            "type": "item.completed",
+            "item": {
+                "id": "item_4",
+                "type": "file_change",
+                "status": "completed",
+                "changes": [{"path": str(tmp_path / "greet.py"), "kind": "update"}],
+            },
+        }
+    )
     assert kind == "diff" and "-old" in payload["patch"] and "+new" in payload["patch"]
 
 
@@ -189,23 +206,34 @@ def test_patch_from_structured_patch():
 
 def run_agent(parser, tmp_path, stdout: bytes, stderr: bytes = b"", exit_code: int = 0):
     """A fake agent printing `stdout` and `stderr` as raw bytes, run as a backend runs its CLI."""
-    script = (f"import sys; sys.stdout.buffer.write({stdout!r}); sys.stderr.buffer.write({stderr!r}); "
-              f"sys.exit({exit_code})")
+    script = (
+        f"import sys; sys.stdout.buffer.write({stdout!r}); sys.stderr.buffer.write({stderr!r}); sys.exit({exit_code})"
+    )
     events = []
-    process = AgentProcess([sys.executable, "-c", script], cwd=str(tmp_path), env={}, parser=parser,
-                           emit=lambda kind, payload: events.append((kind, payload)))
+    process = AgentProcess(
+        [sys.executable, "-c", script],
+        cwd=str(tmp_path),
+        env={},
+        parser=parser,
+        emit=lambda kind, payload: events.append((kind, payload)),
+    )
     return events, process.wait()
 
 
 def test_codex_output_with_invalid_utf8_and_nul_is_read_with_replacement(tmp_path):
-    stdout = b"\n".join([
-        b'{"type":"thread.started","thread_id":"t-1"}',
-        b"\xff\xfe not a JSON line",
-        b'{"type":"item.completed","item":{"id":"i1","type":"command_execution","command":"cat bin",'
-        b'"aggregated_output":"ok \xff\xfe\\u0000 end","exit_code":0,"status":"completed"}}',
-        b'{"type":"item.completed","item":{"id":"i2","type":"agent_message","text":"caf\xc3"}}',
-        b'{"type":"turn.completed","usage":{"input_tokens":1}}',
-    ]) + b"\n"
+    stdout = (
+        b"\n".join(
+            [
+                b'{"type":"thread.started","thread_id":"t-1"}',
+                b"\xff\xfe not a JSON line",
+                b'{"type":"item.completed","item":{"id":"i1","type":"command_execution","command":"cat bin",'
+                b'"aggregated_output":"ok \xff\xfe\\u0000 end","exit_code":0,"status":"completed"}}',
+                b'{"type":"item.completed","item":{"id":"i2","type":"agent_message","text":"caf\xc3"}}',
+                b'{"type":"turn.completed","usage":{"input_tokens":1}}',
+            ]
+        )
+        + b"\n"
+    )
     events, result = run_agent(CodexParser(), tmp_path, stdout, stderr=b"warn \xff\n")
     assert result.terminal_status == "completed" and result.thread_id == "t-1"
     [output] = of_type(events, "command_output")
@@ -214,16 +242,21 @@ def test_codex_output_with_invalid_utf8_and_nul_is_read_with_replacement(tmp_pat
 
 
 def test_claude_output_with_invalid_utf8_and_nul_is_read_with_replacement(tmp_path):
-    stdout = b"\n".join([
-        b'{"type":"system","subtype":"init","session_id":"s-1"}',
-        b'{"type":"assistant","message":{"id":"m1","content":[{"type":"tool_use","id":"tu1","name":"Bash",'
-        b'"input":{"command":"cat bin"}}]}}',
-        b'{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"tu1",'
-        b'"content":"a\xffb\\u0000c"}]}}',
-        b'{"type":"assistant","message":{"id":"m2","content":["not a block"]}}',  # unreadable: skipped
-        b'{"type":"assistant","message":{"id":"m3","content":[{"type":"text","text":"done \xe2\x82"}]}}',
-        b'{"type":"result","subtype":"success","is_error":false,"usage":{}}',
-    ]) + b"\n"
+    stdout = (
+        b"\n".join(
+            [
+                b'{"type":"system","subtype":"init","session_id":"s-1"}',
+                b'{"type":"assistant","message":{"id":"m1","content":[{"type":"tool_use","id":"tu1","name":"Bash",'
+                b'"input":{"command":"cat bin"}}]}}',
+                b'{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"tu1",'
+                b'"content":"a\xffb\\u0000c"}]}}',
+                b'{"type":"assistant","message":{"id":"m2","content":["not a block"]}}',  # unreadable: skipped
+                b'{"type":"assistant","message":{"id":"m3","content":[{"type":"text","text":"done \xe2\x82"}]}}',
+                b'{"type":"result","subtype":"success","is_error":false,"usage":{}}',
+            ]
+        )
+        + b"\n"
+    )
     events, result = run_agent(ClaudeParser(), tmp_path, stdout)
     assert result.terminal_status == "completed" and result.thread_id == "s-1"
     [output] = of_type(events, "command_output")
@@ -232,8 +265,10 @@ def test_claude_output_with_invalid_utf8_and_nul_is_read_with_replacement(tmp_pa
 
 
 def test_echo_output_with_invalid_utf8_and_nul_is_read_with_replacement(tmp_path):
-    stdout = (b'{"type":"thread","id":"e-1"}\n{"type":"output","command":"x","output":"a\xffb\\u0000","exitCode":0}\n'
-              b'{"type":"done"}\n')
+    stdout = (
+        b'{"type":"thread","id":"e-1"}\n{"type":"output","command":"x","output":"a\xffb\\u0000","exitCode":0}\n'
+        b'{"type":"done"}\n'
+    )
     events, result = run_agent(EchoParser(), tmp_path, stdout, stderr=b"\xc3\x28\n", exit_code=0)
     assert result.terminal_status == "completed"
     assert of_type(events, "command_output") == [{"command": "x", "output": "a\ufffdb\x00", "exitCode": 0}]
@@ -247,7 +282,11 @@ def test_an_agent_that_dies_printing_invalid_utf8_fails_the_turn_with_its_stderr
 
 def test_the_echo_backend_carries_nul_and_invalid_utf8_from_a_command(tmp_path):
     events = []
-    process = EchoBackend().start(prompt="run: printf 'a\\000b \\377 c'", thread_id=None, workdir=str(tmp_path),
-                                  emit=lambda kind, payload: events.append((kind, payload)))
+    process = EchoBackend().start(
+        prompt="run: printf 'a\\000b \\377 c'",
+        thread_id=None,
+        workdir=str(tmp_path),
+        emit=lambda kind, payload: events.append((kind, payload)),
+    )
     assert process.wait().terminal_status == "completed"
     assert [p["output"] for p in of_type(events, "command_output")] == ["a\x00b \ufffd c"]

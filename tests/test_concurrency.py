@@ -71,7 +71,9 @@ def test_eight_runners_appending_batches_get_gapless_seqs():
         run = runs[index % 8]
         for batch in range(batches // 2):
             services.event_append(
-                run_id=run.id, runner_id=f"r-{run.id}", lease_epoch=1,
+                run_id=run.id,
+                runner_id=f"r-{run.id}",
+                lease_epoch=1,
                 events=[("assistant_message", {"n": n, "w": index}) for n in range(batch_size)],
                 batch_key=f"w{index}-b{batch}",
             )
@@ -137,7 +139,10 @@ def test_racing_runs_on_a_new_session_make_one_session():
 def test_racing_new_session_across_tenants_has_one_owner():
     def work(index):
         return services.run_create(
-            tenant_id=f"t{index % 2}", project_id=PROJECT, backend_profile="echo", session_ref={"sessionId": "contested"}
+            tenant_id=f"t{index % 2}",
+            project_id=PROJECT,
+            backend_profile="echo",
+            session_ref={"sessionId": "contested"},
         )
 
     results = race(8, work)
@@ -152,9 +157,17 @@ def test_racing_new_session_across_tenants_has_one_owner():
 def test_racing_runner_job_saves_with_one_key_make_one_job():
     run = make_run()
     fields = {
-        "command_id": "cmd_1", "payload_hash": "h", "attempt_id": "a", "runner_id": "r", "namespace": "ns",
-        "job_name": "j", "manager_url": "http://m", "image": "i", "source_commit": "c",
-        "service_account_name": None, "result": {},
+        "command_id": "cmd_1",
+        "payload_hash": "h",
+        "attempt_id": "a",
+        "runner_id": "r",
+        "namespace": "ns",
+        "job_name": "j",
+        "manager_url": "http://m",
+        "image": "i",
+        "source_commit": "c",
+        "service_account_name": None,
+        "result": {},
     }
     results = race(10, lambda i: services.runner_job_save(run_id=run.id, fields=fields, idempotency_key="job"))
     assert not [r for r in results if isinstance(r, AgentRunError)]

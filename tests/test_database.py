@@ -23,7 +23,12 @@ def test_killed_processes_are_dropped_from_the_embedded_servers_handles(tmp_path
 def test_database_entry_from_url_keeps_options_and_adds_the_pool():
     entry = django_database("postgresql://u:p@db.example:6432/app?sslmode=require", pool=True, adapter="postgres")
     assert (entry["NAME"], entry["USER"], entry["PASSWORD"], entry["HOST"], entry["PORT"]) == (
-        "app", "u", "p", "db.example", "6432")
+        "app",
+        "u",
+        "p",
+        "db.example",
+        "6432",
+    )
     assert entry["OPTIONS"]["sslmode"] == "require" and entry["OPTIONS"]["pool"]["max_size"] >= 1
     assert entry["CONN_MAX_AGE"] == 0
     socket_entry = django_database("postgresql://postgres:@/postgres?host=/tmp/sock", pool=False, adapter="x")

@@ -32,10 +32,16 @@ def kinds():
 
 def test_the_cluster_gets_everything_it_needs():
     needed = {
-        ("Deployment", "agentrun-manager"), ("Service", "agentrun-manager"), ("Deployment", "agentrun-worker"),
-        ("Job", "agentrun-migrate"), ("CronJob", "agentrun-gc-sessions"), ("Role", "agentrun-launcher"),
-        ("RoleBinding", "agentrun-launcher"), ("ServiceAccount", "agentrun-manager"),
-        ("ServiceAccount", "agentrun-runner"), ("ConfigMap", "agentrun"),
+        ("Deployment", "agentrun-manager"),
+        ("Service", "agentrun-manager"),
+        ("Deployment", "agentrun-worker"),
+        ("Job", "agentrun-migrate"),
+        ("CronJob", "agentrun-gc-sessions"),
+        ("Role", "agentrun-launcher"),
+        ("RoleBinding", "agentrun-launcher"),
+        ("ServiceAccount", "agentrun-manager"),
+        ("ServiceAccount", "agentrun-runner"),
+        ("ConfigMap", "agentrun"),
     }
     assert needed <= kinds()
     listed = set(yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())["resources"])
@@ -45,8 +51,12 @@ def test_the_cluster_gets_everything_it_needs():
 def test_the_launcher_role_allows_what_the_launcher_and_gc_do():
     role = next(doc for _, doc in documents() if doc["kind"] == "Role")
     allowed = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
-    for resource, verbs in {"jobs": ["create", "get", "list", "delete"], "secrets": ["create"],
-                            "persistentvolumeclaims": ["create", "delete"], "pods": ["get", "list"]}.items():
+    for resource, verbs in {
+        "jobs": ["create", "get", "list", "delete"],
+        "secrets": ["create"],
+        "persistentvolumeclaims": ["create", "delete"],
+        "pods": ["get", "list"],
+    }.items():
         for verb in verbs:
             assert (resource, verb) in allowed, (resource, verb)
 

@@ -21,7 +21,8 @@ for path, headers in [
     ("/api/v1/runs/run_x", {"HTTP_AUTHORIZATION": "Bearer ar_nothing"}), ("/admin/", {}),
 ]:
     response = client.get(path, **headers)
-    out[path] = [response.status_code, response.json() if response["Content-Type"].startswith("application/json") else None]
+    is_json = response["Content-Type"].startswith("application/json")
+    out[path] = [response.status_code, response.json() if is_json else None]
 print(json.dumps(out))
 """
 
@@ -29,8 +30,9 @@ print(json.dumps(out))
 def probe(env_overrides: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env.update(DJANGO_SETTINGS_MODULE="settings.prod", DJANGO_SECRET_KEY="test", **env_overrides)
-    result = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -51,8 +53,12 @@ def test_production_without_database_url_serves_only_503():
 
 
 def test_database_down_is_503_infra_failed_not_500():
-    out = probe({"DATABASE_URL": "postgresql://agentrun:s3cret-pw@127.0.0.1:1/agentrun?connect_timeout=2",
-                 "AGENTRUN_DB_POOL_TIMEOUT": "1"})
+    out = probe(
+        {
+            "DATABASE_URL": "postgresql://agentrun:s3cret-pw@127.0.0.1:1/agentrun?connect_timeout=2",
+            "AGENTRUN_DB_POOL_TIMEOUT": "1",
+        }
+    )
     status, health = out["/api/v1/health"]
     assert status == 503 and health["reachable"] is False and health["failureKind"] == "infra-failed"
     status, body = out["/api/v1/runs/run_x"]

@@ -26,9 +26,13 @@ def dispatch_all():
 
 def test_dispatch_creates_the_run_and_its_first_turn():
     bundle = {"kind": "git", "repoUrl": "https://example.com/r.git", "bundles": []}
-    task = make_task(session_ref={"sessionId": "q-s1", "metadata": {"title": "From the queue"}},
-                     resource_bundle_ref=bundle, backend_profile="codex", payload={"prompt": "fix it"},
-                     execution_policy={"timeoutSeconds": 60})
+    task = make_task(
+        session_ref={"sessionId": "q-s1", "metadata": {"title": "From the queue"}},
+        resource_bundle_ref=bundle,
+        backend_profile="codex",
+        payload={"prompt": "fix it"},
+        execution_policy={"timeoutSeconds": 60},
+    )
     [started] = dispatch_all()
     run = Run.objects.get(pk=started.run_id)
     assert (run.tenant_id, run.project_id, run.backend_profile) == (TENANT, PROJECT, "codex")

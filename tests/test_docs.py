@@ -14,11 +14,21 @@ def test_schema_lists_the_runner_protocol():
     response = Client().get("/api/v1/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
     assert response.status_code == 200
     paths = response.json()["paths"]
-    for path in ("/api/v1/runs", "/api/v1/runs/{id}/claim", "/api/v1/runs/{id}/events",
-                 "/api/v1/commands/{id}/ack", "/api/v1/runners", "/api/v1/runs/{id}/runner-jobs",
-                 "/api/v1/sessions", "/api/v1/sessions/{id}", "/api/v1/sessions/{id}/read",
-                 "/api/v1/sessions/{id}/trace", "/api/v1/sessions/{id}/output", "/api/v1/sessions/{id}/storage",
-                 "/api/v1/sessions/{id}/storage/evict"):
+    for path in (
+        "/api/v1/runs",
+        "/api/v1/runs/{id}/claim",
+        "/api/v1/runs/{id}/events",
+        "/api/v1/commands/{id}/ack",
+        "/api/v1/runners",
+        "/api/v1/runs/{id}/runner-jobs",
+        "/api/v1/sessions",
+        "/api/v1/sessions/{id}",
+        "/api/v1/sessions/{id}/read",
+        "/api/v1/sessions/{id}/trace",
+        "/api/v1/sessions/{id}/output",
+        "/api/v1/sessions/{id}/storage",
+        "/api/v1/sessions/{id}/storage/evict",
+    ):
         assert path in paths, path
 
 

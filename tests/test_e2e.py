@@ -93,8 +93,14 @@ class Stack:
 
     def cli(self, key, *args, timeout=60) -> subprocess.CompletedProcess:
         env = {**os.environ, "AGENTRUN_URL": self.url, "AGENTRUN_KEY": key}
-        return subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "runner.cli", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 @pytest.fixture
@@ -113,8 +119,9 @@ def json_lines(text: str) -> list[dict]:
 
 
 def test_a_turn_sent_through_the_cli_is_answered(stack, client_key):
-    done = stack.cli(client_key, "--json", "run", "--backend", "echo", "--session", "e2e-1",
-                     "hello from the e2e test", "--follow")
+    done = stack.cli(
+        client_key, "--json", "run", "--backend", "echo", "--session", "e2e-1", "hello from the e2e test", "--follow"
+    )
     assert done.returncode == 0, (done.stderr, stack.log("worker"), stack.runner_logs())
     events = json_lines(done.stdout)
     assert any(e["type"] == "assistant_message" and e["payload"]["text"] == "hello from the e2e test" for e in events)
@@ -140,8 +147,13 @@ def test_cancelling_mid_turn_stops_the_backend_process(stack, client_key):
     assert wait_for(lambda: not pids_matching(marker), 15), "the echo agent outlived the cancel"
     assert Run.objects.get(pk=run_id).status == "cancelled"
     job = RunnerJob.objects.get(run_id=run_id)
-    assert wait_for(lambda: not Path(f"/proc/{job.result['pid']}").exists() or
-                    b"zombie" in Path(f"/proc/{job.result['pid']}/status").read_bytes().lower(), 15)
+    assert wait_for(
+        lambda: (
+            not Path(f"/proc/{job.result['pid']}").exists()
+            or b"zombie" in Path(f"/proc/{job.result['pid']}/status").read_bytes().lower()
+        ),
+        15,
+    )
 
 
 def test_a_killed_runner_is_reaped_and_the_task_retried_by_a_second_run(stack, client_key, tmp_path):
@@ -149,7 +161,9 @@ def test_a_killed_runner_is_reaped_and_the_task_retried_by_a_second_run(stack, c
     marker = f"retry-me-{uuid.uuid4().hex}"
     with AgentRunClient(stack.url, client_key) as client:
         task = client.create_queue_task(
-            queue="e2e", backendProfile="echo", title="retry me",
+            queue="e2e",
+            backendProfile="echo",
+            title="retry me",
             payload={"prompt": f"{marker}\nrun: test -f {flag} || sleep 120"},
             executionPolicy={"maxAttempts": 2, "backoffSeconds": 0},
         )
@@ -164,8 +178,12 @@ def test_a_killed_runner_is_reaped_and_the_task_retried_by_a_second_run(stack, c
     assert wait_for(lambda: Run.objects.get(pk=first_run).status == "failed", 30), stack.log("worker")
     assert Run.objects.get(pk=first_run).failure_kind == "runner-lost"
     assert wait_for(lambda: QueueTask.objects.get(pk=task["id"]).state == "completed", 60), (
-        stack.log("worker"), stack.runner_logs())
+        stack.log("worker"),
+        stack.runner_logs(),
+    )
     attempts = list(QueueAttempt.objects.filter(task_id=task["id"]).order_by("number"))
-    assert [(a.number, a.state, a.failure_kind) for a in attempts] == [(1, "failed", "runner-lost"),
-                                                                      (2, "completed", None)]
+    assert [(a.number, a.state, a.failure_kind) for a in attempts] == [
+        (1, "failed", "runner-lost"),
+        (2, "completed", None),
+    ]
     assert Run.objects.get(pk=attempts[1].run_id).status == "completed"

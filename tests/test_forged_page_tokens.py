@@ -14,8 +14,22 @@ from tests.conftest import PROJECT, TENANT, make_run
 
 pytestmark = pytest.mark.django_db
 
-HOSTILE = ["\x00", "\ud800", "a\udfffb", "x" * 10_000, 10**30, -1, 1.5, True, None, [], {},
-           "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59", "2020-01-01T00:00:00"]
+HOSTILE = [
+    "\x00",
+    "\ud800",
+    "a\udfffb",
+    "x" * 10_000,
+    10**30,
+    -1,
+    1.5,
+    True,
+    None,
+    [],
+    {},
+    "9999-12-31T23:59:59-23:59",
+    "0001-01-01T00:00:00+23:59",
+    "2020-01-01T00:00:00",
+]
 
 
 def decode(token: str) -> dict:
@@ -48,8 +62,15 @@ def session_token(client_api):
 @pytest.fixture
 def task_token(client_api):
     for priority in range(2):
-        queue_services.task_create(tenant_id=TENANT, project_id=PROJECT, queue="q", lane="default", title="t",
-                                   priority=priority, backend_profile="echo")
+        queue_services.task_create(
+            tenant_id=TENANT,
+            project_id=PROJECT,
+            queue="q",
+            lane="default",
+            title="t",
+            priority=priority,
+            backend_profile="echo",
+        )
     status, page = client_api.get("queue-tasks", limit=1)
     assert status == 200 and page["nextPageToken"]
     return decode(page["nextPageToken"])

@@ -161,14 +161,18 @@ def test_gc_against_a_real_cluster():
     namespace = os.environ.get("AGENTRUN_TEST_NAMESPACE", "default")
     api = client.CoreV1Api(kube.api_client())
     name = f"agentrun-gc-test-{os.getpid()}"
-    api.create_namespaced_persistent_volume_claim(namespace, client.V1PersistentVolumeClaim(
-        metadata=client.V1ObjectMeta(name=name),
-        spec=client.V1PersistentVolumeClaimSpec(
-            access_modes=["ReadWriteOnce"], resources=client.V1VolumeResourceRequirements(requests={"storage": "1Mi"})
+    api.create_namespaced_persistent_volume_claim(
+        namespace,
+        client.V1PersistentVolumeClaim(
+            metadata=client.V1ObjectMeta(name=name),
+            spec=client.V1PersistentVolumeClaimSpec(
+                access_modes=["ReadWriteOnce"],
+                resources=client.V1VolumeResourceRequirements(requests={"storage": "1Mi"}),
+            ),
         ),
-    ))
+    )
     make_session("real", expires_in=-timedelta(minutes=1), pvc=name, namespace=namespace)
-    code, out, err = gc()
+    code, _out, err = gc()
     assert code == 0, err
     assert Session.objects.get(pk="real").storage_kind == "evicted"
     try:

@@ -53,11 +53,21 @@ def test_a_runner_batch_over_1_mib_is_413_and_writes_nothing(server):
     before = RunEvent.objects.filter(run_id=run.id).count()
     events = [{"type": "command_output", "payload": {"text": "y" * 200_000}} for _ in range(8)]
     with client(server, "runner") as api:
-        assert_envelope(api.post(f"runs/{run.id}/events", json={"runnerId": "runner-1", "leaseEpoch": 1,
-                                                                 "events": events}), 413)
-        answer = assert_envelope(api.post(f"runs/{run.id}/events", json={
-            "runnerId": "runner-1", "leaseEpoch": 1, "type": "command_output", "payload": {"text": "z" * 300_000}}),
-            413)
+        assert_envelope(
+            api.post(f"runs/{run.id}/events", json={"runnerId": "runner-1", "leaseEpoch": 1, "events": events}), 413
+        )
+        answer = assert_envelope(
+            api.post(
+                f"runs/{run.id}/events",
+                json={
+                    "runnerId": "runner-1",
+                    "leaseEpoch": 1,
+                    "type": "command_output",
+                    "payload": {"text": "z" * 300_000},
+                },
+            ),
+            413,
+        )
         assert answer["error"]["details"]["index"] == 0
     assert RunEvent.objects.filter(run_id=run.id).count() == before
 
@@ -84,8 +94,12 @@ def test_a_chunked_body_is_read_and_one_over_the_limit_is_413(server):
         response = api.post("runs", content=chunks(10_000, b"a" * 1000), headers={"content-type": "application/json"})
         assert response.status_code == 201, response.text
         assert len(Run.objects.get(pk=response.json()["id"]).metadata["blob"]) == 10_000
-        assert_envelope(api.post("runs", content=chunks(2 * 1024 * 1024, b"b" * 65536),
-                                 headers={"content-type": "application/json"}), 413)
+        assert_envelope(
+            api.post(
+                "runs", content=chunks(2 * 1024 * 1024, b"b" * 65536), headers={"content-type": "application/json"}
+            ),
+            413,
+        )
     assert Run.objects.count() == 1
 
 

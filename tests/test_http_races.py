@@ -41,8 +41,9 @@ def race(server: str, api_key: str, requests: list[tuple[str, str, dict]]) -> li
 
     def one(request):
         method, path, body = request
-        with httpx.Client(base_url=f"{server}/api/v1/", headers={"Authorization": f"Bearer {api_key}"},
-                          timeout=60) as client:
+        with httpx.Client(
+            base_url=f"{server}/api/v1/", headers={"Authorization": f"Bearer {api_key}"}, timeout=60
+        ) as client:
             barrier.wait()
             response = client.request(method, path, json=body)
             return response.status_code, response.json()
@@ -67,8 +68,12 @@ def held_run() -> Run:
 @pytest.mark.parametrize("round_", range(ROUNDS))
 def test_identical_batches_under_one_key_one_201_the_rest_200_with_the_same_items(server, round_):
     run = held_run()
-    body = {"runnerId": "runner-1", "leaseEpoch": 1, "batchKey": "runner-1:1:0",
-            "events": [{"type": "command_output", "payload": {"n": n, "text": "a\x00b"}} for n in range(20)]}
+    body = {
+        "runnerId": "runner-1",
+        "leaseEpoch": 1,
+        "batchKey": "runner-1:1:0",
+        "events": [{"type": "command_output", "payload": {"n": n, "text": "a\x00b"}} for n in range(20)],
+    }
     answers = race(server, key("runner"), [("POST", f"runs/{run.id}/events", body)] * CLIENTS)
     assert statuses(answers) == {201: 1, 200: CLIENTS - 1}
     items = {tuple(item["id"] for item in answer["items"]) for _, answer in answers}
@@ -83,8 +88,16 @@ def test_identical_batches_under_one_key_one_201_the_rest_200_with_the_same_item
 def test_different_batches_under_one_key_one_201_the_rest_409(server, round_):
     run = held_run()
     requests = [
-        ("POST", f"runs/{run.id}/events", {"runnerId": "runner-1", "leaseEpoch": 1, "batchKey": "k",
-                                           "events": [{"type": "usage", "payload": {"client": index}}]})
+        (
+            "POST",
+            f"runs/{run.id}/events",
+            {
+                "runnerId": "runner-1",
+                "leaseEpoch": 1,
+                "batchKey": "k",
+                "events": [{"type": "usage", "payload": {"client": index}}],
+            },
+        )
         for index in range(CLIENTS)
     ]
     answers = race(server, key("runner"), requests)
@@ -114,9 +127,18 @@ def test_idempotent_run_creates(server, round_):
 @pytest.mark.parametrize("round_", range(ROUNDS))
 def test_idempotent_runner_job_creates(server, round_):
     run = held_run()
-    body = {"commandId": "cmd-1", "idempotencyKey": "launch-1", "payloadHash": "h", "attemptId": "a",
-            "runnerId": "runner-1", "namespace": "ns", "jobName": "job-1", "managerUrl": "http://m", "image": "i",
-            "sourceCommit": "c"}
+    body = {
+        "commandId": "cmd-1",
+        "idempotencyKey": "launch-1",
+        "payloadHash": "h",
+        "attemptId": "a",
+        "runnerId": "runner-1",
+        "namespace": "ns",
+        "jobName": "job-1",
+        "managerUrl": "http://m",
+        "image": "i",
+        "sourceCommit": "c",
+    }
     answers = race(server, key("runner"), [("POST", f"runs/{run.id}/runner-jobs", body)] * CLIENTS)
     assert statuses(answers) == {201: 1, 200: CLIENTS - 1}
     assert RunnerJob.objects.filter(run_id=run.id).count() == 1
@@ -174,10 +196,14 @@ def test_cancel_against_finish(server, round_):
     def one(args):
         run, action = args
         api_key = client_key if action == "cancel" else runner_key
-        body = {"reason": "stop"} if action == "cancel" else {"runnerId": "runner-1", "leaseEpoch": 1,
-                                                              "terminalStatus": "completed"}
-        with httpx.Client(base_url=f"{server}/api/v1/", headers={"Authorization": f"Bearer {api_key}"},
-                          timeout=60) as client:
+        body = (
+            {"reason": "stop"}
+            if action == "cancel"
+            else {"runnerId": "runner-1", "leaseEpoch": 1, "terminalStatus": "completed"}
+        )
+        with httpx.Client(
+            base_url=f"{server}/api/v1/", headers={"Authorization": f"Bearer {api_key}"}, timeout=60
+        ) as client:
             barrier.wait()
             return client.post(f"runs/{run.id}/{action}", json=body)
 
@@ -192,6 +218,9 @@ def test_cancel_against_finish(server, round_):
         assert terminals.get().payload["terminalStatus"] == run.terminal_status
         command = Command.objects.get(run_id=run.id)
         assert command.state == "cancelled"
-        closed = [event for event in RunEvent.objects.filter(run_id=run.id)
-                  if event.payload.get("phase") == "command-terminal"]
+        closed = [
+            event
+            for event in RunEvent.objects.filter(run_id=run.id)
+            if event.payload.get("phase") == "command-terminal"
+        ]
         assert len(closed) == 1

@@ -31,8 +31,15 @@ def k8s(fake_cluster, settings):
 def spec(**fields):
     fields.setdefault("run_id", "run_abc")
     fields.setdefault("attempt", 1)
-    return LaunchSpec(runner_id="kubernetes-run_abc-1", runner_key="ar_secret", manager_url="http://m:8000",
-                      backend_profile="echo", tenant_id="acme", project_id="web", **fields)
+    return LaunchSpec(
+        runner_id="kubernetes-run_abc-1",
+        runner_key="ar_secret",
+        manager_url="http://m:8000",
+        backend_profile="echo",
+        tenant_id="acme",
+        project_id="web",
+        **fields,
+    )
 
 
 def test_a_job_per_attempt_with_its_secret_owned_by_it(k8s, fake_cluster):
@@ -97,7 +104,10 @@ def test_the_worker_launches_a_job_and_records_it(k8s, fake_cluster):
     assert job.job_name in fake_cluster.of("jobs") and job.result["launched"]
     session = Session.objects.get(pk="k8s-s1")
     assert (session.storage_kind, session.storage_pvc_name, session.storage_namespace) == (
-        "pvc", session_pvc_name("k8s-s1"), NS)  # GC will find the volume
+        "pvc",
+        session_pvc_name("k8s-s1"),
+        NS,
+    )  # GC will find the volume
     secret = fake_cluster.of("secrets")[job.job_name]["stringData"]["runner-key"]
     from agentrun.auth import hash_key
     from agentrun.models import ApiKey
@@ -115,8 +125,16 @@ def test_reconciler_fails_runs_whose_job_failed_or_vanished_and_deletes_orphan_j
         launching.launch_pending(k8s)
         claim(run)
     jobs = {job.run_id: job for job in RunnerJob.objects.all()}
-    fake_cluster.set_job_status(NS, jobs[failed.id].job_name, {"failed": 1, "conditions": [
-        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "pod OOMKilled"}]})
+    fake_cluster.set_job_status(
+        NS,
+        jobs[failed.id].job_name,
+        {
+            "failed": 1,
+            "conditions": [
+                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "pod OOMKilled"}
+            ],
+        },
+    )
     del fake_cluster.objects[("jobs", NS, jobs[vanished.id].job_name)]
     services.run_cancel(run_id=done.id)
     out = io.StringIO()
@@ -124,9 +142,9 @@ def test_reconciler_fails_runs_whose_job_failed_or_vanished_and_deletes_orphan_j
     assert "would fail run " + failed.id in out.getvalue() and "dry run: 3 finding(s)" in out.getvalue()
     assert Run.objects.get(pk=failed.id).status == "claimed"
     findings = reconciling.reconcile(k8s)
-    assert sorted((f.action, f.run_id) for f in findings) == sorted([
-        ("fail-run", failed.id), ("fail-run", vanished.id), ("delete-job", done.id),
-        ("delete-job", failed.id)])  # its run ended a moment ago: the failed Job goes in the same pass
+    assert sorted((f.action, f.run_id) for f in findings) == sorted(
+        [("fail-run", failed.id), ("fail-run", vanished.id), ("delete-job", done.id), ("delete-job", failed.id)]
+    )  # its run ended a moment ago: the failed Job goes in the same pass
     assert Run.objects.get(pk=failed.id).failure_kind == "runner-lost"
     assert "OOMKilled" in Run.objects.get(pk=failed.id).failure_message
     assert Run.objects.get(pk=vanished.id).status == "failed"
@@ -151,8 +169,10 @@ def test_a_job_on_a_real_cluster():
     from agentrun import kube
 
     kube.reset()
-    launcher = KubernetesLauncher(namespace=os.environ.get("AGENTRUN_TEST_NAMESPACE", "default"),
-                                  image=os.environ.get("AGENTRUN_TEST_RUNNER_IMAGE", "python:3.11-slim"))
+    launcher = KubernetesLauncher(
+        namespace=os.environ.get("AGENTRUN_TEST_NAMESPACE", "default"),
+        image=os.environ.get("AGENTRUN_TEST_RUNNER_IMAGE", "python:3.11-slim"),
+    )
     name = base64.b32encode(os.urandom(5)).decode().lower()
     launched = launcher.launch(spec(run_id=f"run_{name}"))
     view = {"namespace": launched.namespace, "jobName": launched.job_name}
@@ -165,10 +185,17 @@ def test_the_fake_refuses_what_the_schema_refuses(k8s, fake_cluster, fake_kube):
 
     from tests.kube_fake import TOKEN
 
-    bad = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "bad"},
-           "spec": {"template": {"spec": {"containers": [{"name": "x", "image": "i", "bogusField": 1}]}}}}
-    response = httpx.post(fake_kube.server.url_for(f"/apis/batch/v1/namespaces/{NS}/jobs"), json=bad,
-                          headers={"Authorization": f"Bearer {TOKEN}"})
+    bad = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "bad"},
+        "spec": {"template": {"spec": {"containers": [{"name": "x", "image": "i", "bogusField": 1}]}}},
+    }
+    response = httpx.post(
+        fake_kube.server.url_for(f"/apis/batch/v1/namespaces/{NS}/jobs"),
+        json=bad,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     assert response.status_code == 422 and not fake_cluster.of("jobs")
     assert fake_kube.problems and "schema" in fake_kube.problems[0]
     fake_kube.problems.clear()

@@ -3,7 +3,6 @@ pending run, never two for one run; dead launches are retried, then the run fail
 
 from __future__ import annotations
 
-
 import pytest
 
 from agentrun.launcher import Launched, Launcher, launcher_from_settings
@@ -14,8 +13,6 @@ from runs.models import Run, RunEvent, RunnerJob
 from tests.conftest import in_threads, make_run, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
 
 
 @pytest.fixture
@@ -33,9 +30,12 @@ def test_the_local_launcher_runs_a_pending_run_to_its_end(local):
     assert job.result["launched"] and job.result["pid"] and job.namespace == "local"
     key = ApiKey.objects.get(pk=job.result["keyId"])
     assert (key.role, key.run_id) == ("runner", run.id)  # a key for this run alone
-    assert wait_for(lambda: Run.objects.get(pk=run.id).status == "completed"), (local.log_dir / f"{run.id}.log").read_text()
-    assert RunEvent.objects.filter(run_id=run.id, type="assistant_message",
-                                   payload__text="hi from the launcher").exists()
+    assert wait_for(lambda: Run.objects.get(pk=run.id).status == "completed"), (
+        local.log_dir / f"{run.id}.log"
+    ).read_text()
+    assert RunEvent.objects.filter(
+        run_id=run.id, type="assistant_message", payload__text="hi from the launcher"
+    ).exists()
     assert launching.launch_pending(local) == 0  # nothing pending
     assert wait_for(lambda: not local.alive({"runId": run.id, "details": job.result}))
     assert launching.stop_finished(local) == 1

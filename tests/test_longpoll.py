@@ -9,6 +9,7 @@ import pytest
 from django.db import connection
 
 from agentrun import notify
+from agentrun.errors import AgentRunError
 from runs import services
 from tests.conftest import make_key, make_run, wait_for
 
@@ -27,8 +28,6 @@ def in_thread(work):
     thread = threading.Thread(target=target)
     thread.start()
     return thread, result
-
-
 
 
 def waiting_count(topic):
@@ -89,7 +88,7 @@ def test_a_rolled_back_write_wakes_nobody_with_false_rows():
     run = make_run()
     thread, result = in_thread(lambda: api.get(f"runs/{run.id}/events", afterSeq="1", wait="1"))
     assert wait_for(lambda: waiting_count(notify.run_topic(run.id)) == 1)
-    with pytest.raises(Exception):
+    with pytest.raises(AgentRunError):
         services.event_append(run_id=run.id, runner_id="nobody", lease_epoch=0, events=[("error", {})])
     thread.join(10)
     assert result["value"] == (200, {"items": [], "count": 0, "cursor": "1"})
@@ -145,7 +144,9 @@ def test_waiters_woken_together_share_one_fetch():
     results = []
     with hub.subscribe("t") as first, hub.subscribe("t"):
         hub._wake("t")
-        threads = [threading.Thread(target=lambda: results.append(hub.shared_fetch("t", "k", fetch))) for _ in range(10)]
+        threads = [
+            threading.Thread(target=lambda: results.append(hub.shared_fetch("t", "k", fetch))) for _ in range(10)
+        ]
         for thread in threads:
             thread.start()
         assert wait_for(lambda: len(calls) == 1)
@@ -183,8 +184,7 @@ def test_session_output_waits_through_trace_only_events_until_output_arrives():
     services.event_append(run_id=run.id, runner_id="r", lease_epoch=1, events=[("reasoning", {"text": "hm"})])
     time.sleep(0.3)
     assert thread.is_alive()  # a trace-only event does not answer an output page
-    services.event_append(run_id=run.id, runner_id="r", lease_epoch=1,
-                          events=[("assistant_message", {"text": "done"})])
+    services.event_append(run_id=run.id, runner_id="r", lease_epoch=1, events=[("assistant_message", {"text": "done"})])
     thread.join(10)
     status, body = result["value"]
     assert status == 200 and body["sessionId"] == "lp-session" and body["runId"] == run.id

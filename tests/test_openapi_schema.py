@@ -18,7 +18,7 @@ from agentrun.fields import BIGINT_MAX
 from agentrun.openapi import PAGE_TOKEN_MAX_LENGTH
 from agentrun.vocabulary import FAILURE_KINDS
 from queues import services as queue_services
-from tests.conftest import TENANT, PROJECT, assert_error, make_key, make_run
+from tests.conftest import PROJECT, TENANT, assert_error, make_key, make_run
 
 pytestmark = pytest.mark.django_db
 
@@ -150,8 +150,14 @@ def test_every_operation_documents_its_envelope_statuses(schema):
 
 def test_the_routes_own_errors_are_described(schema):
     paths = schema["paths"]
-    for path in ("/api/v1/runs/{id}/heartbeat", "/api/v1/runs/{id}/finish", "/api/v1/runs/{id}/events",
-                 "/api/v1/commands/{id}/ack", "/api/v1/commands/{id}/finish", "/api/v1/runs/{id}/claim"):
+    for path in (
+        "/api/v1/runs/{id}/heartbeat",
+        "/api/v1/runs/{id}/finish",
+        "/api/v1/runs/{id}/events",
+        "/api/v1/commands/{id}/ack",
+        "/api/v1/commands/{id}/finish",
+        "/api/v1/runs/{id}/claim",
+    ):
         assert "runner-lease-conflict" in paths[path]["post"]["responses"]["409"]["description"], path
     for path in ("/api/v1/runs", "/api/v1/runs/{id}/commands", "/api/v1/queue-tasks", "/api/v1/runs/{id}/runner-jobs"):
         assert "idempotency key" in paths[path]["post"]["responses"]["409"]["description"], path
@@ -174,8 +180,9 @@ def test_the_error_component_is_the_envelope_with_the_seeds_kinds(schema):
 
 def test_lists_are_pages_not_bare_arrays(schema):
     for (method, path), keys in LIST_OPERATIONS.items():
-        page = resolve_ref(schema, schema["paths"][path][method]["responses"]["200"]["content"]["application/json"]
-                           ["schema"])
+        page = resolve_ref(
+            schema, schema["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+        )
         assert page.get("type") == "object", path
         assert set(page["properties"]) == keys and set(page["required"]) == keys, path
         assert resolve_ref(schema, page["properties"]["items"])["type"] == "array", path
@@ -185,15 +192,20 @@ def test_an_event_append_answers_an_event_or_a_page(schema):
     append = schema["paths"]["/api/v1/runs/{id}/events"]["post"]
     for status in ("200", "201"):
         answer = resolve_ref(schema, append["responses"][status]["content"]["application/json"]["schema"])
-        assert answer["oneOf"] == [{"$ref": "#/components/schemas/EventOut"},
-                                   {"$ref": "#/components/schemas/EventPageOut"}]
+        assert answer["oneOf"] == [
+            {"$ref": "#/components/schemas/EventOut"},
+            {"$ref": "#/components/schemas/EventPageOut"},
+        ]
     body = resolve_ref(schema, append["requestBody"]["content"]["application/json"]["schema"])
     assert len(body["oneOf"]) == 2
 
 
 def test_every_route_but_the_probes_needs_a_bearer_key(schema):
     assert schema["components"]["securitySchemes"]["apiKey"] == {
-        **schema["components"]["securitySchemes"]["apiKey"], "type": "http", "scheme": "bearer"}
+        **schema["components"]["securitySchemes"]["apiKey"],
+        "type": "http",
+        "scheme": "bearer",
+    }
     for path, method, operation in operations(schema):
         if path in PUBLIC:
             assert not operation.get("security"), path
@@ -285,8 +297,10 @@ def test_a_query_parameter_over_its_limit_is_400_naming_it(client_api, path, par
 
 def test_runner_query_parameters_over_their_limit_are_400(runner_api):
     run = make_run()
-    for path, parameter in ((f"runs/{run.id}/runner-jobs?commandId=" + "c" * 201, "commandId"),
-                            (f"runs/{run.id}/events?afterSeq={BIGINT_MAX + 1}", "afterSeq")):
+    for path, parameter in (
+        (f"runs/{run.id}/runner-jobs?commandId=" + "c" * 201, "commandId"),
+        (f"runs/{run.id}/events?afterSeq={BIGINT_MAX + 1}", "afterSeq"),
+    ):
         status, body = runner_api.get(path)
         assert_error(status, body, 400, "schema-invalid")
         assert body["error"]["details"]["parameter"] == parameter
@@ -308,8 +322,15 @@ def test_page_tokens_stay_within_their_documented_length(client_api):
     assert status == 200 and page["nextPageToken"], page
     assert len(page["nextPageToken"]) <= PAGE_TOKEN_MAX_LENGTH, len(page["nextPageToken"])
     for index in range(2):
-        queue_services.task_create(tenant_id=TENANT, project_id=PROJECT, queue=widest * 200, lane="default",
-                                   title="t", priority=index, backend_profile="echo")
+        queue_services.task_create(
+            tenant_id=TENANT,
+            project_id=PROJECT,
+            queue=widest * 200,
+            lane="default",
+            title="t",
+            priority=index,
+            backend_profile="echo",
+        )
     status, page = client_api.get("queue-tasks", queue=widest * 200, limit=1)
     assert status == 200 and page["nextPageToken"], page
     assert len(page["nextPageToken"]) <= PAGE_TOKEN_MAX_LENGTH, len(page["nextPageToken"])

@@ -34,8 +34,10 @@ def test_batch_append_query_count_does_not_grow_with_batch_size():
     runner = make_key("runner")
     run = make_run(session_id="q1")
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
-    counts = {size: queries_for(lambda s=size: runner.post(f"runs/{run.id}/events", batch(s, f"b{s}")))
-              for size in (1, 50, 500)}
+    counts = {
+        size: queries_for(lambda s=size: runner.post(f"runs/{run.id}/events", batch(s, f"b{s}")))
+        for size in (1, 50, 500)
+    }
     assert len(set(counts.values())) == 1, counts
     # auth, lock run, batch-key lookup, insert events, insert batch, run seq, session touch, notify
     assert counts[1] <= 8, counts
@@ -79,13 +81,15 @@ def make_sessions(first: int, last: int) -> None:
     from sessions.models import Session, SessionReadCursor
 
     for index in range(first, last):
-        session_services.session_upsert(session_id=f"inbox-{index}", tenant_id=TENANT, project_id=PROJECT,
-                                        backend_profile="echo")
+        session_services.session_upsert(
+            session_id=f"inbox-{index}", tenant_id=TENANT, project_id=PROJECT, backend_profile="echo"
+        )
         if index % 3 == 0:
             session_services.session_mark_read(session_id=f"inbox-{index}", reader_id="ana", scope=Scope.unrestricted())
     # Older than any walk's snapshot: later pages come from the sorted scan, not the tail.
     Session.objects.filter(session_id__startswith="inbox-").update(
-        updated_at=Now() - timedelta(hours=1), last_activity_at=Now() - timedelta(hours=1))
+        updated_at=Now() - timedelta(hours=1), last_activity_at=Now() - timedelta(hours=1)
+    )
     SessionReadCursor.objects.filter(reader_id="ana").update(read_at=Now() - timedelta(hours=1))
 
 

@@ -25,13 +25,28 @@ def bulk_tasks(count, queue="bulk", tenant=TENANT, **fields):
     from agentrun.clock import db_now
 
     at = db_now()
-    QueueTask.objects.bulk_create([
-        QueueTask(id=f"qt_{queue}_{i:05d}", tenant_id=tenant, project_id=PROJECT, queue=queue, lane="l",
-                  title="t", priority=i % 7, backend_profile="echo", payload={"prompt": f"task {i}"},
-                  state="pending", version=counters.next_version(counters.QUEUE), payload_hash="x",
-                  created_at=at, updated_at=at, **fields)
-        for i in range(count)
-    ])
+    QueueTask.objects.bulk_create(
+        [
+            QueueTask(
+                id=f"qt_{queue}_{i:05d}",
+                tenant_id=tenant,
+                project_id=PROJECT,
+                queue=queue,
+                lane="l",
+                title="t",
+                priority=i % 7,
+                backend_profile="echo",
+                payload={"prompt": f"task {i}"},
+                state="pending",
+                version=counters.next_version(counters.QUEUE),
+                payload_hash="x",
+                created_at=at,
+                updated_at=at,
+                **fields,
+            )
+            for i in range(count)
+        ]
+    )
 
 
 def drain(_index):
@@ -106,7 +121,7 @@ def test_cancel_during_dispatch_leaves_no_orphan_run():
     def work(index):
         if index < 2:
             return drain(index)
-        for task_id in ids[index - 2::2]:
+        for task_id in ids[index - 2 :: 2]:
             services.task_cancel(task_id=task_id, reason="changed my mind")
         return None
 
@@ -122,10 +137,20 @@ def test_cancel_during_dispatch_leaves_no_orphan_run():
 
 
 def test_racing_creates_with_one_key_make_one_task():
-    results = race(20, lambda i: services.task_create(
-        tenant_id=TENANT, project_id=PROJECT, queue="q", lane="l", title="t", priority=0,
-        backend_profile="echo", payload={"prompt": "same"}, idempotency_key="once",
-    ))
+    results = race(
+        20,
+        lambda i: services.task_create(
+            tenant_id=TENANT,
+            project_id=PROJECT,
+            queue="q",
+            lane="l",
+            title="t",
+            priority=0,
+            backend_profile="echo",
+            payload={"prompt": "same"},
+            idempotency_key="once",
+        ),
+    )
     assert len({task.id for task, _ in results}) == 1
     assert sum(created for _, created in results) == 1
     assert QueueTask.objects.count() == 1
@@ -145,5 +170,3 @@ def test_the_served_dispatcher_wakes_on_notifications():
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
-
-

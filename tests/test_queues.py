@@ -25,20 +25,41 @@ def test_create_sets_the_defaults_and_takes_the_next_queue_version():
     assert task.version == first.version + 1
     assert task.session_path == "/api/v1/sessions/a%20b%3Ac!*'()%C3%BC%3F"  # encodeURIComponent
     assert first.session_path is None
-    expected = stable_hash({
-        "tenantId": TENANT, "projectId": PROJECT, "queue": "default", "lane": "main", "title": "a task",
-        "priority": 0, "backendProfile": "echo", "providerId": None, "workspaceRef": None,
-        "sessionRef": {"sessionId": "a b:c!*'()ü?"}, "executionPolicy": None, "resourceBundleRef": None,
-        "payload": {"prompt": "do the thing"}, "references": None, "metadata": None,
-    })
+    expected = stable_hash(
+        {
+            "tenantId": TENANT,
+            "projectId": PROJECT,
+            "queue": "default",
+            "lane": "main",
+            "title": "a task",
+            "priority": 0,
+            "backendProfile": "echo",
+            "providerId": None,
+            "workspaceRef": None,
+            "sessionRef": {"sessionId": "a b:c!*'()ü?"},
+            "executionPolicy": None,
+            "resourceBundleRef": None,
+            "payload": {"prompt": "do the thing"},
+            "references": None,
+            "metadata": None,
+        }
+    )
     assert task.payload_hash == expected
 
 
 def test_idempotency_key_replays_per_tenant_and_project():
     task = make_task(key="k1")
-    again, created = services.task_create(tenant_id=TENANT, project_id=PROJECT, queue="default", lane="main",
-                                          title="a task", priority=0, backend_profile="echo",
-                                          payload={"prompt": "do the thing"}, idempotency_key="k1")
+    again, created = services.task_create(
+        tenant_id=TENANT,
+        project_id=PROJECT,
+        queue="default",
+        lane="main",
+        title="a task",
+        priority=0,
+        backend_profile="echo",
+        payload={"prompt": "do the thing"},
+        idempotency_key="k1",
+    )
     assert again.id == task.id and not created
     with pytest.raises(AgentRunError) as error:
         make_task(key="k1", payload={"prompt": "other"})
@@ -51,8 +72,11 @@ def test_idempotency_key_replays_per_tenant_and_project():
 
 
 def test_create_rejects_bad_refs_and_backends():
-    for fields in ({"backend_profile": "gpt"}, {"session_ref": {"sessionId": ""}},
-                   {"resource_bundle_ref": {"kind": "git"}}):
+    for fields in (
+        {"backend_profile": "gpt"},
+        {"session_ref": {"sessionId": ""}},
+        {"resource_bundle_ref": {"kind": "git"}},
+    ):
         with pytest.raises(AgentRunError) as error:
             make_task(**fields)
         assert error.value.status == 400
@@ -61,8 +85,9 @@ def test_create_rejects_bad_refs_and_backends():
 
 def test_attempt_update_overwrites_and_bumps_then_refuses_terminal_tasks():
     task = make_task()
-    updated = services.task_attempt_update(task_id=task.id, state="running", latest_attempt={"runId": "r1"},
-                                           session_path=None)
+    updated = services.task_attempt_update(
+        task_id=task.id, state="running", latest_attempt={"runId": "r1"}, session_path=None
+    )
     assert (updated.state, updated.latest_attempt, updated.version) == ("running", {"runId": "r1"}, task.version + 1)
     with pytest.raises(AgentRunError) as error:
         services.task_attempt_update(task_id=task.id, state="sleeping", latest_attempt=None, session_path=None)
@@ -81,7 +106,11 @@ def test_attempt_update_overwrites_and_bumps_then_refuses_terminal_tasks():
 def test_cancel_a_pending_task():
     task = make_task()
     cancelled = services.task_cancel(task_id=task.id)
-    assert (cancelled.state, cancelled.cancel_reason, cancelled.latest_attempt) == ("cancelled", "cancel requested", None)
+    assert (cancelled.state, cancelled.cancel_reason, cancelled.latest_attempt) == (
+        "cancelled",
+        "cancel requested",
+        None,
+    )
     assert cancelled.version > task.version and cancelled.cancelled_at == cancelled.updated_at
     again = services.task_cancel(task_id=task.id, reason="twice")
     assert (again.version, again.cancel_reason) == (cancelled.version, "cancel requested")
@@ -108,8 +137,9 @@ def test_cancel_keeps_the_outcome_of_a_run_that_already_ended():
 
 def test_cancel_with_a_missing_run_still_cancels():
     task = make_task()
-    services.task_attempt_update(task_id=task.id, state="running", latest_attempt={"runId": "run_gone"},
-                                 session_path=None)
+    services.task_attempt_update(
+        task_id=task.id, state="running", latest_attempt={"runId": "run_gone"}, session_path=None
+    )
     assert services.task_cancel(task_id=task.id).state == "cancelled"  # A16
 
 

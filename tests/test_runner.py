@@ -50,13 +50,12 @@ def types(run_id):
     return [(e.type, e.payload.get("phase")) for e in RunEvent.objects.filter(run_id=run_id).order_by("seq")]
 
 
-
-
 def test_a_turn_runs_through_the_echo_backend_and_the_run_finishes(live_server, keys, tmp_path):
     run = make_run(session_id="runner-s1")
-    command, _ = services.command_create(run_id=run.id, command_type="turn",
-                                         payload={"prompt": "hello there\nrun: echo from-shell\nedit: notes.txt"})
-    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path)
+    command, _ = services.command_create(
+        run_id=run.id, command_type="turn", payload={"prompt": "hello there\nrun: echo from-shell\nedit: notes.txt"}
+    )
+    _runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path)
     thread.join(30)
     assert result["code"] == 0
     stored = Run.objects.get(pk=run.id)
@@ -85,11 +84,13 @@ def test_a_failing_turn_fails_the_run(live_server, keys, tmp_path):
 def test_two_turns_run_in_order_on_one_thread(live_server, keys, tmp_path):
     run = make_run(session_id="runner-s2")
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "one"})
-    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, idle_seconds=3)
+    _runner, thread, _result = start_runner(live_server, keys[1], run.id, tmp_path, idle_seconds=3)
     assert wait_for(lambda: Command.objects.filter(run_id=run.id, state="completed").count() == 1)
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "two"})
     thread.join(30)
-    texts = [e.payload["text"] for e in RunEvent.objects.filter(run_id=run.id, type="assistant_message").order_by("seq")]
+    texts = [
+        e.payload["text"] for e in RunEvent.objects.filter(run_id=run.id, type="assistant_message").order_by("seq")
+    ]
     assert texts == ["one", "two"]
     commands = list(Command.objects.filter(run_id=run.id).order_by("seq"))
     assert [c.state for c in commands] == ["completed", "completed"]
@@ -99,7 +100,7 @@ def test_two_turns_run_in_order_on_one_thread(live_server, keys, tmp_path):
 def test_steer_reaches_the_turn_in_progress(live_server, keys, tmp_path):
     run = make_run()
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "sleep: 3"})
-    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path)
+    runner, thread, _result = start_runner(live_server, keys[1], run.id, tmp_path)
     assert wait_for(lambda: runner.turn is not None)
     steer, _ = services.command_create(run_id=run.id, command_type="steer", payload={"text": "left please"})
     thread.join(30)
@@ -171,7 +172,9 @@ def test_lost_answers_are_retried_and_no_event_is_appended_twice(live_server, ke
     finally:
         client.close()
     assert code == 0 and transport.lost >= 1
-    outputs = [e.payload["output"] for e in RunEvent.objects.filter(run_id=run.id, type="command_output").order_by("seq")]
+    outputs = [
+        e.payload["output"] for e in RunEvent.objects.filter(run_id=run.id, type="command_output").order_by("seq")
+    ]
     assert outputs == [f"line-{i}\n" for i in range(8)]  # each once, in order
     seqs = list(RunEvent.objects.filter(run_id=run.id).order_by("seq").values_list("seq", flat=True))
     assert seqs == list(range(1, len(seqs) + 1))
@@ -183,7 +186,7 @@ def test_a_run_whose_only_turn_was_cancelled_before_the_claim_ends_after_idle_se
     command, _ = services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "never"})
     services.command_cancel(command_id=command.id, reason="changed my mind")
     started = time.monotonic()
-    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, first_command_seconds=60)
+    _runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, first_command_seconds=60)
     thread.join(30)
     assert result["code"] == 0 and time.monotonic() - started < 20
     stored = Run.objects.get(pk=run.id)

@@ -20,8 +20,12 @@ def scripted(*answers):
         answer = answers.pop(0) if answers else 200
         if isinstance(answer, type):
             raise answer("scripted failure", request=request)
-        return httpx.Response(answer, json={"ok": True} if answer < 400 else
-                              {"error": {"kind": "infra-failed", "message": "down", "details": {}}})
+        return httpx.Response(
+            answer,
+            json={"ok": True}
+            if answer < 400
+            else {"error": {"kind": "infra-failed", "message": "down", "details": {}}},
+        )
 
     return httpx.MockTransport(handle), bodies
 

@@ -117,7 +117,7 @@ def runner_events(run_id) -> list[tuple[str, dict]]:
     """What the runner appended: every event after the server's run-claimed."""
     events = list(RunEvent.objects.filter(run_id=run_id).order_by("seq"))
     claimed = next(i for i, e in enumerate(events) if e.payload.get("phase") == "run-claimed")
-    return [(e.type, e.payload) for e in events[claimed + 1:]]
+    return [(e.type, e.payload) for e in events[claimed + 1 :]]
 
 
 def rejected(event_type, payload, kind, status) -> dict:
@@ -210,15 +210,26 @@ def test_a_413_for_one_event_replaces_only_that_event(live_server, keys, names_t
     for i in poison:
         event_type, payload = stored[i]
         assert event_type == "backend_status"
-        assert without_message(payload) == rejected("command_output", {"output": f"out {i}", "poison": True},
-                                                    "schema-invalid", 413)
+        assert without_message(payload) == rejected(
+            "command_output", {"output": f"out {i}", "poison": True}, "schema-invalid", 413
+        )
     wire.assert_keys_are_idempotent()
     if names_the_event:
         # 0-29 (413 at 10), 0-9, 10 (413), its notice, 11-29 (413 at 0), 11 (413), its notice,
         # 12-29 (413 at 17), 12-28, 29 (413), its notice
         assert [key.removeprefix(sink.key_prefix + ":") for key, _, _ in wire.sent] == [
-            "0-29", "0-9", "10-10", "10-10-rejected", "11-29", "11-11", "11-11-rejected", "12-29", "12-28",
-            "29-29", "29-29-rejected"]
+            "0-29",
+            "0-9",
+            "10-10",
+            "10-10-rejected",
+            "11-29",
+            "11-11",
+            "11-11-rejected",
+            "12-29",
+            "12-28",
+            "29-29",
+            "29-29-rejected",
+        ]
 
 
 def test_a_server_error_one_event_causes_every_time_is_taken_for_a_refusal(live_server, keys):
@@ -246,8 +257,9 @@ def test_a_server_error_one_event_causes_every_time_is_taken_for_a_refusal(live_
         client.close()
     stored = runner_events(run.id)
     assert [payload.get("output") for _, payload in stored] == [f"out {i}" if i != 5 else None for i in range(8)]
-    assert without_message(stored[5][1]) == rejected("command_output", {"output": "out 5", "poison": True},
-                                                     "internal", 500)
+    assert without_message(stored[5][1]) == rejected(
+        "command_output", {"output": "out 5", "poison": True}, "internal", 500
+    )
     wire.assert_keys_are_idempotent()
 
 
@@ -279,10 +291,11 @@ def test_503s_and_dropped_connections_are_retried_while_the_lease_is_renewed(liv
 
     wire = Wire(answer)
     lease_ms = 1000
-    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, wire, lease_ms=lease_ms)
+    _runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, wire, lease_ms=lease_ms)
     try:
-        assert wait_for(lambda: len(attempts) >= len(failures) and time.monotonic() - attempts[0] > 3 * lease_ms / 1000,
-                        60)
+        assert wait_for(
+            lambda: len(attempts) >= len(failures) and time.monotonic() - attempts[0] > 3 * lease_ms / 1000, 60
+        )
         outage_started = attempts[0]
         assert len([t for t in wire.heartbeats if t > outage_started]) >= 3
         stored = Run.objects.get(pk=run.id)
@@ -390,8 +403,12 @@ def test_nul_and_invalid_utf8_output_go_through_the_echo_backend(live_server, ke
     _, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, wire, server_error_attempts=2)
     thread.join(60)
     assert result["code"] == 0 and Run.objects.get(pk=run.id).status == "completed"
-    sent = [event["payload"] for _, body, _ in wire.sent for event in json.loads(body)["events"]
-            if event["type"] == "command_output"]
+    sent = [
+        event["payload"]
+        for _, body, _ in wire.sent
+        for event in json.loads(body)["events"]
+        if event["type"] == "command_output"
+    ]
     assert {"command": "printf 'a\\000b'", "output": "a\x00b", "exitCode": 0} in sent
     assert any(b'"output":"a\\u0000b"' in body for _, body, _ in wire.sent)
     stored = [(t, p) for t, p in runner_events(run.id) if t == "command_output" or p.get("phase") == "event-rejected"]
@@ -406,8 +423,12 @@ def test_nul_and_invalid_utf8_output_go_through_the_echo_backend(live_server, ke
 def test_the_echo_agent_reports_large_and_binary_output_itself(tmp_path):
     """The echo agent alone: a command's invalid UTF-8 is replaced and its NULs kept."""
     agent = Path(__file__).parent.parent / "runner" / "backends" / "echo_agent.py"
-    done = subprocess.run([sys.executable, agent, "run: printf 'a\\000b\\377'\nrun: head -c 1500000 /dev/zero"],
-                          capture_output=True, cwd=tmp_path, timeout=60)
+    done = subprocess.run(
+        [sys.executable, agent, "run: printf 'a\\000b\\377'\nrun: head -c 1500000 /dev/zero"],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert done.returncode == 0
     records = [json.loads(line) for line in done.stdout.splitlines()]
     outputs = [r["output"] for r in records if r["type"] == "output"]

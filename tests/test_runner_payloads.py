@@ -27,7 +27,7 @@ def assert_cut(original: str, kept: str) -> int:
     """`kept` is `original`'s head, one marker, and its tail, the marker counting exactly the
     UTF-8 bytes left out. Returns that count."""
     [match] = list(MARKER.finditer(kept))
-    head, tail = kept[:match.start()], kept[match.end():]
+    head, tail = kept[: match.start()], kept[match.end() :]
     assert original.startswith(head) and original.endswith(tail)
     cut = int(match.group(1))
     assert cut == utf8_length(original) - utf8_length(head) - utf8_length(tail) > 0
@@ -178,16 +178,37 @@ def printed(*events) -> str:
 
 
 def test_the_cli_says_plainly_that_an_event_was_rejected():
-    text = printed(("backend_status", {"phase": "event-rejected", "eventType": "command_output", "bytes": 1_500_000,
-                                        "errorKind": "schema-invalid", "status": 413, "message": "payload too large"}))
+    text = printed(
+        (
+            "backend_status",
+            {
+                "phase": "event-rejected",
+                "eventType": "command_output",
+                "bytes": 1_500_000,
+                "errorKind": "schema-invalid",
+                "status": 413,
+                "message": "payload too large",
+            },
+        )
+    )
     assert "event rejected: command_output of 1.5 MB (schema-invalid)" in text
     assert "HTTP 413: payload too large" in text
 
 
 def test_the_cli_says_plainly_that_output_was_truncated_or_sanitized():
-    text = printed(("command_output", {"command": "cat big", "output": "head…[1234567 bytes cut]…tail", "exitCode": 0,
-                                        "truncatedBytes": 1_234_567, "sanitizedPaths": ["/output"]}),
-                   ("assistant_message", {"text": "hi"}))
+    text = printed(
+        (
+            "command_output",
+            {
+                "command": "cat big",
+                "output": "head…[1234567 bytes cut]…tail",
+                "exitCode": 0,
+                "truncatedBytes": 1_234_567,
+                "sanitizedPaths": ["/output"],
+            },
+        ),
+        ("assistant_message", {"text": "hi"}),
+    )
     lines = text.splitlines()
     assert "(output truncated: 1,234,567 bytes cut)" in lines[2]
     assert "U+FFFD in /output" in lines[3]

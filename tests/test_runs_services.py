@@ -31,8 +31,11 @@ def db_clock():
 
 def finish(run, *, epoch=None, runner_id="runner-1", status="completed", **kwargs):
     return services.run_finish(
-        run_id=run.id, runner_id=runner_id, lease_epoch=epoch if epoch is not None else run.lease_epoch,
-        terminal_status=status, **kwargs,
+        run_id=run.id,
+        runner_id=runner_id,
+        lease_epoch=epoch if epoch is not None else run.lease_epoch,
+        terminal_status=status,
+        **kwargs,
     )
 
 
@@ -56,8 +59,12 @@ def test_create_run_defaults_and_run_created_event():
     assert set(event.payload) == {"phase", "backendProfile", "sessionRef", "resourceBundleRef"}
     assert event.payload["phase"] == "run-created"
     assert event.payload["sessionRef"] == {
-        "sessionId": "s1", "conversationId": None, "threadId": None, "expiresAt": None,
-        "metadataKeys": [], "valuesPrinted": False,
+        "sessionId": "s1",
+        "conversationId": None,
+        "threadId": None,
+        "expiresAt": None,
+        "metadataKeys": [],
+        "valuesPrinted": False,
     }
     assert event.payload["resourceBundleRef"]["bundles"] == {"count": 0, "items": [], "valuesPrinted": False}
 
@@ -70,15 +77,25 @@ def test_create_run_without_session_has_null_refs():
 
 
 def test_create_run_makes_new_session_from_ref():
-    run = make_run(session_ref={"sessionId": "s2", "conversationId": "c1", "metadata": {"title": "  Fix  it ", "k": 1},
-                                "expiresAt": "2030-01-01T00:00:00Z"})
+    run = make_run(
+        session_ref={
+            "sessionId": "s2",
+            "conversationId": "c1",
+            "metadata": {"title": "  Fix  it ", "k": 1},
+            "expiresAt": "2030-01-01T00:00:00Z",
+        }
+    )
     session = Session.objects.get(pk="s2")
     assert (session.tenant_id, session.project_id, session.backend_profile) == (TENANT, PROJECT, "echo")
     assert session.conversation_id == "c1" and session.title == "Fix  it"
     assert session.execution_state == "idle" and session.last_run_id == run.id
     assert session.storage_kind == "none" and session.version > 0
-    assert run.session_ref == {"sessionId": "s2", "conversationId": "c1", "expiresAt": "2030-01-01T00:00:00.000Z",
-                               "metadata": {"title": "  Fix  it ", "k": 1}}
+    assert run.session_ref == {
+        "sessionId": "s2",
+        "conversationId": "c1",
+        "expiresAt": "2030-01-01T00:00:00.000Z",
+        "metadata": {"title": "  Fix  it ", "k": 1},
+    }
 
 
 def test_create_run_on_existing_session_does_not_rewrite_it_or_bump_version():
@@ -112,8 +129,12 @@ def test_session_boundary_other_backend_is_400_after_tenant_check():
     make_run(session_id="s6")
     error = error_of(make_run, backend="codex", session_id="s6")
     assert (error.kind, error.status) == ("schema-invalid", 400)
-    assert error.details == {"sessionId": "s6", "existingBackendProfile": "echo",
-                             "requestedBackendProfile": "codex", "valuesPrinted": False}
+    assert error.details == {
+        "sessionId": "s6",
+        "existingBackendProfile": "echo",
+        "requestedBackendProfile": "codex",
+        "valuesPrinted": False,
+    }
     # Tenant first: another tenant and another backend is still 403.
     assert error_of(make_run, tenant="other", backend="codex", session_id="s6").status == 403
 
@@ -127,20 +148,31 @@ def test_create_run_rejects_unknown_backend_and_bad_refs():
 
 
 def test_create_run_idempotency_key_replays_and_conflicts():
-    first, created = services.run_create(tenant_id=TENANT, project_id=PROJECT, backend_profile="echo",
-                                         idempotency_key="k1", metadata={"a": 1})
-    again, created_again = services.run_create(tenant_id=TENANT, project_id=PROJECT, backend_profile="echo",
-                                               idempotency_key="k1", metadata={"a": 1})
+    first, created = services.run_create(
+        tenant_id=TENANT, project_id=PROJECT, backend_profile="echo", idempotency_key="k1", metadata={"a": 1}
+    )
+    again, created_again = services.run_create(
+        tenant_id=TENANT, project_id=PROJECT, backend_profile="echo", idempotency_key="k1", metadata={"a": 1}
+    )
     assert created and not created_again and again.id == first.id
-    error = error_of(services.run_create, tenant_id=TENANT, project_id=PROJECT, backend_profile="echo",
-                     idempotency_key="k1", metadata={"a": 2})
+    error = error_of(
+        services.run_create,
+        tenant_id=TENANT,
+        project_id=PROJECT,
+        backend_profile="echo",
+        idempotency_key="k1",
+        metadata={"a": 2},
+    )
     assert (error.kind, error.status) == ("schema-invalid", 409)
     assert Run.objects.count() == 1 and len(events_of(first.id)) == 1
 
 
 def test_resource_bundle_summary_prints_names_not_values():
     ref = {
-        "kind": "git", "repoUrl": "https://git/r", "commitId": "abc", "bundles": [
+        "kind": "git",
+        "repoUrl": "https://git/r",
+        "commitId": "abc",
+        "bundles": [
             {"name": "b", "subpath": "s", "targetPath": "t"},
             {"repoUrl": "https://git/o", "ref": "main", "subpath": "s2", "targetPath": "t2"},
         ],
@@ -149,8 +181,15 @@ def test_resource_bundle_summary_prints_names_not_values():
         "lfs": True,
     }
     summary = services.summarize_resource_bundle_ref(ref)
-    assert summary["bundles"]["items"][0] == {"name": "b", "repoUrl": "https://git/r", "commitId": "abc", "ref": None,
-                                              "subpath": "s", "targetPath": "t", "valuesPrinted": False}
+    assert summary["bundles"]["items"][0] == {
+        "name": "b",
+        "repoUrl": "https://git/r",
+        "commitId": "abc",
+        "ref": None,
+        "subpath": "s",
+        "targetPath": "t",
+        "valuesPrinted": False,
+    }
     assert summary["bundles"]["items"][1]["repoUrl"] == "https://git/o"
     assert summary["bundles"]["items"][1]["ref"] == "main"
     assert summary["promptRefs"] == {"count": 2, "names": ["p1", "p2"], "required": ["p1"], "valuesPrinted": False}
@@ -220,7 +259,9 @@ def test_heartbeat_renews_only_for_holder_at_epoch():
     assert renewed.lease_expires_at > run.lease_expires_at
     count = len(events_of(run.id))
     assert error_of(services.run_heartbeat, run_id=run.id, runner_id="x", lease_epoch=1, lease_ms=1).status == 409
-    assert error_of(services.run_heartbeat, run_id=run.id, runner_id="runner-1", lease_epoch=0, lease_ms=1).status == 409
+    assert (
+        error_of(services.run_heartbeat, run_id=run.id, runner_id="runner-1", lease_epoch=0, lease_ms=1).status == 409
+    )
     assert len(events_of(run.id)) == count  # heartbeats emit nothing
 
 
@@ -250,9 +291,19 @@ def test_scope_hides_other_tenants_runs():
     run = make_run()
     assert error_of(selectors.run_get, run_id=run.id, scope=Scope(tenant_id="other")).status == 404
     assert error_of(services.run_cancel, run_id=run.id, scope=Scope(tenant_id=TENANT, project_id="p2")).status == 404
-    assert error_of(services.run_claim, run_id=run.id, runner_id="a", lease_ms=1,
-                    scope=Scope(tenant_id=TENANT, run_id="run_other")).status == 404
-    assert selectors.run_get(run_id=run.id, scope=Scope(tenant_id=TENANT, project_id=PROJECT, run_id=run.id)).id == run.id
+    assert (
+        error_of(
+            services.run_claim,
+            run_id=run.id,
+            runner_id="a",
+            lease_ms=1,
+            scope=Scope(tenant_id=TENANT, run_id="run_other"),
+        ).status
+        == 404
+    )
+    assert (
+        selectors.run_get(run_id=run.id, scope=Scope(tenant_id=TENANT, project_id=PROJECT, run_id=run.id)).id == run.id
+    )
 
 
 # --- events ------------------------------------------------------------------------------
@@ -261,7 +312,9 @@ def test_scope_hides_other_tenants_runs():
 def test_append_batch_is_gapless_and_redacted_and_touches_session():
     run = claim(make_run(session_id="e1"))
     events, created = services.event_append(
-        run_id=run.id, runner_id="runner-1", lease_epoch=1,
+        run_id=run.id,
+        runner_id="runner-1",
+        lease_epoch=1,
         events=[("assistant_message", {"text": "a", "apiKey": "x"}), ("usage", {"inputTokens": 5})],
     )
     assert created and [e.seq for e in events] == [3, 4]
@@ -275,8 +328,13 @@ def test_append_batch_is_gapless_and_redacted_and_touches_session():
 
 def test_append_with_bad_event_writes_nothing():
     run = claim(make_run())
-    error = error_of(services.event_append, run_id=run.id, runner_id="runner-1", lease_epoch=1,
-                     events=[("assistant_message", {}), ("nonsense", {})])
+    error = error_of(
+        services.event_append,
+        run_id=run.id,
+        runner_id="runner-1",
+        lease_epoch=1,
+        events=[("assistant_message", {}), ("nonsense", {})],
+    )
     assert (error.kind, error.status) == ("schema-invalid", 400)
     assert len(events_of(run.id)) == 2
     assert Run.objects.get(pk=run.id).last_event_seq == 2
@@ -288,8 +346,10 @@ def test_append_is_fenced_by_holder_and_epoch():
     before = len(events_of(run.id))
     error = error_of(services.event_append, run_id=run.id, runner_id="runner-1", lease_epoch=1, events=[("error", {})])
     assert error.kind == "runner-lease-conflict"
-    assert error_of(services.event_append, run_id=run.id, runner_id="other", lease_epoch=2,
-                    events=[("error", {})]).kind == "runner-lease-conflict"
+    assert (
+        error_of(services.event_append, run_id=run.id, runner_id="other", lease_epoch=2, events=[("error", {})]).kind
+        == "runner-lease-conflict"
+    )
     assert len(events_of(run.id)) == before
 
 
@@ -298,29 +358,45 @@ def test_late_flush_after_finish_only_with_last_epoch():
     finish(run, epoch=2)
     events, _ = services.event_append(run_id=run.id, runner_id="runner-1", lease_epoch=2, events=[("error", {"m": 1})])
     assert events[0].seq == len(events_of(run.id))
-    assert error_of(services.event_append, run_id=run.id, runner_id="runner-1", lease_epoch=1,
-                    events=[("error", {})]).status == 409
+    assert (
+        error_of(
+            services.event_append, run_id=run.id, runner_id="runner-1", lease_epoch=1, events=[("error", {})]
+        ).status
+        == 409
+    )
 
 
 def test_batch_key_replays_and_conflicts():
     run = claim(make_run())
     batch = [("assistant_message", {"text": "x"})]
-    first, created = services.event_append(run_id=run.id, runner_id="runner-1", lease_epoch=1, events=batch,
-                                           batch_key="b1")
-    again, created_again = services.event_append(run_id=run.id, runner_id="runner-1", lease_epoch=1, events=batch,
-                                                 batch_key="b1")
+    first, created = services.event_append(
+        run_id=run.id, runner_id="runner-1", lease_epoch=1, events=batch, batch_key="b1"
+    )
+    again, created_again = services.event_append(
+        run_id=run.id, runner_id="runner-1", lease_epoch=1, events=batch, batch_key="b1"
+    )
     assert created and not created_again
     assert [e.id for e in again] == [e.id for e in first]
-    error = error_of(services.event_append, run_id=run.id, runner_id="runner-1", lease_epoch=1,
-                     events=[("assistant_message", {"text": "y"})], batch_key="b1")
+    error = error_of(
+        services.event_append,
+        run_id=run.id,
+        runner_id="runner-1",
+        lease_epoch=1,
+        events=[("assistant_message", {"text": "y"})],
+        batch_key="b1",
+    )
     assert (error.kind, error.status) == ("schema-invalid", 409)
     assert len(events_of(run.id)) == 3 and EventBatch.objects.count() == 1
 
 
 def test_output_filter_in_sql_before_limit():
     run = claim(make_run())
-    services.event_append(run_id=run.id, runner_id="runner-1", lease_epoch=1,
-                          events=[("reasoning", {})] * 5 + [("assistant_message", {"text": "x"})])
+    services.event_append(
+        run_id=run.id,
+        runner_id="runner-1",
+        lease_epoch=1,
+        events=[("reasoning", {})] * 5 + [("assistant_message", {"text": "x"})],
+    )
     page = selectors.event_list(run_id=run.id, after_seq=0, limit=2, types=["assistant_message"])
     assert [e.type for e in page] == ["assistant_message"]
 
@@ -379,8 +455,9 @@ def test_unknown_command_type_or_payload_is_400():
 def test_command_idempotency_hash_covers_type_and_payload():
     run = make_run()
     first = add_command(run, key="k")
-    again, created = services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "hi"},
-                                             idempotency_key="k")
+    again, created = services.command_create(
+        run_id=run.id, command_type="turn", payload={"prompt": "hi"}, idempotency_key="k"
+    )
     assert not created and again.id == first.id
     assert error_of(add_command, run, "steer", {"prompt": "hi"}, key="k").status == 409
     assert error_of(add_command, run, "turn", {"prompt": "other"}, key="k").status == 409
@@ -392,8 +469,9 @@ def test_command_replay_comes_before_terminal_check():
     run = make_run()
     first = add_command(run, key="k")
     services.run_cancel(run_id=run.id)
-    again, created = services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "hi"},
-                                             idempotency_key="k")
+    again, created = services.command_create(
+        run_id=run.id, command_type="turn", payload={"prompt": "hi"}, idempotency_key="k"
+    )
     assert again.id == first.id and not created
     error = error_of(add_command, run, key="new")
     assert (error.kind, error.status) == ("cancelled", 409)
@@ -414,15 +492,28 @@ def test_finish_turn_with_thread_updates_session_and_orders_events():
     Session.objects.filter(pk="f1").update(storage_kind="pvc", storage_pvc_name="pvc-1", codex_rollout_subdir="r")
     command = add_command(run)
     version = Session.objects.get(pk="f1").version
-    done = services.command_finish(command_id=command.id, runner_id="runner-1", lease_epoch=1,
-                                   terminal_status="completed", thread_id="th-1", turn_id="turn-1")
+    done = services.command_finish(
+        command_id=command.id,
+        runner_id="runner-1",
+        lease_epoch=1,
+        terminal_status="completed",
+        thread_id="th-1",
+        turn_id="turn-1",
+    )
     assert done.state == "completed" and done.thread_id == "th-1"
     tail = events_of(run.id)[-2:]
     assert tail[0].payload["phase"] == "session-updated"
     assert tail[0].payload["sessionRef"]["threadId"] == "th-1" and tail[0].payload["turnId"] == "turn-1"
-    assert tail[1].payload == {"phase": "command-terminal", "commandId": command.id, "state": "completed",
-                               "terminalStatus": "completed", "failureKind": None, "message": None,
-                               "threadId": "th-1", "turnId": "turn-1"}
+    assert tail[1].payload == {
+        "phase": "command-terminal",
+        "commandId": command.id,
+        "state": "completed",
+        "terminalStatus": "completed",
+        "failureKind": None,
+        "message": None,
+        "threadId": "th-1",
+        "turnId": "turn-1",
+    }
     session = Session.objects.get(pk="f1")
     assert session.thread_id == "th-1" and session.metadata == {"k": "v", "lastTurnId": "turn-1"}
     # A4: the thread update keeps storage fields.
@@ -436,8 +527,13 @@ def test_finish_turn_with_thread_updates_session_and_orders_events():
 def test_blocked_terminal_status_maps_to_failed_command():
     run = claim(make_run(session_id="f2"))
     command = add_command(run)
-    done = services.command_finish(command_id=command.id, runner_id="runner-1", lease_epoch=1,
-                                   terminal_status="blocked", failure_kind="agent-failed")
+    done = services.command_finish(
+        command_id=command.id,
+        runner_id="runner-1",
+        lease_epoch=1,
+        terminal_status="blocked",
+        failure_kind="agent-failed",
+    )
     assert done.state == "failed"
     assert Session.objects.get(pk="f2").terminal_status == "blocked"
 
@@ -465,9 +561,14 @@ def test_cancel_command_emits_event_before_touch_and_keeps_run():
     command = add_command(run)
     cancelled = services.command_cancel(command_id=command.id, reason="nope")
     assert cancelled.state == "cancelled"
-    assert events_of(run.id)[-1].payload == {"phase": "command-terminal", "commandId": command.id,
-                                             "state": "cancelled", "terminalStatus": "cancelled",
-                                             "failureKind": "cancelled", "message": "nope"}
+    assert events_of(run.id)[-1].payload == {
+        "phase": "command-terminal",
+        "commandId": command.id,
+        "state": "cancelled",
+        "terminalStatus": "cancelled",
+        "failureKind": "cancelled",
+        "message": "nope",
+    }
     assert Run.objects.get(pk=run.id).status == "claimed"
     session = Session.objects.get(pk="f4")
     assert session.execution_state == "terminal" and session.terminal_status == "cancelled"
@@ -489,8 +590,14 @@ def test_finish_run_cancels_open_commands_then_emits_terminal_status():
     assert done.claimed_by == "runner-1" and done.lease_expires_at is None
     tail = events_of(run.id)[-3:]
     assert [e.payload.get("commandId") for e in tail[:2]] == [first.id, second.id]
-    assert tail[0].payload == {"phase": "command-terminal", "commandId": first.id, "state": "cancelled",
-                               "terminalStatus": "cancelled", "failureKind": "cancelled", "message": "run finished"}
+    assert tail[0].payload == {
+        "phase": "command-terminal",
+        "commandId": first.id,
+        "state": "cancelled",
+        "terminalStatus": "cancelled",
+        "failureKind": "cancelled",
+        "message": "run finished",
+    }
     assert tail[2].type == "terminal_status"
     assert tail[2].payload == {"terminalStatus": "failed", "failureKind": "agent-failed", "message": "boom"}
     assert set(Command.objects.filter(run=run).values_list("state", flat=True)) == {"cancelled"}
@@ -552,11 +659,15 @@ def test_cancel_run_cascade_and_event_order():
     assert (cancelled.status, cancelled.terminal_status, cancelled.failure_kind) == ("cancelled",) * 3
     assert cancelled.failure_message == "cancel requested" and cancelled.lease_expires_at is None
     tail = events_of(run.id)[-3:]
-    assert tail[0].payload == {"phase": "command-terminal", "commandId": turn.id, "state": "cancelled",
-                               "terminalStatus": "cancelled", "failureKind": "cancelled"}
+    assert tail[0].payload == {
+        "phase": "command-terminal",
+        "commandId": turn.id,
+        "state": "cancelled",
+        "terminalStatus": "cancelled",
+        "failureKind": "cancelled",
+    }
     assert tail[1].payload == {"phase": "cancel-requested", "reason": "cancel requested"}
-    assert tail[2].payload == {"terminalStatus": "cancelled", "failureKind": "cancelled",
-                               "message": "cancel requested"}
+    assert tail[2].payload == {"terminalStatus": "cancelled", "failureKind": "cancelled", "message": "cancel requested"}
     session = Session.objects.get(pk="r5")
     assert session.execution_state == "terminal" and session.terminal_status == "cancelled"
     count = len(events_of(run.id))
@@ -566,11 +677,16 @@ def test_cancel_run_cascade_and_event_order():
 
 def test_run_expire_fails_run_and_bumps_epoch():
     run = claim(make_run())
-    expired = services.run_expire(run_id=run.id, terminal_status="failed", failure_kind="runner-lost",
-                                  message="lease lapsed")
+    expired = services.run_expire(
+        run_id=run.id, terminal_status="failed", failure_kind="runner-lost", message="lease lapsed"
+    )
     assert expired.status == "failed" and expired.failure_kind == "runner-lost" and expired.lease_epoch == 2
-    assert error_of(services.event_append, run_id=run.id, runner_id="runner-1", lease_epoch=1,
-                    events=[("error", {})]).status == 409
+    assert (
+        error_of(
+            services.event_append, run_id=run.id, runner_id="runner-1", lease_epoch=1, events=[("error", {})]
+        ).status
+        == 409
+    )
     assert services.run_expire(run_id=run.id, terminal_status="failed", failure_kind="runner-lost", message="x") is None
 
 
@@ -578,8 +694,9 @@ def test_run_expire_fails_run_and_bumps_epoch():
 
 
 def test_register_runner_upsert_keeps_fields_not_timestamps():
-    runner, created = services.runner_register(tenant_id=TENANT, runner_id="rn", attributes={
-        "pool": "a", "registeredAt": "1999-01-01T00:00:00Z"})
+    runner, created = services.runner_register(
+        tenant_id=TENANT, runner_id="rn", attributes={"pool": "a", "registeredAt": "1999-01-01T00:00:00Z"}
+    )
     assert created and runner.attributes == {"pool": "a"}
     again, created_again = services.runner_register(tenant_id=TENANT, runner_id="rn", attributes={"pool": "b"})
     assert not created_again and again.attributes == {"pool": "b"}
@@ -592,9 +709,17 @@ def test_register_runner_upsert_keeps_fields_not_timestamps():
 
 def job_fields(**overrides):
     fields = {
-        "command_id": "cmd_1", "payload_hash": "h1", "attempt_id": "a1", "runner_id": "rn", "namespace": "ns",
-        "job_name": "job", "manager_url": "http://m", "image": "img", "source_commit": "abc",
-        "service_account_name": None, "result": {"token": "kept as sent"},
+        "command_id": "cmd_1",
+        "payload_hash": "h1",
+        "attempt_id": "a1",
+        "runner_id": "rn",
+        "namespace": "ns",
+        "job_name": "job",
+        "manager_url": "http://m",
+        "image": "img",
+        "source_commit": "abc",
+        "service_account_name": None,
+        "result": {"token": "kept as sent"},
     }
     fields.update(overrides)
     return fields
@@ -603,12 +728,12 @@ def job_fields(**overrides):
 def test_runner_job_idempotency_and_listing_order():
     run = make_run()
     first, created = services.runner_job_save(run_id=run.id, fields=job_fields(), idempotency_key="k")
-    again, created_again = services.runner_job_save(run_id=run.id, fields=job_fields(image="other"),
-                                                    idempotency_key="k")
+    again, created_again = services.runner_job_save(
+        run_id=run.id, fields=job_fields(image="other"), idempotency_key="k"
+    )
     assert created and not created_again and again.id == first.id and again.image == "img"
     assert first.result == {"token": "kept as sent"}  # runner job results are stored as sent
-    error = error_of(services.runner_job_save, run_id=run.id, fields=job_fields(payload_hash="h2"),
-                     idempotency_key="k")
+    error = error_of(services.runner_job_save, run_id=run.id, fields=job_fields(payload_hash="h2"), idempotency_key="k")
     assert (error.kind, error.status) == ("schema-invalid", 409)
     second, _ = services.runner_job_save(run_id=run.id, fields=job_fields(command_id="cmd_2"))
     assert [j.id for j in selectors.runner_job_list(run_id=run.id)] == [first.id, second.id]
@@ -617,9 +742,10 @@ def test_runner_job_idempotency_and_listing_order():
 
 def test_runner_job_with_known_id_is_updated_in_place():
     run = make_run()
-    job, _ = services.runner_job_save(run_id=run.id, fields=job_fields(), job_id="rjob_mine")
-    updated, created = services.runner_job_save(run_id=run.id, fields=job_fields(result={"exit": 0}),
-                                                job_id="rjob_mine")
+    _job, _ = services.runner_job_save(run_id=run.id, fields=job_fields(), job_id="rjob_mine")
+    updated, created = services.runner_job_save(
+        run_id=run.id, fields=job_fields(result={"exit": 0}), job_id="rjob_mine"
+    )
     assert not created and updated.result == {"exit": 0} and RunnerJob.objects.count() == 1
     other = make_run()
     assert error_of(services.runner_job_save, run_id=other.id, fields=job_fields(), job_id="rjob_mine").status == 409

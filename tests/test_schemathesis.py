@@ -38,9 +38,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from agentrun.auth import api_key_create, key_cache
+from queues import services as queue_services
 from runs import services as run_services
 from runs.models import Command, Run
-from queues import services as queue_services
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 EXAMPLES = int(os.environ.get("AGENTRUN_FUZZ_EXAMPLES", "20"))
@@ -53,16 +53,18 @@ RUNNER_ID = "fuzz-runner"
 SESSION_ID = "owner/repo#42"
 
 
-CONFIG = schemathesis.Config.from_dict({
-    "seed": SEED,
-    "generation": {"max-examples": EXAMPLES, "mode": "all", "database": "none"},
-    "phases": {
-        "examples": {"enabled": False},
-        "coverage": {"enabled": COVERAGE},
-        "fuzzing": {"enabled": True},
-        "stateful": {"enabled": False},
-    },
-})
+CONFIG = schemathesis.Config.from_dict(
+    {
+        "seed": SEED,
+        "generation": {"max-examples": EXAMPLES, "mode": "all", "database": "none"},
+        "phases": {
+            "examples": {"enabled": False},
+            "coverage": {"enabled": COVERAGE},
+            "fuzzing": {"enabled": True},
+            "stateful": {"enabled": False},
+        },
+    }
+)
 schema = schemathesis.openapi.from_wsgi("/api/v1/schema/?format=json", get_wsgi_application(), config=CONFIG)
 
 
@@ -78,8 +80,9 @@ class World:
 
     def ids_for(self, path: str) -> list[str]:
         resource = path.removeprefix("/api/v1/").split("/", 1)[0]
-        return {"runs": self.runs, "commands": self.commands, "sessions": self.sessions,
-                "queue-tasks": self.tasks}.get(resource, [])
+        return {"runs": self.runs, "commands": self.commands, "sessions": self.sessions, "queue-tasks": self.tasks}.get(
+            resource, []
+        )
 
 
 WORLD = World()
@@ -142,8 +145,10 @@ def fuzz_db(django_db_setup, django_db_blocker):
     every table is emptied once, after the last operation. A key per role. Requests keep the
     test's database connection, as with Django's test client."""
     with django_db_blocker.unblock():
-        WORLD.keys = {role: api_key_create(tenant_id=TENANT, project_id=PROJECT, role=role)[1]
-                      for role in ("client", "runner", "operator")}
+        WORLD.keys = {
+            role: api_key_create(tenant_id=TENANT, project_id=PROJECT, role=role)[1]
+            for role in ("client", "runner", "operator")
+        }
         request_started.disconnect(close_old_connections)
         request_finished.disconnect(close_old_connections)
         try:
@@ -169,13 +174,15 @@ def world(transactional_db, settings):
     settings.AGENTRUN_MAX_WAIT_SECONDS = 0.02
     settings.AGENTRUN_AUTH_CACHE_SECONDS = 600
     session_id = f"{SESSION_ID}-{len(CASES)}"
-    claimed, _ = run_services.run_create(tenant_id=TENANT, project_id=PROJECT, backend_profile="echo",
-                                         session_ref={"sessionId": session_id})
+    claimed, _ = run_services.run_create(
+        tenant_id=TENANT, project_id=PROJECT, backend_profile="echo", session_ref={"sessionId": session_id}
+    )
     run_services.run_claim(run_id=claimed.id, runner_id=RUNNER_ID, lease_ms=600_000)
     command, _ = run_services.command_create(run_id=claimed.id, command_type="turn", payload={"prompt": "hi"})
     pending, _ = run_services.run_create(tenant_id=TENANT, project_id=PROJECT, backend_profile="codex")
-    task, _ = queue_services.task_create(tenant_id=TENANT, project_id=PROJECT, queue="q", lane="default", title="t",
-                                         priority=0, backend_profile="echo")
+    task, _ = queue_services.task_create(
+        tenant_id=TENANT, project_id=PROJECT, queue="q", lane="default", title="t", priority=0, backend_profile="echo"
+    )
     WORLD.runs, WORLD.commands = [claimed.id, pending.id], [command.id]
     WORLD.sessions, WORLD.tasks = [session_id], [task.id]
     yield WORLD
@@ -204,9 +211,11 @@ def _report_cases(request):
     if reporter is None or capture is None or not CASES:
         return
     with capture.global_and_fixture_disabled():
-        reporter.write_line(f"\nschemathesis: {sum(CASES.values())} cases over {len(CASES)} operations in "
-                            f"{time.monotonic() - started:.1f} s (seed {SEED}, {EXAMPLES} examples per operation)")
+        reporter.write_line(
+            f"\nschemathesis: {sum(CASES.values())} cases over {len(CASES)} operations in "
+            f"{time.monotonic() - started:.1f} s (seed {SEED}, {EXAMPLES} examples per operation)"
+        )
         if os.environ.get("AGENTRUN_FUZZ_STATUSES"):
             for label in CASES:
                 statuses = sorted((code, n) for (name, code), n in STATUSES.items() if name == label)
-                reporter.write_line(f"  {label}: " + ", ".join(f"{code}×{n}" for code, n in statuses))
+                reporter.write_line(f"  {label}: " + ", ".join(f"{code} x{n}" for code, n in statuses))

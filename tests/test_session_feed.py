@@ -42,8 +42,9 @@ def write(writer: int, index: int, rng: random.Random) -> tuple[str, int]:
     session_id = f"w{writer}-{index}"
     kind = (writer + index) % 3
     if kind == 0:
-        session, _ = services.session_upsert(session_id=session_id, tenant_id=TENANT, project_id=PROJECT,
-                                             backend_profile="echo", metadata={"n": index})
+        session, _ = services.session_upsert(
+            session_id=session_id, tenant_id=TENANT, project_id=PROJECT, backend_profile="echo", metadata={"n": index}
+        )
         return session_id, session.version
     if kind == 1:
         session = services.session_storage_refresh(session_id=session_id, storage_kind="pvc", pvc_name=session_id)
@@ -56,8 +57,9 @@ def test_a_follower_sees_every_committed_change(round_number):
     for writer in range(WRITERS):
         for index in range(WRITES):
             if (writer + index) % 3:  # refreshed or bumped: the session exists beforehand
-                services.session_upsert(session_id=f"w{writer}-{index}", tenant_id=TENANT, project_id=PROJECT,
-                                        backend_profile="echo")
+                services.session_upsert(
+                    session_id=f"w{writer}-{index}", tenant_id=TENANT, project_id=PROJECT, backend_profile="echo"
+                )
     start = max(Session.objects.values_list("version", flat=True))
     observed: set[tuple[str, int]] = set()
     done = threading.Event()

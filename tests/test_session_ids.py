@@ -67,8 +67,9 @@ def test_runs_create_sessions_with_such_ids_and_trace_and_output_follow_them(cli
 
 def test_a_queue_task_session_path_leads_to_its_session(client_api):
     session_id = "owner/repo#42 ?%"
-    status, task = client_api.post("queue-tasks", {"queue": "q", "backendProfile": "echo",
-                                                   "sessionRef": {"sessionId": session_id}})
+    status, task = client_api.post(
+        "queue-tasks", {"queue": "q", "backendProfile": "echo", "sessionRef": {"sessionId": session_id}}
+    )
     assert status == 201, task
     assert task["sessionPath"] == "/api/v1/sessions/owner%2Frepo%2342%20%3F%25"
     assert QueueTask.objects.get(pk=task["id"]).session_path == task["sessionPath"]
@@ -78,8 +79,9 @@ def test_a_queue_task_session_path_leads_to_its_session(client_api):
 
 
 def test_storage_routes_take_encoded_ids(db):
-    run = run_services.run_create(tenant_id="acme", project_id="web", backend_profile="echo",
-                                  session_ref={"sessionId": "o/r#1"})[0]
+    run = run_services.run_create(
+        tenant_id="acme", project_id="web", backend_profile="echo", session_ref={"sessionId": "o/r#1"}
+    )[0]
     runner = make_key("runner", run=run.id)
     status, body = runner.post(path("o/r#1") + "/storage", {"storageKind": "pvc", "pvcName": "pvc-1"})
     assert status == 200, body

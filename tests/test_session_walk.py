@@ -44,10 +44,26 @@ from tests.conftest import TENANT, claim, make_run
 pytestmark = pytest.mark.django_db
 READERS = ("ana", "bob")
 KINDS = ("idle", "claimed", "running", "terminal")
-ACTIONS = ("touch", "claim", "new-run", "turn", "finish", "late-turn-end", "late-run-end", "put", "storage", "read",
-           "read-other", "new")
-EXAMPLES = settings(max_examples=80, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+ACTIONS = (
+    "touch",
+    "claim",
+    "new-run",
+    "turn",
+    "finish",
+    "late-turn-end",
+    "late-run-end",
+    "put",
+    "storage",
+    "read",
+    "read-other",
+    "new",
+)
+EXAMPLES = settings(
+    max_examples=80,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 _projects = itertools.count()
 
 
@@ -71,8 +87,13 @@ class Inbox:
     open_turns: dict[str, tuple] = field(default_factory=dict)  # session id -> (run, command)
 
     def put(self, session_id: str, **fields):
-        return services.session_upsert(session_id=session_id, tenant_id=TENANT, project_id=self.project,
-                                       backend_profile=self.backends[session_id], **fields)
+        return services.session_upsert(
+            session_id=session_id,
+            tenant_id=TENANT,
+            project_id=self.project,
+            backend_profile=self.backends[session_id],
+            **fields,
+        )
 
     def start_turn(self, session_id: str):
         run = make_run(project=self.project, backend=self.backends[session_id], session_id=session_id)
@@ -82,8 +103,9 @@ class Inbox:
     def finish_turn(self, session_id: str):
         run, command = self.open_turns.pop(session_id)
         claimed = claim(run)
-        run_services.command_finish(command_id=command.id, runner_id="runner-1", lease_epoch=claimed.lease_epoch,
-                                    terminal_status="completed")
+        run_services.command_finish(
+            command_id=command.id, runner_id="runner-1", lease_epoch=claimed.lease_epoch, terminal_status="completed"
+        )
 
 
 planned = st.builds(
@@ -99,15 +121,23 @@ planned = st.builds(
 # planned after the walk's last page is never made), and often the changes that move a session
 # to another attention group (a read, a turn, its end, a PUT after a read).
 inboxes = st.lists(planned, max_size=12) | st.lists(planned, min_size=5, max_size=14)
-walks = st.fixed_dictionaries({
-    "reader_id": st.sampled_from((None, *READERS, *READERS)),
-    "state": st.sampled_from(selectors.STATES) | st.just("all"),
-    "backend_profile": st.sampled_from((None, None, None, "echo", "codex")),
-    "limit": st.integers(1, 3) | st.integers(1, 7),
-})
-changes = st.lists(st.tuples(st.integers(1, 3) | st.integers(1, 10),
-                             st.sampled_from(ACTIONS) | st.sampled_from(("read", "turn", "finish", "put")),
-                             st.integers(0, 99)), min_size=1, max_size=12)
+walks = st.fixed_dictionaries(
+    {
+        "reader_id": st.sampled_from((None, *READERS, *READERS)),
+        "state": st.sampled_from(selectors.STATES) | st.just("all"),
+        "backend_profile": st.sampled_from((None, None, None, "echo", "codex")),
+        "limit": st.integers(1, 3) | st.integers(1, 7),
+    }
+)
+changes = st.lists(
+    st.tuples(
+        st.integers(1, 3) | st.integers(1, 10),
+        st.sampled_from(ACTIONS) | st.sampled_from(("read", "turn", "finish", "put")),
+        st.integers(0, 99),
+    ),
+    min_size=1,
+    max_size=12,
+)
 
 
 def build(plans: list[Planned]) -> Inbox:
@@ -133,7 +163,8 @@ def build(plans: list[Planned]) -> Inbox:
     for index, plan in enumerate(plans):
         activity = None if plan.activity_minutes is None else start - timedelta(minutes=plan.activity_minutes)
         Session.objects.filter(pk=f"{project}-{index:02d}").update(
-            last_activity_at=activity, updated_at=start - timedelta(hours=plan.updated_hours))
+            last_activity_at=activity, updated_at=start - timedelta(hours=plan.updated_hours)
+        )
     return inbox
 
 
@@ -153,11 +184,18 @@ def apply(inbox: Inbox, action: str, target_index: int, serial: int, walk_reader
     elif action == "claim":
         services.session_touch_claimed(session_id=session_id, run_id=f"run-{serial}", at=db_now())
     elif action == "late-turn-end":  # an old turn ends late: activity only (A5)
-        services.session_touch_turn_ended(session_id=session_id, run_id="old-run", command_id="old-turn",
-                                          terminal_status="completed", failure_kind=None, at=db_now())
+        services.session_touch_turn_ended(
+            session_id=session_id,
+            run_id="old-run",
+            command_id="old-turn",
+            terminal_status="completed",
+            failure_kind=None,
+            at=db_now(),
+        )
     elif action == "late-run-end":  # likewise an old run
-        services.session_touch_run_ended(session_id=session_id, run_id="old-run", terminal_status="completed",
-                                         failure_kind=None, at=db_now())
+        services.session_touch_run_ended(
+            session_id=session_id, run_id="old-run", terminal_status="completed", failure_kind=None, at=db_now()
+        )
     elif action == "new-run":
         make_run(project=inbox.project, backend=inbox.backends[session_id], session_id=session_id)
     elif action == "turn" and not running:
@@ -228,13 +266,26 @@ def walk_with_changes(inbox: Inbox, walk: dict, planned_changes) -> int:
                     changed.setdefault(session_id, []).append(number)
 
     pages = walk_pages(inbox, walk, between)
-    check_walk(before, pages, changed, edge=edge, after={s.session_id for s in big_page(inbox, walk)},
-               stamps=final_stamps(inbox, walk["reader_id"]))
+    check_walk(
+        before,
+        pages,
+        changed,
+        edge=edge,
+        after={s.session_id for s in big_page(inbox, walk)},
+        stamps=final_stamps(inbox, walk["reader_id"]),
+    )
     return sum(len(numbers) for numbers in changed.values())
 
 
-def check_walk(before: list[str], pages: list[list[Session]], changed: dict[str, list[int]], *, edge: int,
-               after: set[str], stamps: dict[str, int]) -> None:
+def check_walk(
+    before: list[str],
+    pages: list[list[Session]],
+    changed: dict[str, list[int]],
+    *,
+    edge: int,
+    after: set[str],
+    stamps: dict[str, int],
+) -> None:
     """`before` and `after`: the big page before and after the walk; `changed`: the pages after
     which each session changed; `edge`: the counter when the walk began; `stamps`: each
     session's last stamp for the walking reader."""
@@ -283,19 +334,40 @@ def test_changes_during_the_walk_come_after_the_snapshot_and_nothing_is_lost(pla
     target(float(made), label="changes made during the walk")  # steer towards walks with many
 
 
-@pytest.mark.parametrize("actions", [
-    ("touch",), ("claim",), ("new-run",), ("late-turn-end",), ("late-run-end",), ("put",), ("storage",), ("read",),
-    ("read-other",), ("new",),
-    ("turn", "finish"),
-])
+@pytest.mark.parametrize(
+    "actions",
+    [
+        ("touch",),
+        ("claim",),
+        ("new-run",),
+        ("late-turn-end",),
+        ("late-run-end",),
+        ("put",),
+        ("storage",),
+        ("read",),
+        ("read-other",),
+        ("new",),
+        ("turn", "finish"),
+    ],
+)
 def test_every_write_that_moves_a_session_is_seen_by_the_walk(actions):
     """Six idle sessions, newest first; ana has read the even ones, so her inbox is s01 s03 s05
     (unread), then s00 s02 s04 (read). After each page (two a page) the next action changes
     s03 (shown), s04 and s05 (not yet shown): each moves across the walk's position, forwards or
     back, so a write the walk could not see would show a session twice, out of place, or never."""
-    plans = [Planned(kind="idle", backend="echo", activity_minutes=index, updated_hours=0,
-                     read_by=("ana",) if index % 2 == 0 else (), bumped_after_read=False) for index in range(6)]
+    plans = [
+        Planned(
+            kind="idle",
+            backend="echo",
+            activity_minutes=index,
+            updated_hours=0,
+            read_by=("ana",) if index % 2 == 0 else (),
+            bumped_after_read=False,
+        )
+        for index in range(6)
+    ]
     walk = {"reader_id": "ana", "state": "all", "backend_profile": None, "limit": 2}
-    made = walk_with_changes(build(plans), walk, [(page, action, index) for page, action in enumerate(actions, 1)
-                                                  for index in (3, 4, 5)])
+    made = walk_with_changes(
+        build(plans), walk, [(page, action, index) for page, action in enumerate(actions, 1) for index in (3, 4, 5)]
+    )
     assert made == (0 if actions == ("read-other",) else 3 * len(actions))

@@ -37,8 +37,9 @@ READER = "ana"
 
 
 def put(session_id: str, **fields):
-    return services.session_upsert(session_id=session_id, tenant_id=TENANT, project_id=PROJECT,
-                                   backend_profile="echo", **fields)
+    return services.session_upsert(
+        session_id=session_id, tenant_id=TENANT, project_id=PROJECT, backend_profile="echo", **fields
+    )
 
 
 def make_inbox(rng: random.Random) -> None:
@@ -51,7 +52,8 @@ def make_inbox(rng: random.Random) -> None:
     at = db_now()
     for index in range(SESSIONS):  # a few activity values, so ties are broken by update time and id
         Session.objects.filter(pk=f"s{index:02d}").update(
-            last_activity_at=at - timedelta(minutes=rng.randrange(4)), updated_at=at - timedelta(hours=index % 3))
+            last_activity_at=at - timedelta(minutes=rng.randrange(4)), updated_at=at - timedelta(hours=index % 3)
+        )
 
 
 def slow_touch(session_id: str, rng: random.Random) -> None:
@@ -139,10 +141,12 @@ def walk_while_writing(state: str, seed: int) -> tuple[list[Session], int]:
 def test_a_walk_raced_by_writers_is_exact(state, seed):
     make_inbox(random.Random(seed))
     rows, edge = walk_while_writing(state, seed)
-    final = {s.session_id: s for s in selectors.session_list(scope=SCOPE, state=state, reader_id=READER,
-                                                             limit=10_000).sessions}
+    final = {
+        s.session_id: s
+        for s in selectors.session_list(scope=SCOPE, state=state, reader_id=READER, limit=10_000).sessions
+    }
     snapshot = [s for s in rows if stamp(s) <= edge]
-    tail = rows[len(snapshot):]
+    tail = rows[len(snapshot) :]
     assert all(stamp(s) > edge for s in tail), "the snapshot part comes first"
     ids = [s.session_id for s in snapshot]
     assert len(ids) == len(set(ids)), ids
@@ -159,8 +163,9 @@ def test_a_walk_raced_by_writers_is_exact(state, seed):
 
 def test_an_unchanged_walk_in_its_own_snapshots_is_the_big_page():
     make_inbox(random.Random(7))
-    expected = [s.session_id for s in selectors.session_list(scope=SCOPE, state="all", reader_id=READER,
-                                                             limit=10_000).sessions]
+    expected = [
+        s.session_id for s in selectors.session_list(scope=SCOPE, state="all", reader_id=READER, limit=10_000).sessions
+    ]
     for limit in (1, 4, 7):
         walked, token = [], None
         while True:

@@ -67,7 +67,7 @@ def test_upsert_creates_an_idle_session_with_the_next_global_version():
 
 
 def test_upsert_overwrites_the_descriptive_fields_and_keeps_the_rest():
-    run, command = start_turn("s1", prompt="first prompt")
+    _run, command = start_turn("s1", prompt="first prompt")
     services.session_storage_refresh(session_id="s1", storage_kind="pvc", pvc_name="pvc-1")
     before = Session.objects.get(pk="s1")
     session, created = put("s1", thread_id="t-9", metadata={"k": "v"})
@@ -117,12 +117,19 @@ def test_a_late_finish_of_an_old_turn_leaves_the_newer_turn_running():
 
 def test_thread_update_keeps_storage_and_bumps_version():
     run, command = start_turn("s1")
-    services.session_storage_refresh(session_id="s1", storage_kind="pvc", pvc_name="pvc-1", namespace="ns",
-                                     codex_rollout_subdir="rollouts")
+    services.session_storage_refresh(
+        session_id="s1", storage_kind="pvc", pvc_name="pvc-1", namespace="ns", codex_rollout_subdir="rollouts"
+    )
     before = Session.objects.get(pk="s1").version
     claimed = claim(run)
-    run_services.command_finish(command_id=command.id, runner_id="runner-1", lease_epoch=claimed.lease_epoch,
-                                terminal_status="completed", thread_id="thread-1", turn_id="turn-1")
+    run_services.command_finish(
+        command_id=command.id,
+        runner_id="runner-1",
+        lease_epoch=claimed.lease_epoch,
+        terminal_status="completed",
+        thread_id="thread-1",
+        turn_id="turn-1",
+    )
     session = Session.objects.get(pk="s1")
     assert session.thread_id == "thread-1" and session.metadata["lastTurnId"] == "turn-1"
     assert (session.storage_kind, session.storage_pvc_name, session.storage_namespace) == ("pvc", "pvc-1", "ns")
@@ -182,7 +189,7 @@ def test_a_running_session_is_active_whatever_was_read():
 
 def make_inbox():
     """running (active), unread terminal, read terminal, unread idle, read idle; with times set."""
-    run, _ = start_turn("running")
+    _run, _ = start_turn("running")
     for name in ("done-unread", "done-read"):
         r, c = start_turn(name)
         finish_turn(r, c)
@@ -231,7 +238,12 @@ def test_inbox_sorts_active_then_unread_then_newest_activity_then_id():
     Session.objects.filter(pk="done-read").update(last_activity_at=at - timedelta(days=1))
     Session.objects.filter(pk="idle-read").update(last_activity_at=at - timedelta(days=2))
     assert ids(listing(state="all", reader_id="ana")) == [
-        "running", "codex-idle", "done-unread", "idle-unread", "done-read", "idle-read"
+        "running",
+        "codex-idle",
+        "done-unread",
+        "idle-unread",
+        "done-read",
+        "idle-read",
     ]
 
 
@@ -299,8 +311,9 @@ def make_many(count):
     for index in range(count):
         put(f"s{index:02d}")
         # Distinct activity, newest first: s00 is the newest.
-        Session.objects.filter(pk=f"s{index:02d}").update(last_activity_at=at - timedelta(minutes=index),
-                                                         updated_at=at - timedelta(hours=1))
+        Session.objects.filter(pk=f"s{index:02d}").update(
+            last_activity_at=at - timedelta(minutes=index), updated_at=at - timedelta(hours=1)
+        )
 
 
 def test_walk_without_changes_returns_each_session_once_in_inbox_order():
@@ -357,15 +370,22 @@ def test_refresh_storage_replaces_every_storage_field_and_bumps_version():
     put("s1", codex_rollout_subdir=None)
     before = Session.objects.get(pk="s1").version
     session = services.session_storage_refresh(
-        session_id="s1", storage_kind="pvc", pvc_name="pvc-1", namespace="ns", pvc_phase="Bound",
-        size_bytes=1024, files_count=3, sha256="ab" * 32,
+        session_id="s1",
+        storage_kind="pvc",
+        pvc_name="pvc-1",
+        namespace="ns",
+        pvc_phase="Bound",
+        size_bytes=1024,
+        files_count=3,
+        sha256="ab" * 32,
     )
     assert session.version > before and session.codex_rollout_subdir == "sessions"
     assert (session.storage_pvc_name, session.storage_namespace, session.storage_pvc_phase) == ("pvc-1", "ns", "Bound")
     assert (session.storage_size_bytes, session.storage_files_count, session.storage_sha256) == (1024, 3, "ab" * 32)
     assert session.storage_updated_at == session.updated_at
-    again = services.session_storage_refresh(session_id="s1", storage_kind="pvc", pvc_name="pvc-1",
-                                             codex_rollout_subdir="custom")
+    again = services.session_storage_refresh(
+        session_id="s1", storage_kind="pvc", pvc_name="pvc-1", codex_rollout_subdir="custom"
+    )
     assert again.storage_namespace is None and again.storage_size_bytes is None  # absent ones become null
     assert again.codex_rollout_subdir == "custom"
     kept = services.session_storage_refresh(session_id="s1", storage_kind="pvc", pvc_name="pvc-1")
@@ -428,8 +448,9 @@ def test_gc_candidates_are_expired_pvc_sessions_oldest_first():
     }
     for name, (kind, pvc, expires, updated) in specs.items():
         put(name)
-        Session.objects.filter(pk=name).update(storage_kind=kind, storage_pvc_name=pvc, expires_at=expires,
-                                               updated_at=updated)
+        Session.objects.filter(pk=name).update(
+            storage_kind=kind, storage_pvc_name=pvc, expires_at=expires, updated_at=updated
+        )
     assert [s.session_id for s in selectors.gc_candidates(now=now, limit=10)] == ["old", "boundary", "newer"]
     assert [s.session_id for s in selectors.gc_candidates(now=now, limit=1)] == ["old"]
 

@@ -72,9 +72,16 @@ class World:
 
     def job_body(self, **extra) -> dict:
         return {
-            "commandId": self.command, "payloadHash": "h", "attemptId": "a", "runnerId": self.runner,
-            "namespace": "agents", "jobName": f"job-{self.tag}", "managerUrl": "http://manager", "image": "runner",
-            "sourceCommit": "c0ffee", **extra,
+            "commandId": self.command,
+            "payloadHash": "h",
+            "attemptId": "a",
+            "runnerId": self.runner,
+            "namespace": "agents",
+            "jobName": f"job-{self.tag}",
+            "managerUrl": "http://manager",
+            "image": "runner",
+            "sourceCommit": "c0ffee",
+            **extra,
         }
 
     @property
@@ -82,8 +89,12 @@ class World:
         return self.name.replace("/", "-").replace("#", "-")
 
 
-WORLDS = {"acme/web": ("acme", "web"), "acme/web#2": ("acme", "web"),
-          "acme/other-project": ("acme", "other-project"), "other/x": ("other", "x")}
+WORLDS = {
+    "acme/web": ("acme", "web"),
+    "acme/web#2": ("acme", "web"),
+    "acme/other-project": ("acme", "other-project"),
+    "other/x": ("other", "x"),
+}
 
 
 def build_world(name: str) -> World:
@@ -98,29 +109,55 @@ def build_world(name: str) -> World:
     command, _ = run_services.command_create(run_id=run.id, command_type="turn", payload={"prompt": f"hi {tag}"})
     world.command = command.id
     run_services.event_append(
-        run_id=run.id, runner_id=world.runner, lease_epoch=1, batch_key=f"batch-{tag}",
+        run_id=run.id,
+        runner_id=world.runner,
+        lease_epoch=1,
+        batch_key=f"batch-{tag}",
         events=[("assistant_message", {"text": f"output of {tag}"}), ("usage", {"inputTokens": 3})],
     )
     job, _ = run_services.runner_job_save(
-        run_id=run.id, job_id=f"rjob-{tag}", fields={
-            "command_id": command.id, "payload_hash": "h", "attempt_id": "a", "runner_id": world.runner,
-            "namespace": "agents", "job_name": f"job-{tag}", "manager_url": "http://manager", "image": "runner",
-            "source_commit": "c0ffee", "service_account_name": None, "result": {},
+        run_id=run.id,
+        job_id=f"rjob-{tag}",
+        fields={
+            "command_id": command.id,
+            "payload_hash": "h",
+            "attempt_id": "a",
+            "runner_id": world.runner,
+            "namespace": "agents",
+            "job_name": f"job-{tag}",
+            "manager_url": "http://manager",
+            "image": "runner",
+            "source_commit": "c0ffee",
+            "service_account_name": None,
+            "result": {},
         },
     )
     world.job = job.id
     session_services.session_storage_refresh(session_id=world.session, storage_kind="pvc", pvc_name=world.pvc)
     session_services.session_mark_read(session_id=world.session, reader_id="reader-1", scope=UNRESTRICTED)
     idle, _ = session_services.session_upsert(
-        session_id=f"sess-{tag}-idle", tenant_id=tenant, project_id=project, backend_profile="echo",
-        conversation_id=None, thread_id=None, metadata={"owner": tag}, expires_at=None, codex_rollout_subdir=None,
+        session_id=f"sess-{tag}-idle",
+        tenant_id=tenant,
+        project_id=project,
+        backend_profile="echo",
+        conversation_id=None,
+        thread_id=None,
+        metadata={"owner": tag},
+        expires_at=None,
+        codex_rollout_subdir=None,
     )
     world.sessions = {world.session, idle.session_id}
     world.idempotent_run = make_run(tenant=tenant, project=project, idempotency_key=f"idem-{tag}").id
     tasks = [
         queue_services.task_create(
-            tenant_id=tenant, project_id=project, queue="default", lane="default", title=f"{title} {tag}",
-            priority=priority, backend_profile="echo", idempotency_key=f"idem-{tag}-{title}",
+            tenant_id=tenant,
+            project_id=project,
+            queue="default",
+            lane="default",
+            title=f"{title} {tag}",
+            priority=priority,
+            backend_profile="echo",
+            idempotency_key=f"idem-{tag}-{title}",
         )[0]
         for title, priority in (("first", 5), ("second", 0))
     ]
@@ -133,8 +170,9 @@ def build_world(name: str) -> World:
 def run_scoped_key(run_id: str, tenant: str, project: str) -> KeyClient:
     """A runner key made the operator's way: create_api_key --run."""
     out = StringIO()
-    call_command("create_api_key", "--tenant", tenant, "--project", project, "--role", RUNNER, "--run", run_id,
-                 stdout=out)
+    call_command(
+        "create_api_key", "--tenant", tenant, "--project", project, "--role", RUNNER, "--run", run_id, stdout=out
+    )
     return KeyClient(out.getvalue().strip())
 
 
@@ -145,12 +183,23 @@ class Fixture:
 
 
 # Key scopes: a tenant and project, a whole tenant (`*`), or one run (`run:` and the world's name).
-KEY_SCOPES = {"acme/web": ("acme", "web"), "acme/other-project": ("acme", "other-project"),
-              "other/x": ("other", "x"), "acme/*": ("acme", None), "other/*": ("other", None)}
+KEY_SCOPES = {
+    "acme/web": ("acme", "web"),
+    "acme/other-project": ("acme", "other-project"),
+    "other/x": ("other", "x"),
+    "acme/*": ("acme", None),
+    "other/*": ("other", None),
+}
 # What each key scope may see: the worlds whose rows are its own.
-VISIBLE = {"acme/web": ("acme/web", "acme/web#2"), "acme/other-project": ("acme/other-project",),
-           "other/x": ("other/x",), "acme/*": ("acme/web", "acme/web#2", "acme/other-project"),
-           "other/*": ("other/x",), "run:acme/web": ("acme/web",), "run:acme/web#2": ("acme/web#2",)}
+VISIBLE = {
+    "acme/web": ("acme/web", "acme/web#2"),
+    "acme/other-project": ("acme/other-project",),
+    "other/x": ("other/x",),
+    "acme/*": ("acme/web", "acme/web#2", "acme/other-project"),
+    "other/*": ("other/x",),
+    "run:acme/web": ("acme/web",),
+    "run:acme/web#2": ("acme/web#2",),
+}
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +211,11 @@ def fx(django_db_setup, django_db_blocker):
         outer.__enter__()
         try:
             worlds = {name: build_world(name) for name in WORLDS}
-            keys = {(scope, role): make_key(role, tenant=tenant, project=project)
-                    for scope, (tenant, project) in KEY_SCOPES.items() for role in (CLIENT, RUNNER, OPERATOR)}
+            keys = {
+                (scope, role): make_key(role, tenant=tenant, project=project)
+                for scope, (tenant, project) in KEY_SCOPES.items()
+                for role in (CLIENT, RUNNER, OPERATOR)
+            }
             for name in ("acme/web", "acme/web#2"):
                 world = worlds[name]
                 keys[(f"run:{name}", RUNNER)] = run_scoped_key(world.run, world.tenant, world.project)
@@ -190,10 +242,15 @@ def rolled_back():
 
 def tables() -> dict[str, list[str]]:
     """Every row of every data model as text, in one query, to compare before and after a call."""
-    models = [model for label in DATA_APPS for model in apps.get_app_config(label).get_models()
-              if model._meta.label != "agentrun.ApiKey"]
-    columns = ", ".join(f"ARRAY(SELECT t::text FROM {connection.ops.quote_name(model._meta.db_table)} t ORDER BY 1)"
-                        for model in models)
+    models = [
+        model
+        for label in DATA_APPS
+        for model in apps.get_app_config(label).get_models()
+        if model._meta.label != "agentrun.ApiKey"
+    ]
+    columns = ", ".join(
+        f"ARRAY(SELECT t::text FROM {connection.ops.quote_name(model._meta.db_table)} t ORDER BY 1)" for model in models
+    )
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {columns}")
         rows = cursor.fetchone()
@@ -312,8 +369,9 @@ def expect_run_create_scoped(fx: Fixture, method: str, case: Case, key_scope: st
             status, body = api.post("runs", reuse)
             assert_error(status, body, 403, "tenant-policy-denied")
             assert body["error"]["details"] == {"sessionId": world.session, "valuesPrinted": False}
-            status, body = api.post("runs", {"backendProfile": "echo", "tenantId": world.tenant,
-                                             "projectId": world.project})
+            status, body = api.post(
+                "runs", {"backendProfile": "echo", "tenantId": world.tenant, "projectId": world.project}
+            )
             assert_error(status, body, 403, "tenant-policy-denied")
             assert tables() == before
             status, body = api.post("runs", {"backendProfile": "echo", "idempotencyKey": f"idem-{world.tag}", **extra})
@@ -333,8 +391,9 @@ def expect_task_create_scoped(fx: Fixture, method: str, case: Case, key_scope: s
             status, error = api.post("queue-tasks", {**body, "tenantId": world.tenant, "projectId": world.project})
             assert_error(status, error, 403, "tenant-policy-denied")
             assert tables() == before
-            status, task = api.post("queue-tasks", {**body, **own_project(key_scope),
-                                                    "idempotencyKey": f"idem-{world.tag}-first"})
+            status, task = api.post(
+                "queue-tasks", {**body, **own_project(key_scope), "idempotencyKey": f"idem-{world.tag}-first"}
+            )
             assert status == 201, task
             assert task["id"] not in world.tasks and task["tenantId"] == tenant_of(key_scope)
             added = assert_only_added(before, tables(), {"queues.QueueTask"})
@@ -362,7 +421,8 @@ def expect_runner_scoped(fx: Fixture, method: str, case: Case, key_scope: str, w
         else:
             assert status == 200 and body["id"] == world.runner and body["pod"] == "intruder", body
             assert {label: others(label, rows) for label, rows in after.items()} == {
-                label: others(label, rows) for label, rows in before.items()}
+                label: others(label, rows) for label, rows in before.items()
+            }
 
 
 # The checks that may write, each asserting what it wrote; every other check writes nothing.
@@ -399,8 +459,7 @@ def expect_sessions_listed_in_scope(fx: Fixture, method: str, case: Case, key_sc
     top = max(Session.objects.filter(pk__in=own).values_list("version", flat=True))
     for role in roles_for(case, key_scope):
         api = key_of(fx, key_scope, role)
-        listed = walk(api, "sessions", by="pageToken", state="all", backendProfile="echo", readerId="reader-1",
-                      limit=2)
+        listed = walk(api, "sessions", by="pageToken", state="all", backendProfile="echo", readerId="reader-1", limit=2)
         assert sorted(item["sessionId"] for item in listed) == sorted(own)
         listed = walk(api, "sessions", by="cursor", state="all", cursor="0", limit=3)
         assert sorted(item["sessionId"] for item in listed) == sorted(own)
@@ -455,8 +514,12 @@ def expect_commander_in_scope(fx: Fixture, method: str, case: Case, key_scope: s
     pending = {w.task for w in visible_worlds(fx, key_scope)}
     for role in roles_for(case, key_scope):
         api = key_of(fx, key_scope, role)
-        for params, expected in (({}, own), ({"queue": "default"}, own), ({"readerId": "reader-1"}, pending),
-                                 ({"readerId": "reader-2"}, own)):
+        for params, expected in (
+            ({}, own),
+            ({"queue": "default"}, own),
+            ({"readerId": "reader-1"}, pending),
+            ({"readerId": "reader-2"}, own),
+        ):
             status, snapshot = api.get("queues/commander", **params)
             assert status == 200, snapshot
             assert {t["id"] for t in snapshot["items"]} == expected, params
@@ -503,11 +566,13 @@ ROUTES: dict[tuple[str, str], Case] = {
     ("runs/{pk}/heartbeat", "POST"): Case("runs/{run}/heartbeat", R, 200, lambda w: {**w.lease, "leaseMs": 60_000}),
     ("runs/{pk}/finish", "POST"): Case("runs/{run}/finish", R, 200, finish),
     ("runs/{pk}/events", "GET"): Case("runs/{run}/events", CR, 200),
-    ("runs/{pk}/events", "POST"): Case("runs/{run}/events", R, 201,
-                                       lambda w: {**w.lease, "type": "usage", "payload": {"outputTokens": 1}}),
+    ("runs/{pk}/events", "POST"): Case(
+        "runs/{run}/events", R, 201, lambda w: {**w.lease, "type": "usage", "payload": {"outputTokens": 1}}
+    ),
     ("runs/{pk}/commands", "GET"): Case("runs/{run}/commands", CR, 200),
-    ("runs/{pk}/commands", "POST"): Case("runs/{run}/commands", C, 201,
-                                         lambda w: {"type": "turn", "payload": {"prompt": "more"}}),
+    ("runs/{pk}/commands", "POST"): Case(
+        "runs/{run}/commands", C, 201, lambda w: {"type": "turn", "payload": {"prompt": "more"}}
+    ),
     ("runs/{pk}/runner-jobs", "GET"): Case("runs/{run}/runner-jobs", R, 200),
     ("runs/{pk}/runner-jobs", "POST"): Case("runs/{run}/runner-jobs", R, 201, lambda w: w.job_body()),
     ("commands/{pk}", "GET"): Case("commands/{command}", CR, 200),
@@ -517,22 +582,26 @@ ROUTES: dict[tuple[str, str], Case] = {
     ("runners", "POST"): Case("runners", R, 201, lambda w: {"runnerId": "runner-new"}, expect_runner_scoped),
     ("sessions", "GET"): Case("sessions", C, 200, stranger=expect_sessions_listed_in_scope),
     ("sessions/{pk}", "GET"): Case("sessions/{session}", C, 200),
-    ("sessions/{pk}", "PUT"): Case("sessions/{session}", C, 200, lambda w: {"backendProfile": "echo", "metadata": {}},
-                                   expect_policy_denied_put),
+    ("sessions/{pk}", "PUT"): Case(
+        "sessions/{session}", C, 200, lambda w: {"backendProfile": "echo", "metadata": {}}, expect_policy_denied_put
+    ),
     ("sessions/{pk}/read", "POST"): Case("sessions/{session}/read", C, 200, lambda w: {"readerId": "reader-2"}),
     ("sessions/{pk}/trace", "GET"): Case("sessions/{session}/trace", C, 200, stranger=expect_session_events_in_scope),
-    ("sessions/{pk}/output", "GET"): Case("sessions/{session}/output", C, 200,
-                                          stranger=expect_session_events_in_scope),
-    ("sessions/{pk}/storage", "POST"): Case("sessions/{session}/storage", R, 200,
-                                            lambda w: {"storageKind": "pvc", "pvcName": f"{w.pvc}-new"}),
-    ("sessions/{pk}/storage/evict", "POST"): Case("sessions/{session}/storage/evict", R, 200,
-                                                  lambda w: {"pvcName": w.pvc}),
+    ("sessions/{pk}/output", "GET"): Case("sessions/{session}/output", C, 200, stranger=expect_session_events_in_scope),
+    ("sessions/{pk}/storage", "POST"): Case(
+        "sessions/{session}/storage", R, 200, lambda w: {"storageKind": "pvc", "pvcName": f"{w.pvc}-new"}
+    ),
+    ("sessions/{pk}/storage/evict", "POST"): Case(
+        "sessions/{session}/storage/evict", R, 200, lambda w: {"pvcName": w.pvc}
+    ),
     ("queue-tasks", "GET"): Case("queue-tasks", C, 200, stranger=expect_tasks_listed_in_scope),
-    ("queue-tasks", "POST"): Case("queue-tasks", C, 201, lambda w: {"queue": "default", "backendProfile": "echo"},
-                                  expect_task_create_scoped),
+    ("queue-tasks", "POST"): Case(
+        "queue-tasks", C, 201, lambda w: {"queue": "default", "backendProfile": "echo"}, expect_task_create_scoped
+    ),
     ("queue-tasks/{pk}", "GET"): Case("queue-tasks/{task}", C, 200),
-    ("queue-tasks/{pk}/attempt", "POST"): Case("queue-tasks/{task}/attempt", NONE, 200,
-                                               lambda w: {"state": "running", "latestAttempt": {"runId": w.run}}),
+    ("queue-tasks/{pk}/attempt", "POST"): Case(
+        "queue-tasks/{task}/attempt", NONE, 200, lambda w: {"state": "running", "latestAttempt": {"runId": w.run}}
+    ),
     ("queue-tasks/{pk}/cancel", "POST"): Case("queue-tasks/{task}/cancel", C, 200, lambda w: {"reason": "stop"}),
     ("queue-tasks/{pk}/read", "POST"): Case("queue-tasks/{task}/read", C, 200, lambda w: {"readerId": "reader-2"}),
     ("queues/stats", "GET"): Case("queues/stats", C, 200, stranger=expect_stats_in_scope),
@@ -602,14 +671,22 @@ def test_case_paths_name_their_route():
 
 # --- owners, roles, strangers --------------------------------------------------------------------
 
-OWNER_CALLS = [(route, method, role) for (route, method), case in ROUTES.items()
-               for role in sorted(case.roles | {OPERATOR})]
+OWNER_CALLS = [
+    (route, method, role) for (route, method), case in ROUTES.items() for role in sorted(case.roles | {OPERATOR})
+]
 RUN_KEY_CALLS = [(route, method) for (route, method), case in ROUTES.items() if RUNNER in case.roles]
-ROLE_REFUSALS = [(route, method, key_scope, role) for (route, method), case in ROUTES.items()
-                 for key_scope, role in (("acme/web", CLIENT), ("acme/web", RUNNER), ("run:acme/web", RUNNER))
-                 if role not in case.roles]
-STRANGER_CALLS = [(route, method, stranger) for (route, method), case in ROUTES.items()
-                  for stranger, (key_scope, _) in STRANGERS.items() if roles_for(case, key_scope)]
+ROLE_REFUSALS = [
+    (route, method, key_scope, role)
+    for (route, method), case in ROUTES.items()
+    for key_scope, role in (("acme/web", CLIENT), ("acme/web", RUNNER), ("run:acme/web", RUNNER))
+    if role not in case.roles
+]
+STRANGER_CALLS = [
+    (route, method, stranger)
+    for (route, method), case in ROUTES.items()
+    for stranger, (key_scope, _) in STRANGERS.items()
+    if roles_for(case, key_scope)
+]
 
 
 def _id(value):

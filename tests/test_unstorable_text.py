@@ -26,20 +26,24 @@ BAD = ["\x00", "\ud800", "\udbff", "\udc00", "\udfff"]
 _chars = st.one_of(st.characters(codec="utf-8"), st.sampled_from(BAD))
 # Long strings are built by repeating a short one: generating thousands of characters one by
 # one costs more than the requests.
-texts = st.text(_chars, max_size=40) | st.builds(lambda part, times: part * times, st.text(_chars, min_size=1,
-                                                                                          max_size=8),
-                                                 st.integers(300, 900))
+texts = st.text(_chars, max_size=40) | st.builds(
+    lambda part, times: part * times, st.text(_chars, min_size=1, max_size=8), st.integers(300, 900)
+)
 keys = st.text(_chars, max_size=12).filter(lambda key: not is_secret_key(key))
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-json_values = st.recursive(scalars | texts, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner,
-                                                                                                        max_size=4),
-                           max_leaves=24)
+json_values = st.recursive(
+    scalars | texts, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=24
+)
 json_objects = st.dictionaries(keys, json_values, max_size=5)
 # A fixed seed and no shrinking: the same examples on every run, within the suite's time. Run
 # with --hypothesis-seed and without these to explore.
-PROPERTY = settings(max_examples=20, deadline=None, derandomize=True,
-                    phases=[Phase.explicit, Phase.reuse, Phase.generate],
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 _numbers = itertools.count()
 
 
@@ -121,8 +125,13 @@ def held_run(db):
 @given(metadata=json_objects, workspace=json_values, extra=json_values, session_metadata=json_objects)
 def test_run_create_stores_free_content_cleaned(client_api, metadata, workspace, extra, session_metadata):
     session_id = fresh("s")
-    body = {"backendProfile": "echo", "metadata": metadata, "workspaceRef": workspace, "custom": extra,
-            "sessionRef": {"sessionId": session_id, "metadata": session_metadata}}
+    body = {
+        "backendProfile": "echo",
+        "metadata": metadata,
+        "workspaceRef": workspace,
+        "custom": extra,
+        "sessionRef": {"sessionId": session_id, "metadata": session_metadata},
+    }
     status, record = send(client_api, "post", "runs", body)
     assert status == 201, record
     run = Run.objects.get(pk=record["id"])
@@ -136,8 +145,12 @@ def test_run_create_stores_free_content_cleaned(client_api, metadata, workspace,
 @PROPERTY
 @given(payload=json_objects)
 def test_event_payloads_are_cleaned_and_list_sanitized_paths(runner_api, held_run, payload):
-    status, event = send(runner_api, "post", f"runs/{held_run.id}/events",
-                         {"runnerId": "runner-1", "leaseEpoch": 1, "type": "command_output", "payload": payload})
+    status, event = send(
+        runner_api,
+        "post",
+        f"runs/{held_run.id}/events",
+        {"runnerId": "runner-1", "leaseEpoch": 1, "type": "command_output", "payload": payload},
+    )
     assert status == 201, event
     stored = RunEvent.objects.get(pk=event["id"]).payload
     expected = cleaned(payload)
@@ -151,8 +164,12 @@ def test_event_payloads_are_cleaned_and_list_sanitized_paths(runner_api, held_ru
 @PROPERTY
 @given(payloads=st.lists(json_objects, min_size=1, max_size=5))
 def test_batches_are_cleaned_and_replay_identically(runner_api, held_run, payloads):
-    body = {"runnerId": "runner-1", "leaseEpoch": 1, "batchKey": fresh("b"),
-            "events": [{"type": "command_output", "payload": payload} for payload in payloads]}
+    body = {
+        "runnerId": "runner-1",
+        "leaseEpoch": 1,
+        "batchKey": fresh("b"),
+        "events": [{"type": "command_output", "payload": payload} for payload in payloads],
+    }
     status, first = send(runner_api, "post", f"runs/{held_run.id}/events", body)
     assert status == 201, first
     status, again = send(runner_api, "post", f"runs/{held_run.id}/events", body)
@@ -187,8 +204,15 @@ def test_session_put_metadata_and_title_are_cleaned(client_api, metadata, title)
 @PROPERTY
 @given(payload=json_objects, metadata=json_objects, references=json_values, title=texts)
 def test_queue_tasks_store_free_content_cleaned(client_api, payload, metadata, references, title):
-    body = {"queue": "q", "backendProfile": "echo", "payload": payload, "metadata": metadata,
-            "references": references, "title": title[:500], "idempotencyKey": fresh("k")}
+    body = {
+        "queue": "q",
+        "backendProfile": "echo",
+        "payload": payload,
+        "metadata": metadata,
+        "references": references,
+        "title": title[:500],
+        "idempotencyKey": fresh("k"),
+    }
     status, task = send(client_api, "post", "queue-tasks", body)
     assert status == 201, task
     row = QueueTask.objects.get(pk=task["id"])
@@ -207,11 +231,24 @@ def test_runner_attributes_and_job_results_are_cleaned(runner_api, held_run, att
     runner_id = fresh("runner")
     status, runner = send(runner_api, "post", "runners", {**attributes, "runnerId": runner_id})
     assert status == 201, runner
-    expected = {key: value for key, value in cleaned(attributes).items()
-                if key not in {"id", "runnerId", "registeredAt", "heartbeatAt", "tenantId"}}
+    expected = {
+        key: value
+        for key, value in cleaned(attributes).items()
+        if key not in {"id", "runnerId", "registeredAt", "heartbeatAt", "tenantId"}
+    }
     assert same_json(Runner.objects.get(pk=runner_id).attributes, expected)
-    job = {"commandId": "cmd-1", "payloadHash": "h", "attemptId": "a", "runnerId": runner_id, "namespace": "ns",
-           "jobName": fresh("job"), "managerUrl": "http://m", "image": "img", "sourceCommit": "c", "result": result}
+    job = {
+        "commandId": "cmd-1",
+        "payloadHash": "h",
+        "attemptId": "a",
+        "runnerId": runner_id,
+        "namespace": "ns",
+        "jobName": fresh("job"),
+        "managerUrl": "http://m",
+        "image": "img",
+        "sourceCommit": "c",
+        "result": result,
+    }
     status, record = send(runner_api, "post", f"runs/{held_run.id}/runner-jobs", job)
     assert status == 201, record
     assert same_json(RunnerJob.objects.get(pk=record["id"]).result, cleaned(result))
@@ -226,9 +263,18 @@ def test_messages_and_reasons_are_cleaned(client_api, runner_api, message, reaso
     status, body = send(client_api, "post", f"commands/{command.id}/cancel", {"reason": reason[:2000]})
     assert status == 200, body
     assert Command.objects.get(pk=command.id).failure_message == (clean_text(reason[:2000]) or "cancel requested")
-    status, body = send(runner_api, "post", f"runs/{run.id}/finish",
-                        {"runnerId": "runner-1", "leaseEpoch": 1, "terminalStatus": "failed",
-                         "failureKind": "agent-failed", "failureMessage": message[:10_000]})
+    status, body = send(
+        runner_api,
+        "post",
+        f"runs/{run.id}/finish",
+        {
+            "runnerId": "runner-1",
+            "leaseEpoch": 1,
+            "terminalStatus": "failed",
+            "failureKind": "agent-failed",
+            "failureMessage": message[:10_000],
+        },
+    )
     assert status == 200, body
     assert Run.objects.get(pk=run.id).failure_message == clean_text(message[:10_000])
     terminal = RunEvent.objects.get(run_id=run.id, type="terminal_status")
@@ -238,8 +284,12 @@ def test_messages_and_reasons_are_cleaned(client_api, runner_api, message, reaso
 
 def test_a_sanitized_key_and_a_secret_together(runner_api, held_run):
     payload = {"a\x00b": "x\ud800y", "apiToken": "t\x00", "log": "export T=ghp_" + "a" * 36 + "\x00"}
-    status, event = send(runner_api, "post", f"runs/{held_run.id}/events",
-                         {"runnerId": "runner-1", "leaseEpoch": 1, "type": "command_output", "payload": payload})
+    status, event = send(
+        runner_api,
+        "post",
+        f"runs/{held_run.id}/events",
+        {"runnerId": "runner-1", "leaseEpoch": 1, "type": "command_output", "payload": payload},
+    )
     assert status == 201, event
     stored = RunEvent.objects.get(pk=event["id"]).payload
     assert stored == {
@@ -252,10 +302,15 @@ def test_a_sanitized_key_and_a_secret_together(runner_api, held_run):
 
 
 def test_services_called_directly_clean_raw_text_too(held_run):
-    events, _ = services.event_append(run_id=held_run.id, runner_id="runner-1", lease_epoch=1,
-                                      events=[("command_output", {"out\x00": ["a\x00", {"b": "\udcff"}]})])
+    events, _ = services.event_append(
+        run_id=held_run.id,
+        runner_id="runner-1",
+        lease_epoch=1,
+        events=[("command_output", {"out\x00": ["a\x00", {"b": "\udcff"}]})],
+    )
     assert RunEvent.objects.get(pk=events[0].id).payload == {
-        "out\ufffd": ["a\ufffd", {"b": "\ufffd"}], "sanitizedPaths": ["/out\ufffd", "/out\ufffd/0", "/out\ufffd/1/b"],
+        "out\ufffd": ["a\ufffd", {"b": "\ufffd"}],
+        "sanitizedPaths": ["/out\ufffd", "/out\ufffd/0", "/out\ufffd/1/b"],
     }
 
 
@@ -263,43 +318,89 @@ def test_services_called_directly_clean_raw_text_too(held_run):
 
 
 IDENTIFIER_CASES = [
-    ("runs idempotencyKey", "client", lambda run, v: ("post", "runs", {"backendProfile": "echo", "idempotencyKey": v}),
-     "idempotencyKey"),
+    (
+        "runs idempotencyKey",
+        "client",
+        lambda run, v: ("post", "runs", {"backendProfile": "echo", "idempotencyKey": v}),
+        "idempotencyKey",
+    ),
     ("runs tenantId", "client", lambda run, v: ("post", "runs", {"backendProfile": "echo", "tenantId": v}), "tenantId"),
-    ("runs projectId", "client", lambda run, v: ("post", "runs", {"backendProfile": "echo", "projectId": v}),
-     "projectId"),
+    (
+        "runs projectId",
+        "client",
+        lambda run, v: ("post", "runs", {"backendProfile": "echo", "projectId": v}),
+        "projectId",
+    ),
     ("runs backendProfile", "client", lambda run, v: ("post", "runs", {"backendProfile": v}), "backendProfile"),
-    ("runs sessionId", "client", lambda run, v: ("post", "runs", {"backendProfile": "echo",
-                                                                   "sessionRef": {"sessionId": v}}),
-     "sessionRef.sessionId"),
+    (
+        "runs sessionId",
+        "client",
+        lambda run, v: ("post", "runs", {"backendProfile": "echo", "sessionRef": {"sessionId": v}}),
+        "sessionRef.sessionId",
+    ),
     ("claim runnerId", "runner", lambda run, v: ("post", f"runs/{run.id}/claim", {"runnerId": v}), "runnerId"),
-    ("append runnerId", "runner",
-     lambda run, v: ("post", f"runs/{run.id}/events", {"runnerId": v, "leaseEpoch": 1, "type": "usage"}), "runnerId"),
-    ("append batchKey", "runner",
-     lambda run, v: ("post", f"runs/{run.id}/events",
-                     {"runnerId": "runner-1", "leaseEpoch": 1, "batchKey": v, "events": [{"type": "usage"}]}),
-     "batchKey"),
-    ("command idempotencyKey", "client",
-     lambda run, v: ("post", f"runs/{run.id}/commands", {"type": "turn", "idempotencyKey": v}), "idempotencyKey"),
+    (
+        "append runnerId",
+        "runner",
+        lambda run, v: ("post", f"runs/{run.id}/events", {"runnerId": v, "leaseEpoch": 1, "type": "usage"}),
+        "runnerId",
+    ),
+    (
+        "append batchKey",
+        "runner",
+        lambda run, v: (
+            "post",
+            f"runs/{run.id}/events",
+            {"runnerId": "runner-1", "leaseEpoch": 1, "batchKey": v, "events": [{"type": "usage"}]},
+        ),
+        "batchKey",
+    ),
+    (
+        "command idempotencyKey",
+        "client",
+        lambda run, v: ("post", f"runs/{run.id}/commands", {"type": "turn", "idempotencyKey": v}),
+        "idempotencyKey",
+    ),
     ("runners runnerId", "runner", lambda run, v: ("post", "runners", {"runnerId": v}), "runnerId"),
-    ("put sessionId in body", "client", lambda run, v: ("put", "sessions/s1", {"backendProfile": "echo",
-                                                                               "sessionId": v}), "sessionId"),
+    (
+        "put sessionId in body",
+        "client",
+        lambda run, v: ("put", "sessions/s1", {"backendProfile": "echo", "sessionId": v}),
+        "sessionId",
+    ),
     ("read readerId", "client", lambda run, v: ("post", "sessions/s1/read", {"readerId": v}), "readerId"),
     ("queue", "client", lambda run, v: ("post", "queue-tasks", {"queue": v, "backendProfile": "echo"}), "queue"),
-    ("lane", "client", lambda run, v: ("post", "queue-tasks", {"queue": "q", "lane": v, "backendProfile": "echo"}),
-     "lane"),
-    ("task idempotencyKey", "client",
-     lambda run, v: ("post", "queue-tasks", {"queue": "q", "backendProfile": "echo", "idempotencyKey": v}),
-     "idempotencyKey"),
-    ("storage pvcName", "runner", lambda run, v: ("post", "sessions/s1/storage", {"storageKind": "pvc", "pvcName": v}),
-     "pvcName"),
+    (
+        "lane",
+        "client",
+        lambda run, v: ("post", "queue-tasks", {"queue": "q", "lane": v, "backendProfile": "echo"}),
+        "lane",
+    ),
+    (
+        "task idempotencyKey",
+        "client",
+        lambda run, v: ("post", "queue-tasks", {"queue": "q", "backendProfile": "echo", "idempotencyKey": v}),
+        "idempotencyKey",
+    ),
+    (
+        "storage pvcName",
+        "runner",
+        lambda run, v: ("post", "sessions/s1/storage", {"storageKind": "pvc", "pvcName": v}),
+        "pvcName",
+    ),
     ("evict pvcName", "runner", lambda run, v: ("post", "sessions/s1/storage/evict", {"pvcName": v}), "pvcName"),
 ]
 
 
 def _counts():
-    return (Run.objects.count(), RunEvent.objects.count(), Command.objects.count(), Session.objects.count(),
-            QueueTask.objects.count(), Runner.objects.count())
+    return (
+        Run.objects.count(),
+        RunEvent.objects.count(),
+        Command.objects.count(),
+        Session.objects.count(),
+        QueueTask.objects.count(),
+        Runner.objects.count(),
+    )
 
 
 @pytest.mark.parametrize("bad", ["a\x00b", "a\ud800", "\udfff"])
@@ -377,7 +478,10 @@ def test_a_body_that_is_not_utf8_is_400(client_api, body):
     ("path", "body"),
     [
         ("queue-tasks", {"queue": "q", "backendProfile": "echo", "priority": 10**30}),
-        ("runs", {"backendProfile": "echo", "sessionRef": {"sessionId": "s", "expiresAt": "0001-01-01T00:00:00+05:00"}}),
+        (
+            "runs",
+            {"backendProfile": "echo", "sessionRef": {"sessionId": "s", "expiresAt": "0001-01-01T00:00:00+05:00"}},
+        ),
         ("runs", {"backendProfile": "echo", "executionPolicy": {"maxAttempts": 10**30}}),
     ],
 )
@@ -391,8 +495,9 @@ def test_numbers_and_dates_out_of_range_are_400(client_api, path, body):
 @given(latest=json_objects, reason=texts)
 def test_queue_task_attempts_and_cancels_store_cleaned_text(operator_api, latest, reason):
     task = send(operator_api, "post", "queue-tasks", {"queue": "q", "backendProfile": "echo"})[1]
-    status, body = send(operator_api, "post", f"queue-tasks/{task['id']}/attempt",
-                        {"state": "running", "latestAttempt": latest})
+    status, body = send(
+        operator_api, "post", f"queue-tasks/{task['id']}/attempt", {"state": "running", "latestAttempt": latest}
+    )
     assert status == 200, body
     assert same_json(QueueTask.objects.get(pk=task["id"]).latest_attempt, cleaned(latest))
     status, body = send(operator_api, "post", f"queue-tasks/{task['id']}/cancel", {"reason": reason[:2000]})

@@ -74,25 +74,42 @@ class KubernetesLauncher(Launcher):
             pvc, created_pvc = session_pvc_name(spec.session_id), self._ensure_pvc(spec, namespace)
         job = self._create_job(spec, name, namespace, pvc)
         self._create_secret(spec, name, namespace, job)
-        return Launched(namespace=namespace, job_name=name, image=self.image,
-                        details={"uid": job.metadata.uid, "secret": name, "pvc": pvc, "pvcCreated": created_pvc})
+        return Launched(
+            namespace=namespace,
+            job_name=name,
+            image=self.image,
+            details={"uid": job.metadata.uid, "secret": name, "pvc": pvc, "pvcCreated": created_pvc},
+        )
 
     def _labels(self, spec: LaunchSpec) -> dict:
-        return {"app.kubernetes.io/name": APP_LABEL, "app.kubernetes.io/managed-by": "agentrun",
-                RUN_LABEL: _label_value(spec.run_id), "agentrun.io/attempt": str(spec.attempt)}
+        return {
+            "app.kubernetes.io/name": APP_LABEL,
+            "app.kubernetes.io/managed-by": "agentrun",
+            RUN_LABEL: _label_value(spec.run_id),
+            "agentrun.io/attempt": str(spec.attempt),
+        }
 
     def _ensure_pvc(self, spec: LaunchSpec, namespace: str) -> bool:
         body = client.V1PersistentVolumeClaim(
-            api_version="v1", kind="PersistentVolumeClaim",
-            metadata=client.V1ObjectMeta(name=session_pvc_name(spec.session_id), labels={
-                "app.kubernetes.io/managed-by": "agentrun", "agentrun.io/session-id": _label_value(spec.session_id)}),
+            api_version="v1",
+            kind="PersistentVolumeClaim",
+            metadata=client.V1ObjectMeta(
+                name=session_pvc_name(spec.session_id),
+                labels={
+                    "app.kubernetes.io/managed-by": "agentrun",
+                    "agentrun.io/session-id": _label_value(spec.session_id),
+                },
+            ),
             spec=client.V1PersistentVolumeClaimSpec(
-                access_modes=["ReadWriteOnce"], storage_class_name=settings.AGENTRUN_SESSION_STORAGE_CLASS,
+                access_modes=["ReadWriteOnce"],
+                storage_class_name=settings.AGENTRUN_SESSION_STORAGE_CLASS,
                 resources=client.V1VolumeResourceRequirements(requests={"storage": settings.AGENTRUN_SESSION_PVC_SIZE}),
             ),
         )
         try:
-            self.core.create_namespaced_persistent_volume_claim(namespace, body, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS)
+            self.core.create_namespaced_persistent_volume_claim(
+                namespace, body, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
+            )
             return True
         except ApiException as exc:
             if exc.status == 409:
@@ -105,18 +122,28 @@ class KubernetesLauncher(Launcher):
         env = [
             client.V1EnvVar(name="AGENTRUN_URL", value=spec.manager_url),
             client.V1EnvVar(name="AGENTRUN_RUN_ID", value=spec.run_id),
-            client.V1EnvVar(name="AGENTRUN_RUNNER_KEY", value_from=client.V1EnvVarSource(
-                secret_key_ref=client.V1SecretKeySelector(name=name, key="runner-key"))),
+            client.V1EnvVar(
+                name="AGENTRUN_RUNNER_KEY",
+                value_from=client.V1EnvVarSource(
+                    secret_key_ref=client.V1SecretKeySelector(name=name, key="runner-key")
+                ),
+            ),
         ]
         if pvc:
             mounts.append(client.V1VolumeMount(name="session", mount_path=SESSION_MOUNT))
-            volumes.append(client.V1Volume(name="session", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(
-                claim_name=pvc)))
-            env += [client.V1EnvVar(name="HOME", value=SESSION_MOUNT),
-                    client.V1EnvVar(name="CODEX_HOME", value=f"{SESSION_MOUNT}/codex")]
+            volumes.append(
+                client.V1Volume(
+                    name="session", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(claim_name=pvc)
+                )
+            )
+            env += [
+                client.V1EnvVar(name="HOME", value=SESSION_MOUNT),
+                client.V1EnvVar(name="CODEX_HOME", value=f"{SESSION_MOUNT}/codex"),
+            ]
         resources = {"cpu": settings.AGENTRUN_RUNNER_CPU, "memory": settings.AGENTRUN_RUNNER_MEMORY}
         body = client.V1Job(
-            api_version="batch/v1", kind="Job",
+            api_version="batch/v1",
+            kind="Job",
             metadata=client.V1ObjectMeta(name=name, labels=self._labels(spec)),
             spec=client.V1JobSpec(
                 backoff_limit=0,  # a retry is a new attempt, decided by agentrun, not by Kubernetes
@@ -128,13 +155,28 @@ class KubernetesLauncher(Launcher):
                         service_account_name=settings.AGENTRUN_RUNNER_SERVICE_ACCOUNT,
                         automount_service_account_token=False,
                         security_context=client.V1PodSecurityContext(run_as_non_root=True, fs_group=1000),
-                        containers=[client.V1Container(
-                            name="runner", image=self.image,
-                            args=["python", "-m", "runner", "--manager", spec.manager_url, "--run", spec.run_id,
-                                  "--runner-id", spec.runner_id, "--workdir", WORKSPACE],
-                            env=env, volume_mounts=mounts,
-                            resources=client.V1ResourceRequirements(requests=resources, limits=resources),
-                        )],
+                        containers=[
+                            client.V1Container(
+                                name="runner",
+                                image=self.image,
+                                args=[
+                                    "python",
+                                    "-m",
+                                    "runner",
+                                    "--manager",
+                                    spec.manager_url,
+                                    "--run",
+                                    spec.run_id,
+                                    "--runner-id",
+                                    spec.runner_id,
+                                    "--workdir",
+                                    WORKSPACE,
+                                ],
+                                env=env,
+                                volume_mounts=mounts,
+                                resources=client.V1ResourceRequirements(requests=resources, limits=resources),
+                            )
+                        ],
                         volumes=volumes,
                     ),
                 ),
@@ -149,9 +191,18 @@ class KubernetesLauncher(Launcher):
 
     def _create_secret(self, spec: LaunchSpec, name: str, namespace: str, job: client.V1Job) -> None:
         body = client.V1Secret(
-            api_version="v1", kind="Secret", type="Opaque",
-            metadata=client.V1ObjectMeta(name=name, labels=self._labels(spec), owner_references=[client.V1OwnerReference(
-                api_version="batch/v1", kind="Job", name=name, uid=job.metadata.uid, block_owner_deletion=True)]),
+            api_version="v1",
+            kind="Secret",
+            type="Opaque",
+            metadata=client.V1ObjectMeta(
+                name=name,
+                labels=self._labels(spec),
+                owner_references=[
+                    client.V1OwnerReference(
+                        api_version="batch/v1", kind="Job", name=name, uid=job.metadata.uid, block_owner_deletion=True
+                    )
+                ],
+            ),
             string_data={"runner-key": spec.runner_key},
         )
         try:
@@ -164,8 +215,9 @@ class KubernetesLauncher(Launcher):
 
     def read(self, job: dict) -> client.V1Job | None:
         try:
-            return self.batch.read_namespaced_job(job["jobName"], job["namespace"],
-                                                  _request_timeout=kube.REQUEST_TIMEOUT_SECONDS)
+            return self.batch.read_namespaced_job(
+                job["jobName"], job["namespace"], _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -178,23 +230,36 @@ class KubernetesLauncher(Launcher):
     def stop(self, job: dict) -> None:
         try:
             self.batch.delete_namespaced_job(
-                job["jobName"], job["namespace"], body=client.V1DeleteOptions(propagation_policy="Background"),
-                _headers={"Content-Type": "application/json"}, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS)
+                job["jobName"],
+                job["namespace"],
+                body=client.V1DeleteOptions(propagation_policy="Background"),
+                _headers={"Content-Type": "application/json"},
+                _request_timeout=kube.REQUEST_TIMEOUT_SECONDS,
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise kube.KubeError(f"deleting Job {job['namespace']}/{job['jobName']}: HTTP {exc.status}") from None
 
     def list_jobs(self) -> list[client.V1Job]:
-        return self.batch.list_namespaced_job(self.namespace, label_selector=f"app.kubernetes.io/name={APP_LABEL}",
-                                              _request_timeout=kube.REQUEST_TIMEOUT_SECONDS).items
+        return self.batch.list_namespaced_job(
+            self.namespace,
+            label_selector=f"app.kubernetes.io/name={APP_LABEL}",
+            _request_timeout=kube.REQUEST_TIMEOUT_SECONDS,
+        ).items
 
 
 def job_finished(job: client.V1Job) -> bool:
     status = job.status
     if status is None:
         return False
-    return bool(status.failed or status.succeeded or any(
-        condition.type in ("Failed", "Complete") and condition.status == "True" for condition in status.conditions or []))
+    return bool(
+        status.failed
+        or status.succeeded
+        or any(
+            condition.type in ("Failed", "Complete") and condition.status == "True"
+            for condition in status.conditions or []
+        )
+    )
 
 
 def job_failed(job: client.V1Job) -> str | None:

@@ -3,6 +3,7 @@ output in `var/runners/<run>.log`. What `make run` uses."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,19 +35,47 @@ class LocalLauncher(Launcher):
         log = open(self.log_dir / f"{spec.run_id}.log", "ab")  # noqa: SIM115 - the child owns it
         workdir = Path(settings.VAR_DIR) / "workspaces" / (spec.session_id or spec.run_id)
         workdir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "runner", "--manager", spec.manager_url, "--run", spec.run_id,
-                "--runner-id", spec.runner_id, "--workdir", str(workdir), *self.extra_args]
-        env = {**os.environ, "AGENTRUN_RUNNER_KEY": spec.runner_key,
-               "PYTHONPATH": os.pathsep.join([str(settings.BASE_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        argv = [
+            sys.executable,
+            "-m",
+            "runner",
+            "--manager",
+            spec.manager_url,
+            "--run",
+            spec.run_id,
+            "--runner-id",
+            spec.runner_id,
+            "--workdir",
+            str(workdir),
+            *self.extra_args,
+        ]
+        env = {
+            **os.environ,
+            "AGENTRUN_RUNNER_KEY": spec.runner_key,
+            "PYTHONPATH": os.pathsep.join([str(settings.BASE_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(
+                os.pathsep
+            ),
+        }
         env.pop("DATABASE_URL", None)  # a runner talks HTTP only
         try:
-            child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=settings.BASE_DIR)
+            child = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=settings.BASE_DIR,
+            )
         finally:
             log.close()
         self.children[child.pid] = child
-        return Launched(namespace="local", job_name=f"pid-{child.pid}", image=sys.executable,
-                        details={"pid": child.pid, "log": str(self.log_dir / f"{spec.run_id}.log")})
+        return Launched(
+            namespace="local",
+            job_name=f"pid-{child.pid}",
+            image=sys.executable,
+            details={"pid": child.pid, "log": str(self.log_dir / f"{spec.run_id}.log")},
+        )
 
     def alive(self, job: dict) -> bool:
         pid = (job.get("details") or {}).get("pid")
@@ -62,10 +91,8 @@ class LocalLauncher(Launcher):
     def stop(self, job: dict) -> None:
         pid = (job.get("details") or {}).get("pid")
         if pid and self.alive(job):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     def poll(self) -> None:
         for pid, child in list(self.children.items()):
@@ -75,10 +102,8 @@ class LocalLauncher(Launcher):
     def close(self) -> None:
         for pid, child in list(self.children.items()):
             if child.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         for child in list(self.children.values()):
             try:
                 child.wait(timeout=15)

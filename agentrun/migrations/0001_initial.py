@@ -5,37 +5,51 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Counter',
+            name="Counter",
             fields=[
-                ('name', models.CharField(max_length=32, primary_key=True, serialize=False)),
-                ('value', models.BigIntegerField(default=0)),
+                ("name", models.CharField(max_length=32, primary_key=True, serialize=False)),
+                ("value", models.BigIntegerField(default=0)),
             ],
         ),
         migrations.CreateModel(
-            name='ApiKey',
+            name="ApiKey",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('prefix', models.CharField(help_text="The key's first characters, to tell keys apart.", max_length=16)),
-                ('key_hash', models.CharField(max_length=64, unique=True)),
-                ('name', models.CharField(blank=True, default='', max_length=200)),
-                ('tenant_id', models.CharField(max_length=200)),
-                ('project_id', models.CharField(blank=True, max_length=200, null=True)),
-                ('role', models.CharField(choices=[('client', 'Client'), ('runner', 'Runner'), ('operator', 'Operator')], max_length=16)),
-                ('run_id', models.CharField(blank=True, help_text='A runner key scoped to one run sees only that run.', max_length=64, null=True)),
-                ('created_at', models.DateTimeField(db_default=django.db.models.functions.datetime.Now())),
-                ('revoked_at', models.DateTimeField(blank=True, null=True)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "prefix",
+                    models.CharField(help_text="The key's first characters, to tell keys apart.", max_length=16),
+                ),
+                ("key_hash", models.CharField(max_length=64, unique=True)),
+                ("name", models.CharField(blank=True, default="", max_length=200)),
+                ("tenant_id", models.CharField(max_length=200)),
+                ("project_id", models.CharField(blank=True, max_length=200, null=True)),
+                (
+                    "role",
+                    models.CharField(
+                        choices=[("client", "Client"), ("runner", "Runner"), ("operator", "Operator")], max_length=16
+                    ),
+                ),
+                (
+                    "run_id",
+                    models.CharField(
+                        blank=True,
+                        help_text="A runner key scoped to one run sees only that run.",
+                        max_length=64,
+                        null=True,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(db_default=django.db.models.functions.datetime.Now())),
+                ("revoked_at", models.DateTimeField(blank=True, null=True)),
             ],
             options={
-                'verbose_name': 'API key',
-                'indexes': [models.Index(fields=['tenant_id', 'role'], name='agentrun_ap_tenant__d52966_idx')],
+                "verbose_name": "API key",
+                "indexes": [models.Index(fields=["tenant_id", "role"], name="agentrun_ap_tenant__d52966_idx")],
             },
         ),
     ]

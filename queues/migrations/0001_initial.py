@@ -5,97 +5,170 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='TenantLimit',
+            name="TenantLimit",
             fields=[
-                ('tenant_id', models.CharField(max_length=200, primary_key=True, serialize=False)),
-                ('max_running', models.PositiveIntegerField(help_text="Running attempts at most, over all the tenant's queues.")),
+                ("tenant_id", models.CharField(max_length=200, primary_key=True, serialize=False)),
+                (
+                    "max_running",
+                    models.PositiveIntegerField(help_text="Running attempts at most, over all the tenant's queues."),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='Queue',
+            name="Queue",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('tenant_id', models.CharField(max_length=200)),
-                ('name', models.CharField(max_length=200)),
-                ('max_running', models.PositiveIntegerField(blank=True, help_text='Running attempts at most; empty: no limit.', null=True)),
-                ('paused', models.BooleanField(default=False, help_text='A paused queue dispatches nothing.')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("tenant_id", models.CharField(max_length=200)),
+                ("name", models.CharField(max_length=200)),
+                (
+                    "max_running",
+                    models.PositiveIntegerField(
+                        blank=True, help_text="Running attempts at most; empty: no limit.", null=True
+                    ),
+                ),
+                ("paused", models.BooleanField(default=False, help_text="A paused queue dispatches nothing.")),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('tenant_id', 'name'), name='queue_tenant_name')],
+                "constraints": [models.UniqueConstraint(fields=("tenant_id", "name"), name="queue_tenant_name")],
             },
         ),
         migrations.CreateModel(
-            name='QueueTask',
+            name="QueueTask",
             fields=[
-                ('id', models.CharField(db_collation='C', max_length=64, primary_key=True, serialize=False)),
-                ('tenant_id', models.CharField(max_length=200)),
-                ('project_id', models.CharField(max_length=200)),
-                ('queue', models.CharField(max_length=200)),
-                ('lane', models.CharField(max_length=200)),
-                ('title', models.CharField(max_length=500)),
-                ('priority', models.IntegerField(default=0)),
-                ('backend_profile', models.CharField(max_length=32)),
-                ('provider_id', models.CharField(blank=True, max_length=200, null=True)),
-                ('workspace_ref', models.JSONField(blank=True, null=True)),
-                ('session_ref', models.JSONField(blank=True, null=True)),
-                ('execution_policy', models.JSONField(blank=True, null=True)),
-                ('resource_bundle_ref', models.JSONField(blank=True, null=True)),
-                ('payload', models.JSONField(blank=True, null=True)),
-                ('references', models.JSONField(blank=True, null=True)),
-                ('metadata', models.JSONField(blank=True, null=True)),
-                ('idempotency_key', models.CharField(blank=True, max_length=200, null=True)),
-                ('state', models.CharField(choices=[('pending', 'Pending'), ('running', 'Running'), ('completed', 'Completed'), ('failed', 'Failed'), ('blocked', 'Blocked'), ('cancelled', 'Cancelled')], default='pending', max_length=16)),
-                ('version', models.BigIntegerField()),
-                ('payload_hash', models.CharField(max_length=64)),
-                ('latest_attempt', models.JSONField(blank=True, null=True)),
-                ('session_path', models.CharField(blank=True, max_length=1000, null=True)),
-                ('created_at', models.DateTimeField()),
-                ('updated_at', models.DateTimeField()),
-                ('cancelled_at', models.DateTimeField(blank=True, null=True)),
-                ('cancel_reason', models.TextField(blank=True, null=True)),
-                ('attempt_count', models.IntegerField(default=0)),
-                ('not_before', models.DateTimeField(blank=True, null=True)),
+                ("id", models.CharField(db_collation="C", max_length=64, primary_key=True, serialize=False)),
+                ("tenant_id", models.CharField(max_length=200)),
+                ("project_id", models.CharField(max_length=200)),
+                ("queue", models.CharField(max_length=200)),
+                ("lane", models.CharField(max_length=200)),
+                ("title", models.CharField(max_length=500)),
+                ("priority", models.IntegerField(default=0)),
+                ("backend_profile", models.CharField(max_length=32)),
+                ("provider_id", models.CharField(blank=True, max_length=200, null=True)),
+                ("workspace_ref", models.JSONField(blank=True, null=True)),
+                ("session_ref", models.JSONField(blank=True, null=True)),
+                ("execution_policy", models.JSONField(blank=True, null=True)),
+                ("resource_bundle_ref", models.JSONField(blank=True, null=True)),
+                ("payload", models.JSONField(blank=True, null=True)),
+                ("references", models.JSONField(blank=True, null=True)),
+                ("metadata", models.JSONField(blank=True, null=True)),
+                ("idempotency_key", models.CharField(blank=True, max_length=200, null=True)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("running", "Running"),
+                            ("completed", "Completed"),
+                            ("failed", "Failed"),
+                            ("blocked", "Blocked"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("version", models.BigIntegerField()),
+                ("payload_hash", models.CharField(max_length=64)),
+                ("latest_attempt", models.JSONField(blank=True, null=True)),
+                ("session_path", models.CharField(blank=True, max_length=1000, null=True)),
+                ("created_at", models.DateTimeField()),
+                ("updated_at", models.DateTimeField()),
+                ("cancelled_at", models.DateTimeField(blank=True, null=True)),
+                ("cancel_reason", models.TextField(blank=True, null=True)),
+                ("attempt_count", models.IntegerField(default=0)),
+                ("not_before", models.DateTimeField(blank=True, null=True)),
             ],
             options={
-                'indexes': [models.Index(fields=['tenant_id', 'version'], name='task_tenant_version'), models.Index(fields=['tenant_id', 'project_id', 'version'], name='task_scope_version'), models.Index(fields=['queue', 'state', 'version'], name='task_queue_state_version'), models.Index(fields=['tenant_id', 'project_id', '-priority', 'created_at', 'id'], name='task_scope_priority'), models.Index(condition=models.Q(('state', 'pending')), fields=['-priority', 'created_at', 'id'], name='task_pending_order'), models.Index(condition=models.Q(('state', 'running')), fields=['tenant_id', 'queue'], name='task_running')],
-                'constraints': [models.UniqueConstraint(fields=('version',), name='task_version_unique'), models.UniqueConstraint(condition=models.Q(('idempotency_key__isnull', False)), fields=('tenant_id', 'project_id', 'idempotency_key'), name='task_idempotency_key')],
+                "indexes": [
+                    models.Index(fields=["tenant_id", "version"], name="task_tenant_version"),
+                    models.Index(fields=["tenant_id", "project_id", "version"], name="task_scope_version"),
+                    models.Index(fields=["queue", "state", "version"], name="task_queue_state_version"),
+                    models.Index(
+                        fields=["tenant_id", "project_id", "-priority", "created_at", "id"], name="task_scope_priority"
+                    ),
+                    models.Index(
+                        condition=models.Q(("state", "pending")),
+                        fields=["-priority", "created_at", "id"],
+                        name="task_pending_order",
+                    ),
+                    models.Index(
+                        condition=models.Q(("state", "running")), fields=["tenant_id", "queue"], name="task_running"
+                    ),
+                ],
+                "constraints": [
+                    models.UniqueConstraint(fields=("version",), name="task_version_unique"),
+                    models.UniqueConstraint(
+                        condition=models.Q(("idempotency_key__isnull", False)),
+                        fields=("tenant_id", "project_id", "idempotency_key"),
+                        name="task_idempotency_key",
+                    ),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='QueueReadCursor',
+            name="QueueReadCursor",
             fields=[
-                ('pk', models.CompositePrimaryKey('task', 'reader_id', blank=True, editable=False, primary_key=True, serialize=False)),
-                ('reader_id', models.CharField(db_collation='C', max_length=200)),
-                ('task_version', models.BigIntegerField()),
-                ('read_at', models.DateTimeField()),
-                ('task', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='read_cursors', to='queues.queuetask')),
+                (
+                    "pk",
+                    models.CompositePrimaryKey(
+                        "task", "reader_id", blank=True, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("reader_id", models.CharField(db_collation="C", max_length=200)),
+                ("task_version", models.BigIntegerField()),
+                ("read_at", models.DateTimeField()),
+                (
+                    "task",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="read_cursors", to="queues.queuetask"
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='QueueAttempt',
+            name="QueueAttempt",
             fields=[
-                ('id', models.CharField(db_collation='C', max_length=64, primary_key=True, serialize=False)),
-                ('number', models.IntegerField()),
-                ('run_id', models.CharField(blank=True, db_collation='C', max_length=64, null=True)),
-                ('command_id', models.CharField(blank=True, max_length=64, null=True)),
-                ('state', models.CharField(choices=[('pending', 'Pending'), ('running', 'Running'), ('completed', 'Completed'), ('failed', 'Failed'), ('blocked', 'Blocked'), ('cancelled', 'Cancelled')], default='running', max_length=16)),
-                ('failure_kind', models.CharField(blank=True, max_length=64, null=True)),
-                ('failure_message', models.TextField(blank=True, null=True)),
-                ('started_at', models.DateTimeField()),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('task', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='attempts', to='queues.queuetask')),
+                ("id", models.CharField(db_collation="C", max_length=64, primary_key=True, serialize=False)),
+                ("number", models.IntegerField()),
+                ("run_id", models.CharField(blank=True, db_collation="C", max_length=64, null=True)),
+                ("command_id", models.CharField(blank=True, max_length=64, null=True)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("running", "Running"),
+                            ("completed", "Completed"),
+                            ("failed", "Failed"),
+                            ("blocked", "Blocked"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="running",
+                        max_length=16,
+                    ),
+                ),
+                ("failure_kind", models.CharField(blank=True, max_length=64, null=True)),
+                ("failure_message", models.TextField(blank=True, null=True)),
+                ("started_at", models.DateTimeField()),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "task",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="attempts", to="queues.queuetask"
+                    ),
+                ),
             ],
             options={
-                'indexes': [models.Index(condition=models.Q(('state', 'running')), fields=['run_id'], name='attempt_open_run')],
-                'constraints': [models.UniqueConstraint(fields=('task', 'number'), name='attempt_task_number')],
+                "indexes": [
+                    models.Index(condition=models.Q(("state", "running")), fields=["run_id"], name="attempt_open_run")
+                ],
+                "constraints": [models.UniqueConstraint(fields=("task", "number"), name="attempt_task_number")],
             },
         ),
     ]

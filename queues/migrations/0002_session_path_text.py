@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('queues', '0001_initial'),
+        ("queues", "0001_initial"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='queuetask',
-            name='session_path',
+            model_name="queuetask",
+            name="session_path",
             field=models.TextField(blank=True, null=True),
         ),
     ]

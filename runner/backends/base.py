@@ -8,6 +8,7 @@ through as they are; the manager stores what PostgreSQL cannot hold as U+FFFD.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -51,8 +52,9 @@ class Parser:
 
     def no_outcome(self, *, exit_code: int, stderr_tail: str) -> TurnResult:
         """The agent ended without saying how the turn went."""
-        return TurnResult("failed", "backend-unavailable", f"the agent exited {exit_code}: {stderr_tail}".strip(),
-                          self.thread_id)
+        return TurnResult(
+            "failed", "backend-unavailable", f"the agent exited {exit_code}: {stderr_tail}".strip(), self.thread_id
+        )
 
 
 class Backend:
@@ -77,8 +79,15 @@ class AgentProcess:
         self.cancelled = threading.Event()
         self._stderr: deque[str] = deque(maxlen=20)
         self.process = subprocess.Popen(
-            argv, cwd=cwd, env={**os.environ, **env}, stdin=subprocess.PIPE if steerable else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace", bufsize=1,
+            argv,
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdin=subprocess.PIPE if steerable else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
             start_new_session=True,
         )
         self._stderr_thread = threading.Thread(target=self._read_stderr, daemon=True)
@@ -106,15 +115,16 @@ class AgentProcess:
                 continue
             try:
                 events = self.parser.feed(record)
-            except Exception:  # noqa: BLE001 - one line the parser cannot read must not end the turn
+            except Exception:
                 logger.warning("skipped an agent line the parser could not read: %.200s", line, exc_info=True)
                 continue
             for event_type, payload in events:
                 self.emit(event_type, payload)
         exit_code = self.process.wait()
         self._stderr_thread.join(timeout=5)
-        return self.parser.finish(exit_code=exit_code, cancelled=self.cancelled.is_set(),
-                                  stderr_tail="\n".join(self._stderr)[-2000:])
+        return self.parser.finish(
+            exit_code=exit_code, cancelled=self.cancelled.is_set(), stderr_tail="\n".join(self._stderr)[-2000:]
+        )
 
     def steer(self, text: str) -> bool:
         if not self.steerable or self.process.poll() is not None:
@@ -139,8 +149,6 @@ class AgentProcess:
                 self.process.wait(timeout=wait)
             except subprocess.TimeoutExpired:
                 continue
-            try:  # the leader is gone; its children may not be
+            with contextlib.suppress(ProcessLookupError):  # the leader is gone; its children may not be
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             return

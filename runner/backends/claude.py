@@ -18,7 +18,9 @@ def patch_from(path: str | None, hunks) -> str | None:
         return None
     lines = [f"--- a/{path}", f"+++ b/{path}"]
     for hunk in hunks:
-        lines.append(f"@@ -{hunk.get('oldStart')},{hunk.get('oldLines')} +{hunk.get('newStart')},{hunk.get('newLines')} @@")
+        lines.append(
+            f"@@ -{hunk.get('oldStart')},{hunk.get('oldLines')} +{hunk.get('newStart')},{hunk.get('newLines')} @@"
+        )
         lines.extend(hunk.get("lines") or [])
     return "\n".join(lines) + "\n"
 
@@ -49,12 +51,30 @@ class ClaudeParser(Parser):
         if kind == "user":
             return self._user(record)
         if kind == "system" and subtype == "api_retry":
-            return [("error", {"severity": "warning", "retrying": True, "status": record.get("error_status"),
-                               "message": record.get("error")})]
+            return [
+                (
+                    "error",
+                    {
+                        "severity": "warning",
+                        "retrying": True,
+                        "status": record.get("error_status"),
+                        "message": record.get("error"),
+                    },
+                )
+            ]
         if kind == "system" and subtype == "permission_denied":
             self.denied = True
-            return [("error", {"severity": "warning", "kind": "permission-denied", "tool": record.get("tool_name"),
-                               "message": record.get("message")})]
+            return [
+                (
+                    "error",
+                    {
+                        "severity": "warning",
+                        "kind": "permission-denied",
+                        "tool": record.get("tool_name"),
+                        "message": record.get("message"),
+                    },
+                )
+            ]
         if kind == "result":
             return self._result(record)
         return []
@@ -72,8 +92,17 @@ class ClaudeParser(Parser):
                 events.append(("reasoning", {"text": block["thinking"]}))
             elif block_type == "tool_use":
                 self.tools[block.get("id")] = (block.get("name"), block.get("input") or {})
-                events.append(("tool_call", {"callId": block.get("id"), "tool": block.get("name"),
-                                             "input": block.get("input"), "status": "in_progress"}))
+                events.append(
+                    (
+                        "tool_call",
+                        {
+                            "callId": block.get("id"),
+                            "tool": block.get("name"),
+                            "input": block.get("input"),
+                            "status": "in_progress",
+                        },
+                    )
+                )
         return events
 
     def _user(self, record: dict) -> list[tuple[str, dict]]:
@@ -87,14 +116,23 @@ class ClaudeParser(Parser):
             name, tool_input = self.tools.get(call_id, (None, {}))
             failed = block.get("is_error") is True
             if name == "Bash":
-                events.append(("command_output", {"command": tool_input.get("command"),
-                                                  "output": _text(block.get("content")), "isError": failed}))
+                events.append(
+                    (
+                        "command_output",
+                        {
+                            "command": tool_input.get("command"),
+                            "output": _text(block.get("content")),
+                            "isError": failed,
+                        },
+                    )
+                )
             elif name in EDIT_TOOLS and isinstance(result, dict) and not failed:
                 path = result.get("filePath") or tool_input.get("file_path")
                 events.append(("diff", {"path": path, "patch": patch_from(path, result.get("structuredPatch"))}))
             else:
-                events.append(("tool_call", {"callId": call_id, "tool": name,
-                                             "status": "failed" if failed else "completed"}))
+                events.append(
+                    ("tool_call", {"callId": call_id, "tool": name, "status": "failed" if failed else "completed"})
+                )
         return events
 
     def _result(self, record: dict) -> list[tuple[str, dict]]:
@@ -105,23 +143,31 @@ class ClaudeParser(Parser):
         elif subtype == "success":  # an API error after the retries
             status = record.get("api_error_status")
             unavailable = status in UNAVAILABLE_STATUSES or (isinstance(status, int) and status >= 500)
-            self.outcome = ("failed", "backend-unavailable" if unavailable else "agent-failed",
-                            message or f"API error {status}")
+            self.outcome = (
+                "failed",
+                "backend-unavailable" if unavailable else "agent-failed",
+                message or f"API error {status}",
+            )
         elif subtype == "error_during_execution" and str(record.get("terminal_reason", "")).startswith("aborted"):
             self.outcome = ("cancelled", "cancelled", "the turn was interrupted")
         else:
             status = "blocked" if record.get("permission_denials") else "failed"
             self.outcome = (status, "agent-failed", message or subtype)
         usage = record.get("usage") or {}
-        return [("usage", {
-            "inputTokens": usage.get("input_tokens"),
-            "cacheReadInputTokens": usage.get("cache_read_input_tokens"),
-            "cacheCreationInputTokens": usage.get("cache_creation_input_tokens"),
-            "outputTokens": usage.get("output_tokens"),
-            "costUsd": record.get("total_cost_usd"),
-            "modelUsage": record.get("modelUsage"),
-            "scope": "run",
-        })]
+        return [
+            (
+                "usage",
+                {
+                    "inputTokens": usage.get("input_tokens"),
+                    "cacheReadInputTokens": usage.get("cache_read_input_tokens"),
+                    "cacheCreationInputTokens": usage.get("cache_creation_input_tokens"),
+                    "outputTokens": usage.get("output_tokens"),
+                    "costUsd": record.get("total_cost_usd"),
+                    "modelUsage": record.get("modelUsage"),
+                    "scope": "run",
+                },
+            )
+        ]
 
     def finish(self, *, exit_code: int, cancelled: bool, stderr_tail: str) -> TurnResult:
         if not cancelled and self.outcome is not None and self.outcome[0] == "cancelled":
@@ -129,8 +175,12 @@ class ClaudeParser(Parser):
         return super().finish(exit_code=exit_code, cancelled=cancelled, stderr_tail=stderr_tail)
 
     def no_outcome(self, *, exit_code: int, stderr_tail: str) -> TurnResult:
-        return TurnResult("failed", "backend-unavailable",
-                          f"claude exited {exit_code} without a result: {stderr_tail}".strip(), self.thread_id)
+        return TurnResult(
+            "failed",
+            "backend-unavailable",
+            f"claude exited {exit_code} without a result: {stderr_tail}".strip(),
+            self.thread_id,
+        )
 
 
 class ClaudeBackend(Backend):
@@ -141,8 +191,15 @@ class ClaudeBackend(Backend):
 
     def command(self, *, prompt, thread_id, workdir):
         extra = shlex.split(os.environ.get("AGENTRUN_CLAUDE_ARGS", "--permission-mode acceptEdits"))
-        argv = [os.environ.get("AGENTRUN_CLAUDE_BIN", "claude"), "-p", prompt, "--output-format", "stream-json",
-                "--verbose", *extra]
+        argv = [
+            os.environ.get("AGENTRUN_CLAUDE_BIN", "claude"),
+            "-p",
+            prompt,
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            *extra,
+        ]
         if thread_id:
             argv.append(f"--resume={thread_id}")
         return argv, {}, ClaudeParser()

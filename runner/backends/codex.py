@@ -21,8 +21,9 @@ def failure_kind_for(message: str) -> str:
 def git_diff(workdir: str, paths: list[str]) -> str | None:
     """Codex reports which files changed, not how: the patch comes from git, when it can."""
     try:
-        done = subprocess.run(["git", "diff", "--no-color", "--", *paths], cwd=workdir, capture_output=True,
-                              text=True, timeout=15)
+        done = subprocess.run(
+            ["git", "diff", "--no-color", "--", *paths], cwd=workdir, capture_output=True, text=True, timeout=15
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout if done.returncode == 0 and done.stdout else None
@@ -62,14 +63,42 @@ class CodexParser(Parser):
 
     def _started(self, item_type, item) -> list[tuple[str, dict]]:
         if item_type == "command_execution":
-            return [("tool_call", {"tool": "shell", "command": item.get("command"), "callId": item.get("id"),
-                                   "status": "in_progress"})]
+            return [
+                (
+                    "tool_call",
+                    {
+                        "tool": "shell",
+                        "command": item.get("command"),
+                        "callId": item.get("id"),
+                        "status": "in_progress",
+                    },
+                )
+            ]
         if item_type == "mcp_tool_call":
-            return [("tool_call", {"tool": f"{item.get('server')}/{item.get('tool')}", "callId": item.get("id"),
-                                   "arguments": item.get("arguments"), "status": "in_progress"})]
+            return [
+                (
+                    "tool_call",
+                    {
+                        "tool": f"{item.get('server')}/{item.get('tool')}",
+                        "callId": item.get("id"),
+                        "arguments": item.get("arguments"),
+                        "status": "in_progress",
+                    },
+                )
+            ]
         if item_type == "web_search":
-            return [("tool_call", {"tool": "web_search", "callId": item.get("id"), "query": item.get("query"),
-                                   "action": item.get("action"), "status": "in_progress"})]
+            return [
+                (
+                    "tool_call",
+                    {
+                        "tool": "web_search",
+                        "callId": item.get("id"),
+                        "query": item.get("query"),
+                        "action": item.get("action"),
+                        "status": "in_progress",
+                    },
+                )
+            ]
         if item_type == "todo_list":
             return [("tool_call", {"tool": "todo_list", "callId": item.get("id"), "items": item.get("items", [])})]
         return []
@@ -82,20 +111,49 @@ class CodexParser(Parser):
         if item_type == "command_execution":
             if item.get("status") == "declined":
                 self.declined = True
-            return [("command_output", {"command": item.get("command"), "output": item.get("aggregated_output", ""),
-                                        "exitCode": item.get("exit_code"), "status": item.get("status")})]
+            return [
+                (
+                    "command_output",
+                    {
+                        "command": item.get("command"),
+                        "output": item.get("aggregated_output", ""),
+                        "exitCode": item.get("exit_code"),
+                        "status": item.get("status"),
+                    },
+                )
+            ]
         if item_type == "file_change" and item.get("status") == "completed":
             changes = item.get("changes") or []
             paths = [change.get("path") for change in changes if change.get("path")]
             patch = git_diff(self.workdir, paths) if self.workdir else None
             return [("diff", {"changes": changes, "patch": patch})]
         if item_type == "mcp_tool_call":
-            return [("tool_call", {"tool": f"{item.get('server')}/{item.get('tool')}", "callId": item.get("id"),
-                                   "arguments": item.get("arguments"), "status": item.get("status"),
-                                   "result": item.get("result"), "error": item.get("error")})]
+            return [
+                (
+                    "tool_call",
+                    {
+                        "tool": f"{item.get('server')}/{item.get('tool')}",
+                        "callId": item.get("id"),
+                        "arguments": item.get("arguments"),
+                        "status": item.get("status"),
+                        "result": item.get("result"),
+                        "error": item.get("error"),
+                    },
+                )
+            ]
         if item_type == "web_search":
-            return [("tool_call", {"tool": "web_search", "callId": item.get("id"), "query": item.get("query"),
-                                   "action": item.get("action"), "status": "completed"})]
+            return [
+                (
+                    "tool_call",
+                    {
+                        "tool": "web_search",
+                        "callId": item.get("id"),
+                        "query": item.get("query"),
+                        "action": item.get("action"),
+                        "status": "completed",
+                    },
+                )
+            ]
         if item_type == "todo_list":
             return [("tool_call", {"tool": "todo_list", "callId": item.get("id"), "items": item.get("items", [])})]
         if item_type == "error":
@@ -118,10 +176,15 @@ class CodexParser(Parser):
 
     def no_outcome(self, *, exit_code: int, stderr_tail: str) -> TurnResult:
         if self.lines == 0:
-            return TurnResult("failed", "backend-unavailable",
-                              f"codex exited {exit_code} before its first line: {stderr_tail}".strip(), self.thread_id)
-        return TurnResult("failed", "agent-failed", f"codex stopped (exit {exit_code}) without ending the turn",
-                          self.thread_id)
+            return TurnResult(
+                "failed",
+                "backend-unavailable",
+                f"codex exited {exit_code} before its first line: {stderr_tail}".strip(),
+                self.thread_id,
+            )
+        return TurnResult(
+            "failed", "agent-failed", f"codex stopped (exit {exit_code}) without ending the turn", self.thread_id
+        )
 
 
 class CodexBackend(Backend):
@@ -131,9 +194,17 @@ class CodexBackend(Backend):
     profile = "codex"
 
     def command(self, *, prompt, thread_id, workdir):
-        argv = [os.environ.get("AGENTRUN_CODEX_BIN", "codex"), "exec", "--json", "--skip-git-repo-check",
-                "-C", workdir, "-s", os.environ.get("AGENTRUN_CODEX_SANDBOX", "workspace-write"),
-                *shlex.split(os.environ.get("AGENTRUN_CODEX_ARGS", ""))]
+        argv = [
+            os.environ.get("AGENTRUN_CODEX_BIN", "codex"),
+            "exec",
+            "--json",
+            "--skip-git-repo-check",
+            "-C",
+            workdir,
+            "-s",
+            os.environ.get("AGENTRUN_CODEX_SANDBOX", "workspace-write"),
+            *shlex.split(os.environ.get("AGENTRUN_CODEX_ARGS", "")),
+        ]
         if thread_id:
             argv += ["resume", thread_id]
         return [*argv, prompt], {}, CodexParser(workdir)

@@ -21,8 +21,16 @@ class EchoParser(Parser):
         elif kind == "message":
             return [("assistant_message", {"text": record.get("text", "")})]
         elif kind == "output":
-            return [("command_output", {"command": record.get("command"), "output": record.get("output", ""),
-                                        "exitCode": record.get("exitCode")})]
+            return [
+                (
+                    "command_output",
+                    {
+                        "command": record.get("command"),
+                        "output": record.get("output", ""),
+                        "exitCode": record.get("exitCode"),
+                    },
+                )
+            ]
         elif kind == "diff":
             return [("diff", {"path": record.get("path"), "patch": record.get("patch", "")})]
         elif kind == "failed":
@@ -31,7 +39,6 @@ class EchoParser(Parser):
         elif kind == "done":
             self.outcome = ("completed", None, None)
         return []
-
 
 
 class EchoBackend(Backend):

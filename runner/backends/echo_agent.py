@@ -50,14 +50,18 @@ def main() -> int:
         word, rest = word.strip().lower(), rest.strip()
         if word == "run" and rest:
             # Command output is whatever the command printed: invalid UTF-8 is replaced, not fatal.
-            done = subprocess.run(rest, shell=True, capture_output=True, encoding="utf-8", errors="replace")
+            done = subprocess.run(  # noqa: S602 - "run <command>" is a shell command line, by design of the echo agent
+                rest, shell=True, capture_output=True, encoding="utf-8", errors="replace"
+            )
             say({"type": "output", "command": rest, "output": done.stdout + done.stderr, "exitCode": done.returncode})
         elif word == "edit" and rest:
             path = Path(rest)
             before = path.read_text() if path.exists() else ""
             after = before + f"edited by echo at turn {uuid.uuid4().hex[:8]}\n"
             path.write_text(after)
-            patch = "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), f"a/{rest}", f"b/{rest}"))
+            patch = "".join(
+                difflib.unified_diff(before.splitlines(True), after.splitlines(True), f"a/{rest}", f"b/{rest}")
+            )
             say({"type": "diff", "path": rest, "patch": patch})
         elif word == "sleep" and rest:
             time.sleep(float(rest))

@@ -4,23 +4,22 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('runs', '0001_initial'),
+        ("runs", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='run',
-            name='session_id',
-            field=models.CharField(blank=True, db_collation='C', max_length=200, null=True),
+            model_name="run",
+            name="session_id",
+            field=models.CharField(blank=True, db_collation="C", max_length=200, null=True),
         ),
         migrations.RunSQL(
             "UPDATE runs_run SET session_id = session_ref ->> 'sessionId' WHERE session_ref ? 'sessionId'",
             migrations.RunSQL.noop,
         ),
         migrations.AddIndex(
-            model_name='run',
-            index=models.Index(fields=['session_id', 'created_at'], name='run_session_created'),
+            model_name="run",
+            index=models.Index(fields=["session_id", "created_at"], name="run_session_created"),
         ),
     ]

@@ -4,23 +4,26 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('runs', '0002_run_session_id'),
+        ("runs", "0002_run_session_id"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='runnerjob',
-            name='stopped_at',
+            model_name="runnerjob",
+            name="stopped_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.AddIndex(
-            model_name='run',
-            index=models.Index(condition=models.Q(('status', 'pending')), fields=['created_at'], name='run_pending_created'),
+            model_name="run",
+            index=models.Index(
+                condition=models.Q(("status", "pending")), fields=["created_at"], name="run_pending_created"
+            ),
         ),
         migrations.AddIndex(
-            model_name='runnerjob',
-            index=models.Index(condition=models.Q(('stopped_at__isnull', True)), fields=['run'], name='runner_job_unstopped'),
+            model_name="runnerjob",
+            index=models.Index(
+                condition=models.Q(("stopped_at__isnull", True)), fields=["run"], name="runner_job_unstopped"
+            ),
         ),
     ]

@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('runs', '0003_runner_job_stopped_pending_index'),
+        ("runs", "0003_runner_job_stopped_pending_index"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='run',
-            name='session_id',
-            field=models.CharField(blank=True, db_collation='C', max_length=255, null=True),
+            model_name="run",
+            name="session_id",
+            field=models.CharField(blank=True, db_collation="C", max_length=255, null=True),
         ),
     ]

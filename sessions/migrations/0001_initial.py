@@ -4,52 +4,76 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Session',
+            name="Session",
             fields=[
-                ('session_id', models.CharField(db_collation='C', max_length=200, primary_key=True, serialize=False)),
-                ('tenant_id', models.CharField(max_length=200)),
-                ('project_id', models.CharField(max_length=200)),
-                ('backend_profile', models.CharField(max_length=32)),
-                ('conversation_id', models.CharField(blank=True, max_length=500, null=True)),
-                ('thread_id', models.CharField(blank=True, max_length=500, null=True)),
-                ('metadata', models.JSONField(blank=True, default=dict)),
-                ('version', models.BigIntegerField()),
-                ('execution_state', models.CharField(choices=[('idle', 'Idle'), ('running', 'Running'), ('terminal', 'Terminal')], default='idle', max_length=16)),
-                ('last_run_id', models.CharField(blank=True, max_length=64, null=True)),
-                ('last_command_id', models.CharField(blank=True, max_length=64, null=True)),
-                ('active_run_id', models.CharField(blank=True, max_length=64, null=True)),
-                ('active_command_id', models.CharField(blank=True, max_length=64, null=True)),
-                ('last_event_seq', models.BigIntegerField(default=0)),
-                ('terminal_status', models.CharField(blank=True, max_length=32, null=True)),
-                ('failure_kind', models.CharField(blank=True, max_length=64, null=True)),
-                ('title', models.CharField(blank=True, max_length=200, null=True)),
-                ('summary', models.JSONField(blank=True, default=dict)),
-                ('last_activity_at', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField()),
-                ('updated_at', models.DateTimeField()),
-                ('expires_at', models.DateTimeField(blank=True, null=True)),
-                ('storage_kind', models.CharField(choices=[('none', 'None'), ('pvc', 'Pvc'), ('evicted', 'Evicted')], default='none', max_length=16)),
-                ('storage_pvc_name', models.CharField(blank=True, max_length=253, null=True)),
-                ('storage_namespace', models.CharField(blank=True, max_length=253, null=True)),
-                ('storage_pvc_phase', models.CharField(blank=True, max_length=64, null=True)),
-                ('storage_sha256', models.CharField(blank=True, max_length=64, null=True)),
-                ('storage_size_bytes', models.BigIntegerField(blank=True, null=True)),
-                ('storage_files_count', models.BigIntegerField(blank=True, null=True)),
-                ('storage_updated_at', models.DateTimeField(blank=True, null=True)),
-                ('storage_evicted_at', models.DateTimeField(blank=True, null=True)),
-                ('codex_rollout_subdir', models.CharField(blank=True, max_length=500, null=True)),
+                ("session_id", models.CharField(db_collation="C", max_length=200, primary_key=True, serialize=False)),
+                ("tenant_id", models.CharField(max_length=200)),
+                ("project_id", models.CharField(max_length=200)),
+                ("backend_profile", models.CharField(max_length=32)),
+                ("conversation_id", models.CharField(blank=True, max_length=500, null=True)),
+                ("thread_id", models.CharField(blank=True, max_length=500, null=True)),
+                ("metadata", models.JSONField(blank=True, default=dict)),
+                ("version", models.BigIntegerField()),
+                (
+                    "execution_state",
+                    models.CharField(
+                        choices=[("idle", "Idle"), ("running", "Running"), ("terminal", "Terminal")],
+                        default="idle",
+                        max_length=16,
+                    ),
+                ),
+                ("last_run_id", models.CharField(blank=True, max_length=64, null=True)),
+                ("last_command_id", models.CharField(blank=True, max_length=64, null=True)),
+                ("active_run_id", models.CharField(blank=True, max_length=64, null=True)),
+                ("active_command_id", models.CharField(blank=True, max_length=64, null=True)),
+                ("last_event_seq", models.BigIntegerField(default=0)),
+                ("terminal_status", models.CharField(blank=True, max_length=32, null=True)),
+                ("failure_kind", models.CharField(blank=True, max_length=64, null=True)),
+                ("title", models.CharField(blank=True, max_length=200, null=True)),
+                ("summary", models.JSONField(blank=True, default=dict)),
+                ("last_activity_at", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField()),
+                ("updated_at", models.DateTimeField()),
+                ("expires_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "storage_kind",
+                    models.CharField(
+                        choices=[("none", "None"), ("pvc", "Pvc"), ("evicted", "Evicted")],
+                        default="none",
+                        max_length=16,
+                    ),
+                ),
+                ("storage_pvc_name", models.CharField(blank=True, max_length=253, null=True)),
+                ("storage_namespace", models.CharField(blank=True, max_length=253, null=True)),
+                ("storage_pvc_phase", models.CharField(blank=True, max_length=64, null=True)),
+                ("storage_sha256", models.CharField(blank=True, max_length=64, null=True)),
+                ("storage_size_bytes", models.BigIntegerField(blank=True, null=True)),
+                ("storage_files_count", models.BigIntegerField(blank=True, null=True)),
+                ("storage_updated_at", models.DateTimeField(blank=True, null=True)),
+                ("storage_evicted_at", models.DateTimeField(blank=True, null=True)),
+                ("codex_rollout_subdir", models.CharField(blank=True, max_length=500, null=True)),
             ],
             options={
-                'indexes': [models.Index(fields=['tenant_id', 'project_id', 'version'], name='session_scope_version'), models.Index(fields=['backend_profile'], name='session_backend'), models.Index(condition=models.Q(('expires_at__isnull', False), ('storage_kind', 'pvc'), models.Q(('storage_pvc_name', ''), _negated=True)), fields=['updated_at'], name='session_gc')],
-                'constraints': [models.UniqueConstraint(fields=('version',), name='session_version_unique')],
+                "indexes": [
+                    models.Index(fields=["tenant_id", "project_id", "version"], name="session_scope_version"),
+                    models.Index(fields=["backend_profile"], name="session_backend"),
+                    models.Index(
+                        condition=models.Q(
+                            ("expires_at__isnull", False),
+                            ("storage_kind", "pvc"),
+                            models.Q(("storage_pvc_name", ""), _negated=True),
+                        ),
+                        fields=["updated_at"],
+                        name="session_gc",
+                    ),
+                ],
+                "constraints": [models.UniqueConstraint(fields=("version",), name="session_version_unique")],
             },
         ),
     ]

@@ -6,44 +6,91 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('agent_sessions', '0001_initial'),
+        ("agent_sessions", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='SessionReadCursor',
+            name="SessionReadCursor",
             fields=[
-                ('pk', models.CompositePrimaryKey('session', 'reader_id', blank=True, editable=False, primary_key=True, serialize=False)),
-                ('session', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='read_cursors', to='agent_sessions.session')),
-                ('reader_id', models.CharField(db_collation='C', max_length=200)),
-                ('session_version', models.BigIntegerField()),
-                ('read_at', models.DateTimeField()),
+                (
+                    "pk",
+                    models.CompositePrimaryKey(
+                        "session", "reader_id", blank=True, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                (
+                    "session",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="read_cursors",
+                        to="agent_sessions.session",
+                    ),
+                ),
+                ("reader_id", models.CharField(db_collation="C", max_length=200)),
+                ("session_version", models.BigIntegerField()),
+                ("read_at", models.DateTimeField()),
             ],
         ),
         migrations.AddIndex(
-            model_name='session',
-            index=models.Index(fields=['tenant_id', 'version'], name='session_tenant_version'),
+            model_name="session",
+            index=models.Index(fields=["tenant_id", "version"], name="session_tenant_version"),
         ),
         migrations.AddIndex(
-            model_name='session',
-            index=models.Index(models.F('tenant_id'), models.OrderBy(django.db.models.functions.comparison.Coalesce('last_activity_at', 'updated_at'), descending=True), models.OrderBy(models.F('updated_at'), descending=True), models.OrderBy(models.F('session_id')), name='session_inbox'),
+            model_name="session",
+            index=models.Index(
+                models.F("tenant_id"),
+                models.OrderBy(
+                    django.db.models.functions.comparison.Coalesce("last_activity_at", "updated_at"), descending=True
+                ),
+                models.OrderBy(models.F("updated_at"), descending=True),
+                models.OrderBy(models.F("session_id")),
+                name="session_inbox",
+            ),
         ),
         migrations.AddIndex(
-            model_name='session',
-            index=models.Index(models.F('tenant_id'), models.F('project_id'), models.OrderBy(django.db.models.functions.comparison.Coalesce('last_activity_at', 'updated_at'), descending=True), models.OrderBy(models.F('updated_at'), descending=True), models.OrderBy(models.F('session_id')), name='session_inbox_project'),
+            model_name="session",
+            index=models.Index(
+                models.F("tenant_id"),
+                models.F("project_id"),
+                models.OrderBy(
+                    django.db.models.functions.comparison.Coalesce("last_activity_at", "updated_at"), descending=True
+                ),
+                models.OrderBy(models.F("updated_at"), descending=True),
+                models.OrderBy(models.F("session_id")),
+                name="session_inbox_project",
+            ),
         ),
         migrations.AddIndex(
-            model_name='session',
-            index=models.Index(models.F('tenant_id'), models.OrderBy(django.db.models.functions.comparison.Coalesce('last_activity_at', 'updated_at'), descending=True), models.OrderBy(models.F('updated_at'), descending=True), models.OrderBy(models.F('session_id')), condition=models.Q(('execution_state', 'running')), name='session_inbox_running'),
+            model_name="session",
+            index=models.Index(
+                models.F("tenant_id"),
+                models.OrderBy(
+                    django.db.models.functions.comparison.Coalesce("last_activity_at", "updated_at"), descending=True
+                ),
+                models.OrderBy(models.F("updated_at"), descending=True),
+                models.OrderBy(models.F("session_id")),
+                condition=models.Q(("execution_state", "running")),
+                name="session_inbox_running",
+            ),
         ),
         migrations.AddIndex(
-            model_name='session',
-            index=models.Index(models.F('tenant_id'), models.F('project_id'), models.OrderBy(django.db.models.functions.comparison.Coalesce('last_activity_at', 'updated_at'), descending=True), models.OrderBy(models.F('updated_at'), descending=True), models.OrderBy(models.F('session_id')), condition=models.Q(('execution_state', 'running')), name='session_inbox_project_running'),
+            model_name="session",
+            index=models.Index(
+                models.F("tenant_id"),
+                models.F("project_id"),
+                models.OrderBy(
+                    django.db.models.functions.comparison.Coalesce("last_activity_at", "updated_at"), descending=True
+                ),
+                models.OrderBy(models.F("updated_at"), descending=True),
+                models.OrderBy(models.F("session_id")),
+                condition=models.Q(("execution_state", "running")),
+                name="session_inbox_project_running",
+            ),
         ),
         migrations.AddIndex(
-            model_name='session',
-            index=models.Index(fields=['tenant_id', 'updated_at'], name='session_tenant_updated'),
+            model_name="session",
+            index=models.Index(fields=["tenant_id", "updated_at"], name="session_tenant_updated"),
         ),
     ]

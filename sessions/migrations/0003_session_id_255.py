@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('agent_sessions', '0002_read_cursors_inbox_indexes'),
+        ("agent_sessions", "0002_read_cursors_inbox_indexes"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='session',
-            name='session_id',
-            field=models.CharField(db_collation='C', max_length=255, primary_key=True, serialize=False),
+            model_name="session",
+            name="session_id",
+            field=models.CharField(db_collation="C", max_length=255, primary_key=True, serialize=False),
         ),
     ]

@@ -20,7 +20,6 @@ $$
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
         ("agentrun", "0002_counter_rows"),
         ("agent_sessions", "0003_session_id_255"),

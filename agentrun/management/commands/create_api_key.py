@@ -17,7 +17,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, tenant, project, role, run, name, **options):
         try:
-            key, raw = api_key_create(tenant_id=tenant, project_id=project, role=role, run_id=run, name=name)
+            _key, raw = api_key_create(tenant_id=tenant, project_id=project, role=role, run_id=run, name=name)
         except AgentRunError as exc:
             raise CommandError(exc.message) from exc
         self.stdout.write(raw)

@@ -26,8 +26,13 @@ def _database_url() -> str:
     from psycopg.conninfo import make_conninfo
 
     db = settings.DATABASES["default"]
-    params = {"dbname": db["NAME"], "user": db["USER"], "password": db["PASSWORD"] or None,
-              "host": db["HOST"] or None, "port": db["PORT"] or None}
+    params = {
+        "dbname": db["NAME"],
+        "user": db["USER"],
+        "password": db["PASSWORD"] or None,
+        "host": db["HOST"] or None,
+        "port": db["PORT"] or None,
+    }
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
@@ -44,13 +49,16 @@ def _die_with_parent() -> None:
 
 
 class Command(BaseCommand):
-    help = ("Development: gunicorn (gthread) and the worker with the local launcher, on the embedded or "
-            "configured PostgreSQL. Ctrl-C stops them all.")
+    help = (
+        "Development: gunicorn (gthread) and the worker with the local launcher, on the embedded or "
+        "configured PostgreSQL. Ctrl-C stops them all."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--bind", default=os.environ.get("AGENTRUN_BIND", "127.0.0.1:8000"))
-        parser.add_argument("--launcher", default=os.environ.get("AGENTRUN_LAUNCHER", "local"),
-                            choices=["local", "kubernetes", "none"])
+        parser.add_argument(
+            "--launcher", default=os.environ.get("AGENTRUN_LAUNCHER", "local"), choices=["local", "kubernetes", "none"]
+        )
 
     def handle(self, *args, bind, launcher, **options):
         call_command("migrate", interactive=False, verbosity=0)
@@ -68,10 +76,14 @@ class Command(BaseCommand):
             "AGENTRUN_LAUNCHER": launcher,
         }
         children = [
-            subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(settings.BASE_DIR / "gunicorn.conf.py")],
-                             env=env, preexec_fn=_die_with_parent),
-            subprocess.Popen([sys.executable, str(settings.BASE_DIR / "manage.py"), "worker"],
-                             env=env, preexec_fn=_die_with_parent),
+            subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", str(settings.BASE_DIR / "gunicorn.conf.py")],
+                env=env,
+                preexec_fn=_die_with_parent,
+            ),
+            subprocess.Popen(
+                [sys.executable, str(settings.BASE_DIR / "manage.py"), "worker"], env=env, preexec_fn=_die_with_parent
+            ),
         ]
         base = f"{url}/api/v1"
         self.stdout.write(

@@ -42,21 +42,32 @@ class Worker:
                 logger.warning("reconciled: %s %s %s (%s)", item.action, item.run_id, item.job, item.detail)
             self.next_reconcile = time.monotonic() + settings.AGENTRUN_RECONCILE_INTERVAL_SECONDS
         if settled or dispatched or launched or stopped or reaped:
-            logger.info("worker: settled %d, dispatched %d, launched %d, stopped %d, reaped %d",
-                        settled, dispatched, launched, stopped, len(reaped))
+            logger.info(
+                "worker: settled %d, dispatched %d, launched %d, stopped %d, reaped %d",
+                settled,
+                dispatched,
+                launched,
+                stopped,
+                len(reaped),
+            )
         for item in reaped:
             logger.warning("reaped run %s: %s (%s)", item.run_id, item.reason, item.detail)
         return min(self.dispatcher.sleep_seconds(), max(0.1, self.next_reap - time.monotonic()))
 
 
 class Command(BaseCommand):
-    help = ("Run the worker: queue dispatcher, runner launcher (AGENTRUN_LAUNCHER), lease reaper, and "
-            "session storage GC.")
+    help = (
+        "Run the worker: queue dispatcher, runner launcher (AGENTRUN_LAUNCHER), lease reaper, and session storage GC."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--once", action="store_true", help="One pass, then exit.")
-        parser.add_argument("--gc-interval", type=float, default=settings.AGENTRUN_GC_INTERVAL_SECONDS,
-                            help="Seconds between gc_sessions passes (0: never).")
+        parser.add_argument(
+            "--gc-interval",
+            type=float,
+            default=settings.AGENTRUN_GC_INTERVAL_SECONDS,
+            help="Seconds between gc_sessions passes (0: never).",
+        )
 
     def handle(self, *args, once: bool, gc_interval: float, **options):
         worker = Worker()
@@ -64,8 +75,10 @@ class Command(BaseCommand):
             settled, dispatched = worker.dispatcher.run_once()
             launched = launching.launch_pending(worker.launcher)
             reaped = reaping.reap()
-            self.stdout.write(f"settled {settled} attempt(s), dispatched {dispatched} task(s), "
-                              f"launched {launched} runner(s), reaped {len(reaped)} run(s)")
+            self.stdout.write(
+                f"settled {settled} attempt(s), dispatched {dispatched} task(s), "
+                f"launched {launched} runner(s), reaped {len(reaped)} run(s)"
+            )
             return
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -86,7 +99,7 @@ class Command(BaseCommand):
         while not stop.wait(interval):
             try:
                 call_command("gc_sessions", stdout=self.stdout, stderr=self.stderr)
-            except Exception:  # noqa: BLE001 - reported; the next pass tries again
+            except Exception:
                 logger.exception("gc_sessions pass failed")
             finally:
                 connection.close()

@@ -10,8 +10,10 @@ from runs import reconciling
 
 
 class Command(BaseCommand):
-    help = ("Fail claimed runs whose runner Job failed or vanished (runner-lost), and delete runner Jobs whose "
-            "runs have ended or do not exist. Needs the kubernetes launcher's settings.")
+    help = (
+        "Fail claimed runs whose runner Job failed or vanished (runner-lost), and delete runner Jobs whose "
+        "runs have ended or do not exist. Needs the kubernetes launcher's settings."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--dry-run", action="store_true", help="Report; change nothing.")
@@ -22,8 +24,10 @@ class Command(BaseCommand):
         except (kube.KubeError, ValueError) as exc:
             raise CommandError(str(exc)) from None
         for item in findings:
-            verb = {"fail-run": "would fail run" if dry_run else "failed run",
-                    "delete-job": "would delete Job" if dry_run else "deleted Job"}[item.action]
+            verb = {
+                "fail-run": "would fail run" if dry_run else "failed run",
+                "delete-job": "would delete Job" if dry_run else "deleted Job",
+            }[item.action]
             target = item.run_id if item.action == "fail-run" else item.job
             self.stdout.write(f"{verb} {target}: {item.detail}")
         self.stdout.write(f"{'dry run: ' if dry_run else ''}{len(findings)} finding(s)")

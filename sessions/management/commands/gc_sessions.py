@@ -32,9 +32,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--dry-run", action="store_true", help="List what would be collected; change nothing.")
         parser.add_argument(
-            "--limit", type=_limit, default=settings.AGENTRUN_GC_DEFAULT_LIMIT,
+            "--limit",
+            type=_limit,
+            default=settings.AGENTRUN_GC_DEFAULT_LIMIT,
             help=f"At most this many sessions (default {settings.AGENTRUN_GC_DEFAULT_LIMIT}, "
-                 f"at most {settings.AGENTRUN_GC_MAX_LIMIT}).",
+            f"at most {settings.AGENTRUN_GC_MAX_LIMIT}).",
         )
 
     def handle(self, *args, dry_run: bool, limit: int, **options):
@@ -54,8 +56,9 @@ class Command(BaseCommand):
                 kube.api_client()
             except kube.KubeError as exc:
                 raise CommandError(str(exc)) from None
-        counts = dict.fromkeys((StorageOutcome.DELETED, StorageOutcome.ABSENT, StorageOutcome.FAILED,
-                                StorageOutcome.SKIPPED), 0)
+        counts = dict.fromkeys(
+            (StorageOutcome.DELETED, StorageOutcome.ABSENT, StorageOutcome.FAILED, StorageOutcome.SKIPPED), 0
+        )
         for session in candidates:
             outcome, detail = services.session_storage_collect(
                 session_id=session.session_id, delete_pvc=kube.delete_pvc, default_namespace=namespace, expired_at=now
