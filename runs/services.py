@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 from django.db import IntegrityError, connection
 from django.db.models.functions import Now
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from agentrun import backends, notify
@@ -179,12 +180,20 @@ def _write_events(run: Run, events: list[NewEvent], at: datetime, extra_statemen
                 session_id=run.session_id, last_event_seq=run.last_event_seq, at=at
             )
         )
-    sql = "WITH " + ", ".join(f"w{index} AS ({statement})" for index, (statement, _) in enumerate(ctes))
-    sql += " UPDATE runs_run SET last_event_seq = %s WHERE id = %s RETURNING pg_notify(%s, %s)"
+    statement = sql.SQL(
+        "WITH {} UPDATE runs_run SET last_event_seq = %s WHERE id = %s RETURNING pg_notify(%s, %s)"
+    ).format(
+        sql.SQL(", ").join(
+            sql.SQL("{} AS ({})").format(
+                sql.Identifier(f"w{index}"), cte if isinstance(cte, sql.Composable) else sql.SQL(cte)
+            )
+            for index, (cte, _) in enumerate(ctes)
+        )
+    )
     params = [param for _, statement_params in ctes for param in statement_params]
     params += [run.last_event_seq, run.id, notify.CHANNEL, notify.run_topic(run.id)]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(statement, params)
 
 
 def _cancel_open_commands(write: _RunWrite, *, message: str | None) -> None:
@@ -889,19 +898,6 @@ def runner_register(
     Runner.objects.filter(pk=runner_id).update(attributes=attributes, heartbeat_at=at)
     runner.attributes, runner.heartbeat_at = attributes, at
     return runner, False
-
-
-RUNNER_JOB_REQUIRED = (
-    "command_id",
-    "payload_hash",
-    "attempt_id",
-    "runner_id",
-    "namespace",
-    "job_name",
-    "manager_url",
-    "image",
-    "source_commit",
-)
 
 
 def runner_job_save(

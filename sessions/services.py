@@ -7,6 +7,7 @@ from datetime import datetime
 
 from django.db import connection, transaction
 from django.db.models import BigIntegerField, F, Func
+from psycopg import sql
 
 from agentrun import counters
 from agentrun.auth import Scope
@@ -171,15 +172,19 @@ def session_resolve_for_run(
         return session_ref_from_record(session, session_ref)
 
 
-def session_event_touch_sql(*, session_id: str, last_event_seq: int, at: datetime) -> tuple[str, list]:
+def session_event_touch_sql(*, session_id: str, last_event_seq: int, at: datetime) -> tuple[sql.Composed, list]:
     """Every appended event touches its session: lastEventSeq and activity, no version bump
     (the touch's stamp instead). As a statement, so the append can send it with its own writes
-    in one round trip."""
-    return (
-        "UPDATE agent_sessions_session SET last_event_seq = %s, last_activity_at = %s, updated_at = %s, "
-        f"activity_version = {TOUCH_VERSION_FUNCTION}(session_id) WHERE session_id = %s",
-        [last_event_seq, at, at, session_id],
-    )
+    in one round trip (the append's hot path: an ORM update would be a second one)."""
+    column = {name: sql.Identifier(Session._meta.get_field(name).column) for name in _EVENT_TOUCH_FIELDS}
+    statement = sql.SQL(
+        "UPDATE {table} SET {last_event_seq} = %s, {last_activity_at} = %s, {updated_at} = %s, "
+        "{activity_version} = {touch}({session_id}) WHERE {session_id} = %s"
+    ).format(table=sql.Identifier(Session._meta.db_table), touch=sql.Identifier(TOUCH_VERSION_FUNCTION), **column)
+    return statement, [last_event_seq, at, at, session_id]
+
+
+_EVENT_TOUCH_FIELDS = ("last_event_seq", "last_activity_at", "updated_at", "activity_version", "session_id")
 
 
 def session_touch_command_created(
