@@ -43,7 +43,7 @@ MIDDLEWARE = [
     "agentrun.middleware.SiteOnlyXFrameOptionsMiddleware",
 ]
 
-ROOT_URLCONF = "agentrun.urls"
+ROOT_URLCONF = "settings.urls"
 WSGI_APPLICATION = "agentrun.wsgi.application"
 APPEND_SLASH = False
 
@@ -133,6 +133,8 @@ AGENTRUN_NAMESPACE = os.environ.get("AGENTRUN_NAMESPACE", "agentrun")
 AGENTRUN_GC_DEFAULT_LIMIT = 50
 AGENTRUN_GC_MAX_LIMIT = 500
 # worker: seconds between storage collection passes.
+# The worker's wiring (like ROOT_URLCONF, a module at the top of the house): manage.py worker runs it.
+AGENTRUN_WORKER = "settings.worker"
 AGENTRUN_GC_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_GC_INTERVAL_SECONDS", "300"))
 # The reaper: a lapsed lease is left this long to its runner before the run fails runner-lost.
 AGENTRUN_REAP_GRACE_SECONDS = float(os.environ.get("AGENTRUN_REAP_GRACE_SECONDS", "30"))

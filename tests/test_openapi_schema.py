@@ -89,7 +89,7 @@ def _methods(callback) -> set[str]:
 
 def url_conf_operations() -> set[tuple[str, str]]:
     found = set()
-    for pattern, callback in _patterns(get_resolver("agentrun.urls").url_patterns):
+    for pattern, callback in _patterns(get_resolver().url_patterns):
         path = _path(pattern)
         if path.startswith("/admin/") or path in UNDOCUMENTED:
             continue

@@ -640,7 +640,7 @@ def _methods(callback) -> set[str]:
 
 def url_conf_routes() -> dict[tuple[str, str], object]:
     routes = {}
-    for pattern, callback in _patterns(get_resolver("agentrun.urls").url_patterns):
+    for pattern, callback in _patterns(get_resolver().url_patterns):
         if not pattern.startswith(API_PREFIX) or _route(pattern) in SKIPPED:
             continue
         for method in _methods(callback):
@@ -655,7 +655,7 @@ def test_every_route_has_a_case():
 
 def test_skipped_routes_need_no_key():
     skipped = {}
-    for pattern, callback in _patterns(get_resolver("agentrun.urls").url_patterns):
+    for pattern, callback in _patterns(get_resolver().url_patterns):
         if pattern.startswith(API_PREFIX) and _route(pattern) in SKIPPED:
             # A view's own attributes, as as_view() may have overridden them.
             skipped[_route(pattern)] = {**vars(callback.view_class), **callback.initkwargs}

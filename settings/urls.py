@@ -1,4 +1,5 @@
-"""The composition: every app's routes under /api/v1/."""
+"""The top of the house: every app's routes under /api/v1/, the probes and the admin. It sits
+above every app (settings/ may import them all; no app imports settings/)."""
 
 from django.contrib import admin
 from django.urls import include, path
