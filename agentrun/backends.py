@@ -16,7 +16,7 @@ def backend_list() -> list[dict]:
     return [{"profile": profile, "capabilities": dict(caps)} for profile, caps in CAPABILITIES.items()]
 
 
-def require_profile(profile) -> str:
+def require_profile(profile: object) -> str:
     if profile not in CAPABILITIES:
         raise invalid(
             f"backendProfile must be one of {', '.join(PROFILES)}",

@@ -61,7 +61,9 @@ def _forget_dead_handles(pgdata: Path) -> None:
 def django_database(url: str, *, pool: bool, adapter: str) -> dict:
     """A Django DATABASES entry from a libpq URL or key=value string."""
     params = conninfo_to_dict(url)
-    options = {key: value for key, value in params.items() if key not in {"dbname", "user", "password", "host", "port"}}
+    options: dict[str, object] = {
+        key: value for key, value in params.items() if key not in {"dbname", "user", "password", "host", "port"}
+    }
     # Parameters travel apart from the SQL, and psycopg prepares statements a connection runs
     # often: less work per query for Python and for the server.
     options.setdefault("server_side_binding", True)

@@ -44,15 +44,15 @@ def not_found(entity: str, object_id: str) -> AgentRunError:
     return AgentRunError(SCHEMA_INVALID, f"{entity} {object_id} was not found", status=404)
 
 
-def invalid(message: str, **details) -> AgentRunError:
+def invalid(message: str, **details: object) -> AgentRunError:
     return AgentRunError(SCHEMA_INVALID, message, status=400, details=details)
 
 
-def conflict(kind: str, message: str, **details) -> AgentRunError:
+def conflict(kind: str, message: str, **details: object) -> AgentRunError:
     return AgentRunError(kind, message, status=409, details=details)
 
 
-def infra_failed(message: str, **details) -> AgentRunError:
+def infra_failed(message: str, **details: object) -> AgentRunError:
     return AgentRunError(INFRA_FAILED, message, status=503, details=details)
 
 

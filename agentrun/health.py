@@ -63,7 +63,9 @@ def store_health() -> tuple[dict, int]:
     return _record(adapter, reachable=True, migration_ready=True, migration_id=latest, message=None), 200
 
 
-def _record(adapter, *, reachable, migration_ready, migration_id, message) -> dict:
+def _record(
+    adapter: str, *, reachable: bool, migration_ready: bool, migration_id: str | None, message: str | None
+) -> dict:
     ready = reachable and migration_ready
     return {
         "adapter": adapter,

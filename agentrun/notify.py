@@ -11,11 +11,17 @@ import atexit
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from django.db import connection, connections
 from django.http import HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+
+Fetch = Callable[[], Any]
+Render = Callable[[Any], bytes]
 
 logger = logging.getLogger(__name__)
 
@@ -62,24 +68,24 @@ class _SharedFetch:
 
     __slots__ = ("done", "failed", "generation", "result")
 
-    def __init__(self, generation: int):
+    def __init__(self, generation: int) -> None:
         self.generation = generation
         self.done = threading.Event()
-        self.result = None
+        self.result: Any = None
         self.failed = False
 
 
 class _Waiter:
     __slots__ = ("event", "question", "topic")
 
-    def __init__(self, topic: str, question=None):
+    def __init__(self, topic: str, question: tuple[object, Fetch] | None = None) -> None:
         self.topic = topic
         self.question = question  # (share_key, fetch): what this waiter will ask once woken
         self.event = threading.Event()
 
 
 class NotificationHub:
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: dict[str, set[_Waiter]] = {}
         # Per topic: how many notifications arrived, and the fetches shared among its waiters.
@@ -90,7 +96,7 @@ class NotificationHub:
         self._conninfo: dict | None = None
         self._stopping = False
 
-    def add_waiter(self, topic: str, question=None) -> _Waiter:
+    def add_waiter(self, topic: str, question: tuple[object, Fetch] | None = None) -> _Waiter:
         waiter = _Waiter(topic, question)
         self._ensure_started()
         with self._lock:
@@ -108,7 +114,7 @@ class NotificationHub:
                     self._generations.pop(waiter.topic, None)
 
     @contextmanager
-    def subscribe(self, topic: str):
+    def subscribe(self, topic: str) -> Iterator[_Waiter]:
         waiter = self.add_waiter(topic)
         try:
             yield waiter
@@ -172,7 +178,7 @@ class NotificationHub:
                 backoff = min(backoff * 2, 5.0)
         self._listening.clear()
 
-    def shared_fetch(self, topic: str, key, fetch):
+    def shared_fetch(self, topic: str, key: object, fetch: Fetch) -> Any:
         """`fetch()` for a waiter that just woke on `topic`, done once for all the waiters asking
         the same `key`: a hundred clients following one run cost one query, not a hundred.
 
@@ -184,7 +190,7 @@ class NotificationHub:
             fetches = self._shared.setdefault(topic, {})
             shared = fetches.get(key)
             leader = shared is None or shared.generation < generation or shared.failed
-            if leader:
+            if shared is None or leader:
                 shared = fetches[key] = _SharedFetch(generation)
         if leader:
             try:
@@ -264,11 +270,11 @@ class _LongPoll:
     a shared fetch and a write, so one append can wake a hundred followers at once.
     """
 
-    def __init__(self, waiter: _Waiter, *, deadline: float, fetch, share_key, render):
+    def __init__(self, waiter: _Waiter, *, deadline: float, fetch: Fetch, share_key: object, render: Render) -> None:
         self.waiter, self.deadline, self.fetch, self.share_key, self.render = waiter, deadline, fetch, share_key, render
         self.finished = False
 
-    def __iter__(self):
+    def __iter__(self) -> _LongPoll:
         return self
 
     def __next__(self) -> bytes:
@@ -298,7 +304,7 @@ class _LongPoll:
         hub.remove_waiter(self.waiter)
 
 
-def long_poll(topic: str, *, timeout: float, fetch, share_key, render) -> HttpResponse:
+def long_poll(topic: str, *, timeout: float, fetch: Fetch, share_key: object, render: Render) -> HttpResponseBase:
     """Answer with `render(fetch())` as soon as `fetch()` is non-empty, or after `timeout`
     with its last (empty) value; `render(None)` must answer "nothing yet". Waiters with the
     same `share_key` (the same question about the same topic) share each wake-up's fetch."""

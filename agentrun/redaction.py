@@ -130,7 +130,8 @@ def redact(payload: dict, *, list_sanitized: bool = True) -> dict:
     copies: dict[int, Any] = {id(payload): result}
     redacted = set()
     for path, new_value, is_redaction in replacements:
-        original, node = payload, result
+        original: Any = payload
+        node: Any = result
         for key in path[:-1]:
             original = original[key]
             clone = copies.get(id(original))

@@ -90,7 +90,7 @@ class SessionWithRunsAdmin(SessionAdmin):
     """The session page with what runs own: the session's runs and its current run's last events."""
 
     fieldsets = (*SessionAdmin.fieldsets, ("Runs and events", {"fields": ("runs", "recent_events")}))
-    readonly_fields = (*SessionAdmin.readonly_fields, "runs", "recent_events")
+    readonly_fields = [*SessionAdmin.readonly_fields, "runs", "recent_events"]
 
     @admin.display(description="runs (newest first)")
     def runs(self, session):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from django.contrib.admin.options import _FieldOpts
+
 from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Q
@@ -48,7 +53,7 @@ class SessionAdmin(admin.ModelAdmin):
     search_fields = ("session_id", "title", "thread_id")
     ordering = ("-last_activity_at",)
     actions = ("mark_read", "evict_storage")
-    fieldsets = (
+    fieldsets: ClassVar[tuple[tuple[str | None, _FieldOpts], ...]] = (
         (
             None,
             {

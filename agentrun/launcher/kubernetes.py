@@ -71,14 +71,17 @@ class KubernetesLauncher(Launcher):
         namespace = spec.pvc_namespace or self.namespace
         pvc, created_pvc = spec.pvc_name, False
         if pvc is None and spec.needs_storage and spec.session_id:
-            pvc, created_pvc = session_pvc_name(spec.session_id), self._ensure_pvc(spec, namespace)
+            pvc, created_pvc = session_pvc_name(spec.session_id), self._ensure_pvc(spec.session_id, namespace)
         job = self._create_job(spec, name, namespace, pvc)
-        self._create_secret(spec, name, namespace, job)
+        uid = job.metadata.uid if job.metadata is not None else None
+        if uid is None:
+            raise kube.KubeError(f"creating Job {namespace}/{name}: the API server answered without a uid")
+        self._create_secret(spec, name, namespace, uid)
         return Launched(
             namespace=namespace,
             job_name=name,
             image=self.image,
-            details={"uid": job.metadata.uid, "secret": name, "pvc": pvc, "pvcCreated": created_pvc},
+            details={"uid": uid, "secret": name, "pvc": pvc, "pvcCreated": created_pvc},
         )
 
     def _labels(self, spec: LaunchSpec) -> dict:
@@ -89,15 +92,16 @@ class KubernetesLauncher(Launcher):
             "agentrun.io/attempt": str(spec.attempt),
         }
 
-    def _ensure_pvc(self, spec: LaunchSpec, namespace: str) -> bool:
+    def _ensure_pvc(self, session_id: str, namespace: str) -> bool:
+        name = session_pvc_name(session_id)
         body = client.V1PersistentVolumeClaim(
             api_version="v1",
             kind="PersistentVolumeClaim",
             metadata=client.V1ObjectMeta(
-                name=session_pvc_name(spec.session_id),
+                name=name,
                 labels={
                     "app.kubernetes.io/managed-by": "agentrun",
-                    "agentrun.io/session-id": _label_value(spec.session_id),
+                    "agentrun.io/session-id": _label_value(session_id),
                 },
             ),
             spec=client.V1PersistentVolumeClaimSpec(
@@ -114,7 +118,7 @@ class KubernetesLauncher(Launcher):
         except ApiException as exc:
             if exc.status == 409:
                 return False
-            raise kube.KubeError(f"creating PVC {namespace}/{body.metadata.name}: HTTP {exc.status}") from None
+            raise kube.KubeError(f"creating PVC {namespace}/{name}: HTTP {exc.status}") from None
 
     def _create_job(self, spec: LaunchSpec, name: str, namespace: str, pvc: str | None) -> client.V1Job:
         mounts = [client.V1VolumeMount(name="workspace", mount_path=WORKSPACE)]
@@ -189,7 +193,7 @@ class KubernetesLauncher(Launcher):
                 return self.batch.read_namespaced_job(name, namespace, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS)
             raise kube.KubeError(f"creating Job {namespace}/{name}: HTTP {exc.status}") from None
 
-    def _create_secret(self, spec: LaunchSpec, name: str, namespace: str, job: client.V1Job) -> None:
+    def _create_secret(self, spec: LaunchSpec, name: str, namespace: str, job_uid: str) -> None:
         body = client.V1Secret(
             api_version="v1",
             kind="Secret",
@@ -199,7 +203,7 @@ class KubernetesLauncher(Launcher):
                 labels=self._labels(spec),
                 owner_references=[
                     client.V1OwnerReference(
-                        api_version="batch/v1", kind="Job", name=name, uid=job.metadata.uid, block_owner_deletion=True
+                        api_version="batch/v1", kind="Job", name=name, uid=job_uid, block_owner_deletion=True
                     )
                 ],
             ),
