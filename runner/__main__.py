@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+from types import FrameType
 
 from runner.client import AgentRunClient, ApiError
 from runner.runner import Runner
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             grace_seconds=args.grace_seconds,
         )
 
-        def shut_down(signum, frame):
+        def shut_down(signum: int, frame: FrameType | None) -> None:
             runner.leave()
             client.retries = 1  # the manager may be going away too: do not linger on retries
 

@@ -19,14 +19,16 @@ import argparse
 import json
 import os
 import sys
+from typing import TextIO
 
 from runner.client import AgentRunClient, ApiError
+from runner.records import Event, JsonObject
 
 COLOURS = {"dim": "2", "bold": "1", "red": "31", "green": "32", "yellow": "33", "blue": "34", "cyan": "36"}
 
 
 class Out:
-    def __init__(self, as_json: bool, stream=sys.stdout):
+    def __init__(self, as_json: bool, stream: TextIO = sys.stdout):
         self.as_json, self.stream = as_json, stream
         self.colour = stream.isatty() and not os.environ.get("NO_COLOR")
 
@@ -37,12 +39,13 @@ class Out:
         self.stream.write(text + "\n")
         self.stream.flush()
 
-    def record(self, record) -> None:
+    def record(self, record: object) -> None:
         self.line(json.dumps(record, ensure_ascii=False))
 
-    def event(self, event: dict) -> None:
+    def event(self, event: Event) -> None:
         if self.as_json:
-            return self.record(event)
+            self.record(event)
+            return
         kind, payload = event["type"], event.get("payload") or {}
         seq = self.paint(f"{event['seq']:>4}", "dim")
         if kind == "assistant_message":
@@ -95,7 +98,7 @@ def size_text(size: int) -> str:
     return f"{size} bytes"
 
 
-def notes(payload: dict) -> list[str]:
+def notes(payload: JsonObject) -> list[str]:
     """What was done to an event's payload on its way, said plainly: shortened by the runner to
     the API's size limit, text the database cannot store replaced, secrets redacted."""
     said = []
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
 
-def _dispatch(client: AgentRunClient, out: Out, args) -> int:
+def _dispatch(client: AgentRunClient, out: Out, args: argparse.Namespace) -> int:
     if args.command == "run":
         run = client.create_run(backend_profile=args.backend, session_id=args.session)
         command = client.send_turn(run["id"], args.prompt)
@@ -218,25 +221,25 @@ def _dispatch(client: AgentRunClient, out: Out, args) -> int:
         out.record(run) if args.json else out.line(f"run {run['id']}: {run['status']}")
         return 0
     if args.command == "sessions":
-        page = client.sessions(state=args.state, readerId=args.reader, limit=args.limit)
+        inbox = client.sessions(state=args.state, readerId=args.reader, limit=args.limit)
         if args.json:
-            out.record(page)
+            out.record(inbox)
             return 0
-        for item in page["items"]:
+        for item in inbox["items"]:
             mark = {"active": out.paint("●", "green"), "unread": out.paint("●", "blue")}.get(
                 item["attentionState"], " "
             )
             out.line(f"{mark} {item['sessionId']:<28} {item['executionState']:<9} {item.get('title') or ''}")
-        out.line(out.paint(f"{page['count']} session(s)", "dim"))
+        out.line(out.paint(f"{inbox['count']} session(s)", "dim"))
         return 0
     if args.command == "tasks":
-        page = client.queue_tasks(queue=args.queue, state=args.state, limit=args.limit)
+        tasks = client.queue_tasks(queue=args.queue, state=args.state, limit=args.limit)
         if args.json:
-            out.record(page)
+            out.record(tasks)
             return 0
-        for item in page["items"]:
+        for item in tasks["items"]:
             out.line(f"{item['id']:<38} {item['queue']:<12} {item['state']:<10} p{item['priority']:<4} {item['title']}")
-        out.line(out.paint(f"{page['count']} task(s)", "dim"))
+        out.line(out.paint(f"{tasks['count']} task(s)", "dim"))
         return 0
     if args.command == "task":
         body = {

@@ -15,11 +15,16 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, cast
 
 import httpx
 
 from runner.payloads import json_bytes
+from runner.records import Command, Event, JsonObject, Listing, Page, Run
+
+QueryParams = Mapping[str, str | int | float]
 
 RETRY_STATUSES = {502, 503, 504}
 DEFAULT_TIMEOUT = 40.0  # above the longest long-poll (30 s)
@@ -41,7 +46,7 @@ class Backoff:
 class ApiError(Exception):
     """The API answered with an error envelope (or something that is not one)."""
 
-    def __init__(self, status: int, kind: str, message: str, details: dict | None = None):
+    def __init__(self, status: int, kind: str, message: str, details: JsonObject | None = None):
         super().__init__(f"{status} {kind}: {message}")
         self.status, self.kind, self.message, self.details = status, kind, message, details or {}
 
@@ -72,15 +77,24 @@ class AgentRunClient:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self):
+    def __enter__(self) -> AgentRunClient:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.close()
 
     def request(
-        self, method: str, path: str, *, json=None, params=None, content: bytes | None = None, retry: bool = True
-    ) -> dict:
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object = None,
+        params: QueryParams | None = None,
+        content: bytes | None = None,
+        retry: bool = True,
+    ) -> JsonObject:
         """The answer's JSON, or ApiError. `content` is a body already encoded (JSON); with
         `retry=False`, one attempt, whose transport error is raised as it is."""
         if json is not None:
@@ -108,7 +122,7 @@ class AgentRunClient:
         return attempt < self.retries
 
     @staticmethod
-    def _body(response: httpx.Response) -> dict:
+    def _body(response: httpx.Response) -> JsonObject:
         try:
             body = response.json()
         except ValueError:
@@ -120,42 +134,43 @@ class AgentRunClient:
                     response.status_code, error.get("kind", "unknown"), error.get("message", ""), error.get("details")
                 )
             raise ApiError(response.status_code, "unknown", response.text[:200])
-        return body
+        return cast(JsonObject, body)  # every answer of the API is an object
 
     # --- clients ---------------------------------------------------------------------------
 
     def create_run(
-        self, *, backend_profile: str, session_id: str | None = None, idempotency_key: str | None = None, **fields
-    ) -> dict:
+        self,
+        *,
+        backend_profile: str,
+        session_id: str | None = None,
+        idempotency_key: str | None = None,
+        **fields: Any,  # the run's other fields, as API.md names them
+    ) -> Run:
         body = {"backendProfile": backend_profile, "idempotencyKey": idempotency_key or uuid.uuid4().hex, **fields}
         if session_id:
             body["sessionRef"] = {"sessionId": session_id, **body.get("sessionRef", {})}
-        return self.request("POST", "/runs", json=body)
+        return cast(Run, self.request("POST", "/runs", json=body))
 
-    def get_run(self, run_id: str) -> dict:
-        return self.request("GET", f"/runs/{run_id}")
+    def get_run(self, run_id: str) -> Run:
+        return cast(Run, self.request("GET", f"/runs/{run_id}"))
 
-    def cancel_run(self, run_id: str, reason: str | None = None) -> dict:
-        return self.request("POST", f"/runs/{run_id}/cancel", json={"reason": reason} if reason else {})
+    def cancel_run(self, run_id: str, reason: str | None = None) -> Run:
+        return cast(Run, self.request("POST", f"/runs/{run_id}/cancel", json={"reason": reason} if reason else {}))
 
     def send_command(
-        self, run_id: str, command_type: str, payload: dict, *, idempotency_key: str | None = None
-    ) -> dict:
-        return self.request(
-            "POST",
-            f"/runs/{run_id}/commands",
-            json={"type": command_type, "payload": payload, "idempotencyKey": idempotency_key or uuid.uuid4().hex},
-        )
+        self, run_id: str, command_type: str, payload: JsonObject, *, idempotency_key: str | None = None
+    ) -> Command:
+        body = {"type": command_type, "payload": payload, "idempotencyKey": idempotency_key or uuid.uuid4().hex}
+        return cast(Command, self.request("POST", f"/runs/{run_id}/commands", json=body))
 
-    def send_turn(self, run_id: str, prompt: str, **kwargs) -> dict:
-        return self.send_command(run_id, "turn", {"prompt": prompt}, **kwargs)
+    def send_turn(self, run_id: str, prompt: str, *, idempotency_key: str | None = None) -> Command:
+        return self.send_command(run_id, "turn", {"prompt": prompt}, idempotency_key=idempotency_key)
 
-    def events(self, run_id: str, *, after_seq: int = 0, limit: int = 500, wait: float = 0) -> dict:
-        return self.request(
-            "GET", f"/runs/{run_id}/events", params={"afterSeq": after_seq, "limit": limit, "wait": wait}
-        )
+    def events(self, run_id: str, *, after_seq: int = 0, limit: int = 500, wait: float = 0) -> Page[Event]:
+        params = {"afterSeq": after_seq, "limit": limit, "wait": wait}
+        return cast(Page[Event], self.request("GET", f"/runs/{run_id}/events", params=params))
 
-    def follow_events(self, run_id: str, *, after_seq: int = 0, until_terminal: bool = True) -> Iterator[dict]:
+    def follow_events(self, run_id: str, *, after_seq: int = 0, until_terminal: bool = True) -> Iterator[Event]:
         """Every event from `after_seq` on, as it is appended; ends after `terminal_status`."""
         while True:
             page = self.events(run_id, after_seq=after_seq, wait=30)
@@ -165,29 +180,32 @@ class AgentRunClient:
                     return
             after_seq = int(page["cursor"])
 
-    def sessions(self, **params) -> dict:
-        return self.request("GET", "/sessions", params={k: v for k, v in params.items() if v is not None})
+    def sessions(self, **params: str | int | None) -> Listing:
+        """The inbox; query parameters as API.md names them (None: not sent)."""
+        query = {k: v for k, v in params.items() if v is not None}
+        return cast(Listing, self.request("GET", "/sessions", params=query))
 
-    def queue_tasks(self, **params) -> dict:
-        return self.request("GET", "/queue-tasks", params={k: v for k, v in params.items() if v is not None})
+    def queue_tasks(self, **params: str | int | None) -> Listing:
+        """Queue tasks; query parameters as API.md names them (None: not sent)."""
+        query = {k: v for k, v in params.items() if v is not None}
+        return cast(Listing, self.request("GET", "/queue-tasks", params=query))
 
-    def create_queue_task(self, **body) -> dict:
+    def create_queue_task(self, **body: Any) -> JsonObject:  # the task's fields, as API.md names them
         return self.request("POST", "/queue-tasks", json=body)
 
     # --- runners ---------------------------------------------------------------------------
 
-    def claim(self, run_id: str, runner_id: str, lease_ms: int) -> dict:
-        return self.request("POST", f"/runs/{run_id}/claim", json={"runnerId": runner_id, "leaseMs": lease_ms})
+    def claim(self, run_id: str, runner_id: str, lease_ms: int) -> Run:
+        body = {"runnerId": runner_id, "leaseMs": lease_ms}
+        return cast(Run, self.request("POST", f"/runs/{run_id}/claim", json=body))
 
-    def heartbeat(self, run_id: str, runner_id: str, lease_epoch: int, lease_ms: int, *, retry: bool = True) -> dict:
-        return self.request(
-            "POST",
-            f"/runs/{run_id}/heartbeat",
-            retry=retry,
-            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, "leaseMs": lease_ms},
-        )
+    def heartbeat(self, run_id: str, runner_id: str, lease_epoch: int, lease_ms: int, *, retry: bool = True) -> Run:
+        body = {"runnerId": runner_id, "leaseEpoch": lease_epoch, "leaseMs": lease_ms}
+        return cast(Run, self.request("POST", f"/runs/{run_id}/heartbeat", retry=retry, json=body))
 
-    def append_events(self, run_id: str, runner_id: str, lease_epoch: int, events: list[dict], batch_key: str) -> dict:
+    def append_events(
+        self, run_id: str, runner_id: str, lease_epoch: int, events: list[JsonObject], batch_key: str
+    ) -> JsonObject:
         """One batch as given. The runner sends through runner.sink, which shapes and splits batches
         to the API's limits."""
         return self.request(
@@ -196,28 +214,24 @@ class AgentRunClient:
             json={"runnerId": runner_id, "leaseEpoch": lease_epoch, "batchKey": batch_key, "events": events},
         )
 
-    def commands(self, run_id: str, *, after_seq: int = 0, wait: float = 0) -> dict:
-        return self.request("GET", f"/runs/{run_id}/commands", params={"afterSeq": after_seq, "wait": wait})
+    def commands(self, run_id: str, *, after_seq: int = 0, wait: float = 0) -> Page[Command]:
+        params = {"afterSeq": after_seq, "wait": wait}
+        return cast(Page[Command], self.request("GET", f"/runs/{run_id}/commands", params=params))
 
-    def ack(self, command_id: str, runner_id: str, lease_epoch: int) -> dict:
-        return self.request(
-            "POST", f"/commands/{command_id}/ack", json={"runnerId": runner_id, "leaseEpoch": lease_epoch}
-        )
+    def ack(self, command_id: str, runner_id: str, lease_epoch: int) -> Command:
+        body = {"runnerId": runner_id, "leaseEpoch": lease_epoch}
+        return cast(Command, self.request("POST", f"/commands/{command_id}/ack", json=body))
 
-    def finish_command(self, command_id: str, runner_id: str, lease_epoch: int, **result) -> dict:
-        return self.request(
-            "POST",
-            f"/commands/{command_id}/finish",
-            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)},
-        )
+    def finish_command(self, command_id: str, runner_id: str, lease_epoch: int, **result: str | None) -> Command:
+        """`result`: terminalStatus, failureKind, failureMessage, threadId, turnId (None: not sent)."""
+        body = {"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)}
+        return cast(Command, self.request("POST", f"/commands/{command_id}/finish", json=body))
 
-    def finish_run(self, run_id: str, runner_id: str, lease_epoch: int, **result) -> dict:
-        return self.request(
-            "POST",
-            f"/runs/{run_id}/finish",
-            json={"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)},
-        )
+    def finish_run(self, run_id: str, runner_id: str, lease_epoch: int, **result: str | None) -> Run:
+        """`result`: as for finish_command."""
+        body = {"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)}
+        return cast(Run, self.request("POST", f"/runs/{run_id}/finish", json=body))
 
 
-def _compact(result: dict) -> dict:
+def _compact(result: Mapping[str, str | None]) -> dict[str, str]:
     return {key: value for key, value in result.items() if value is not None}

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+
+from runner.records import JsonObject
 
 MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_CHARACTER_BYTES = 12  # the most one character takes in JSON: an astral one written as two escapes
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)  # made once: it is called a lot
 
 
-def json_bytes(value) -> bytes:
+def json_bytes(value: object) -> bytes:
     """Compact UTF-8 JSON, exactly as the runner sends it (and measures it).
 
     A lone surrogate (a CLI may print `"\\udc80"`) has no UTF-8 form: it goes as a `\\u` escape,
@@ -32,7 +35,7 @@ def json_bytes(value) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
-def _finite(value):
+def _finite(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if isinstance(value, dict):
@@ -84,7 +87,7 @@ def cut_string(text: str, budget: int) -> tuple[str, int]:
     return result, cut
 
 
-def shorten(payload: dict, limit: int = MAX_PAYLOAD_BYTES) -> dict:
+def shorten(payload: JsonObject, limit: int = MAX_PAYLOAD_BYTES) -> JsonObject:
     """`payload` itself when its JSON fits in `limit` bytes; else a copy that fits, with
     `truncatedBytes`: the UTF-8 bytes cut (added to a count the payload already had).
 
@@ -128,7 +131,7 @@ def _water_level(sizes: list[int], room: int) -> tuple[int, int]:
     return 0, len(sizes)
 
 
-def _strings(value):
+def _strings(value: object) -> Iterator[str]:
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
@@ -139,11 +142,11 @@ def _strings(value):
             yield from _strings(item)
 
 
-def _capped(payload: dict, cap: int, earlier: int) -> dict:
+def _capped(payload: JsonObject, cap: int, earlier: int) -> JsonObject:
     """A copy of `payload` with every string over `cap` bytes of JSON cut to it, and the count."""
     cut_total = 0
 
-    def walk(value):
+    def walk(value: object) -> object:
         nonlocal cut_total
         if isinstance(value, str):
             kept, cut = cut_string(value, cap)
@@ -155,6 +158,6 @@ def _capped(payload: dict, cap: int, earlier: int) -> dict:
             return [walk(item) for item in value]
         return value
 
-    shortened = walk(payload)
+    shortened = {key: walk(item) for key, item in payload.items()}
     shortened["truncatedBytes"] = cut_total + earlier
     return shortened

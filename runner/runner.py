@@ -28,6 +28,7 @@ import httpx
 
 from runner.backends import AgentProcess, Backend, TurnResult, backend_for
 from runner.client import AgentRunClient, ApiError, Backoff
+from runner.records import Command, Event
 from runner.sink import SERVER_ERROR_ATTEMPTS, EventSink, LeaseLost
 
 logger = logging.getLogger("agentrun.runner")
@@ -38,11 +39,25 @@ __all__ = ["EventSink", "LeaseLost", "Runner"]
 
 @dataclass
 class Turn:
-    command: dict
+    """A turn in progress: its agent process, waited for in a thread of its own."""
+
+    command: Command
     process: AgentProcess
-    thread: threading.Thread
-    result: TurnResult | None = None
+    result: TurnResult | None = None  # set before `done`
     done: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._wait, name=f"turn-{self.command['seq']}", daemon=True)
+
+    def _wait(self) -> None:
+        try:
+            self.result = self.process.wait()
+        except Exception as exc:
+            logger.exception("turn %s failed in the runner", self.command["id"])
+            self.result = TurnResult("failed", "agent-failed", f"runner error: {exc}")
+        finally:
+            self.done.set()
 
 
 class Runner:
@@ -75,7 +90,7 @@ class Runner:
         self.lost = threading.Event()
         self.ended = threading.Event()  # the run ended elsewhere (cancelled, reaped)
         self.turn: Turn | None = None
-        self.queue: list[dict] = []
+        self.queue: list[Command] = []
         self.thread_id: str | None = None
         self.last_result: TurnResult | None = None
         # Turns seen in any state: a run whose turns were all cancelled before they started has
@@ -126,7 +141,7 @@ class Runner:
         logger.info(
             "run %s claimed by %s (epoch %d, backend %s)", self.run_id, self.runner_id, self.epoch, self.backend.profile
         )
-        self.events = EventSink(
+        self.events = events = EventSink(
             self.client,
             run_id=self.run_id,
             runner_id=self.runner_id,
@@ -153,7 +168,7 @@ class Runner:
                 self.turn.thread.join(timeout=self.grace_seconds + 10)
             if not self.lost.is_set():
                 with contextlib.suppress(LeaseLost):
-                    self.events.close()  # a late flush is allowed with our epoch
+                    events.close()  # a late flush is allowed with our epoch
             self.client.retry_while = retry_while
             heartbeat.join(timeout=2)
         if self.lost.is_set():
@@ -213,7 +228,7 @@ class Runner:
             for event in page["items"]:
                 self._control(event)
 
-    def _control(self, event: dict) -> None:
+    def _control(self, event: Event) -> None:
         payload = event.get("payload") or {}
         phase = payload.get("phase")
         if event["type"] == "terminal_status" or phase == "cancel-requested":
@@ -243,7 +258,7 @@ class Runner:
                     command, TurnResult("failed", "schema-invalid", f"unknown command type {command['type']}")
                 )
 
-    def _steer(self, command: dict) -> None:
+    def _steer(self, command: Command) -> None:
         self._ack(command)
         turn = self.turn
         text = (command.get("payload") or {}).get("text") or (command.get("payload") or {}).get("prompt") or ""
@@ -252,7 +267,7 @@ class Runner:
         else:
             self._finish_command(command, TurnResult("failed", "agent-failed", "no turn in progress to steer"))
 
-    def _ack(self, command: dict) -> None:
+    def _ack(self, command: Command) -> None:
         try:
             self.client.ack(command["id"], self.runner_id, self.epoch)
         except ApiError as error:
@@ -260,24 +275,18 @@ class Runner:
                 raise LeaseLost from None
             raise
 
-    def _start(self, command: dict) -> None:
+    def _claimed(self) -> tuple[Backend, EventSink]:
+        """The backend and the event sink, which run() sets up once the claim is made."""
+        if self.backend is None or self.events is None:
+            raise RuntimeError(f"run {self.run_id} is not claimed")
+        return self.backend, self.events
+
+    def _start(self, command: Command) -> None:
         self._ack(command)
+        backend, events = self._claimed()
         prompt = (command.get("payload") or {}).get("prompt") or ""
-        process = self.backend.start(
-            prompt=prompt, thread_id=self.thread_id, workdir=self.workdir, emit=self.events.emit
-        )
-        turn = Turn(command=command, process=process, thread=None)
-
-        def work():
-            try:
-                turn.result = process.wait()
-            except Exception as exc:
-                logger.exception("turn %s failed in the runner", command["id"])
-                turn.result = TurnResult("failed", "agent-failed", f"runner error: {exc}")
-            finally:
-                turn.done.set()
-
-        turn.thread = threading.Thread(target=work, name=f"turn-{command['seq']}", daemon=True)
+        process = backend.start(prompt=prompt, thread_id=self.thread_id, workdir=self.workdir, emit=events.emit)
+        turn = Turn(command=command, process=process)
         self.turn = turn
         turn.thread.start()
         logger.info("turn %s started (pid %d)", command["id"], process.pid)
@@ -288,14 +297,16 @@ class Runner:
             return
         self.turn = None
         result = turn.result
+        if result is None:
+            raise RuntimeError(f"turn {turn.command['id']} ended without a result")
         if result.thread_id:
             self.thread_id = result.thread_id
-        if not self.events.flush():
+        if not self._claimed()[1].flush():
             return  # the lease is lost or we are leaving: the turn's end is not ours to record
         self._finish_command(turn.command, result)
         self.last_result = result
 
-    def _finish_command(self, command: dict, result: TurnResult) -> None:
+    def _finish_command(self, command: Command, result: TurnResult) -> None:
         try:
             self.client.finish_command(
                 command["id"],
@@ -312,7 +323,7 @@ class Runner:
             raise
 
     def _finish_run(self) -> None:
-        if not self.events.flush():
+        if not self._claimed()[1].flush():
             return
         if self.last_result is not None:
             result = self.last_result

@@ -29,6 +29,7 @@ import httpx
 
 from runner.client import AgentRunClient, ApiError, Backoff
 from runner.payloads import MAX_PAYLOAD_BYTES, json_bytes, shorten
+from runner.records import JsonObject
 
 logger = logging.getLogger("agentrun.runner")
 MAX_BATCH_EVENTS = 500
@@ -54,7 +55,7 @@ class Outgoing:
     data: bytes
 
 
-def prepare(position: int, event_type: str, payload: dict) -> Outgoing:
+def prepare(position: int, event_type: str, payload: JsonObject) -> Outgoing:
     """Encode an event, its payload shortened to the API's limit first when it is over."""
     encoded = json_bytes(payload)
     if len(encoded) > MAX_PAYLOAD_BYTES:
@@ -118,7 +119,7 @@ class EventSink:
         self.thread = threading.Thread(target=self._loop, name="events", daemon=True)
         self.thread.start()
 
-    def emit(self, event_type: str, payload: dict) -> None:
+    def emit(self, event_type: str, payload: JsonObject) -> None:
         """Queue an event. Its encoding (and any shortening) is done here, in the emitting thread,
         under a lock of its own: the sender, which only sends, is never kept waiting by it."""
         with self.emitting:

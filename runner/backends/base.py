@@ -18,8 +18,13 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO
 
-Emit = Callable[[str, dict], None]
+from runner.records import JsonObject
+
+Emit = Callable[[str, JsonObject], None]  # (event type, payload): one event for the run
+AgentEvent = tuple[str, JsonObject]  # (event type, payload), as a parser maps an agent's line
+Outcome = tuple[str, str | None, str | None]  # (terminal status, failure kind, message)
 logger = logging.getLogger("agentrun.runner")
 
 
@@ -37,9 +42,9 @@ class Parser:
     message), else `no_outcome`."""
 
     thread_id: str | None = None
-    outcome: tuple[str, str | None, str | None] | None = None
+    outcome: Outcome | None = None
 
-    def feed(self, record: dict) -> list[tuple[str, dict]]:
+    def feed(self, record: JsonObject) -> list[AgentEvent]:
         raise NotImplementedError
 
     def finish(self, *, exit_code: int, cancelled: bool, stderr_tail: str) -> TurnResult:
@@ -61,7 +66,7 @@ class Backend:
     profile = ""
     can_steer = False
 
-    def command(self, *, prompt: str, thread_id: str | None, workdir: str) -> tuple[list[str], dict, Parser]:
+    def command(self, *, prompt: str, thread_id: str | None, workdir: str) -> tuple[list[str], dict[str, str], Parser]:
         """argv, extra environment and a fresh parser for one turn."""
         raise NotImplementedError
 
@@ -74,7 +79,16 @@ class AgentProcess:
     """One turn of an agent: a child process in a new session (so a cancel reaches every process
     it started), its stdout parsed line by line into events as they come."""
 
-    def __init__(self, argv: list[str], *, cwd: str, env: dict, parser: Parser, emit: Emit, steerable: bool = False):
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        cwd: str,
+        env: dict[str, str],
+        parser: Parser,
+        emit: Emit,
+        steerable: bool = False,
+    ):
         self.parser, self.emit, self.steerable = parser, emit, steerable
         self.cancelled = threading.Event()
         self._stderr: deque[str] = deque(maxlen=20)
@@ -90,6 +104,7 @@ class AgentProcess:
             bufsize=1,
             start_new_session=True,
         )
+        self._stdout, self._stderr_pipe = _pipe(self.process.stdout), _pipe(self.process.stderr)
         self._stderr_thread = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_thread.start()
 
@@ -98,13 +113,13 @@ class AgentProcess:
         return self.process.pid
 
     def _read_stderr(self) -> None:
-        for line in self.process.stderr:
+        for line in self._stderr_pipe:
             self._stderr.append(line.rstrip("\n"))
 
     def wait(self) -> TurnResult:
         """Read the agent's lines to the end, emitting events; then the turn's result."""
-        for line in self.process.stdout:
-            line = line.strip()
+        for raw in self._stdout:
+            line = raw.strip()
             if not line:
                 continue
             try:
@@ -127,11 +142,12 @@ class AgentProcess:
         )
 
     def steer(self, text: str) -> bool:
-        if not self.steerable or self.process.poll() is not None:
+        stdin = self.process.stdin  # a pipe when steerable
+        if not self.steerable or stdin is None or self.process.poll() is not None:
             return False
         try:
-            self.process.stdin.write(json.dumps({"type": "steer", "text": text}) + "\n")
-            self.process.stdin.flush()
+            stdin.write(json.dumps({"type": "steer", "text": text}) + "\n")
+            stdin.flush()
             return True
         except (BrokenPipeError, ValueError):
             return False
@@ -152,3 +168,10 @@ class AgentProcess:
             with contextlib.suppress(ProcessLookupError):  # the leader is gone; its children may not be
                 os.killpg(self.process.pid, signal.SIGKILL)
             return
+
+
+def _pipe(stream: IO[str] | None) -> IO[str]:
+    """A pipe Popen was asked to open (so it is there)."""
+    if stream is None:
+        raise RuntimeError("the agent's output pipe was not opened")
+    return stream

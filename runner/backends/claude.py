@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import shlex
 
-from runner.backends.base import Backend, Parser, TurnResult
+from runner.backends.base import AgentEvent, Backend, Outcome, Parser, TurnResult
+from runner.records import JsonObject
 
 EDIT_TOOLS = {"Edit", "Write", "MultiEdit", "NotebookEdit"}
 UNAVAILABLE_STATUSES = {401, 403, 429, 529}
 
 
-def patch_from(path: str | None, hunks) -> str | None:
+def patch_from(path: str | None, hunks: object) -> str | None:
     """A unified diff from Claude Code's structuredPatch."""
     if not isinstance(hunks, list) or not hunks:
         return None
@@ -25,7 +26,7 @@ def patch_from(path: str | None, hunks) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def _text(content) -> str:
+def _text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -34,14 +35,14 @@ def _text(content) -> str:
 
 
 class ClaudeParser(Parser):
-    def __init__(self):
-        self.thread_id = None
-        self.outcome: tuple[str, str | None, str | None] | None = None
-        self.tools: dict[str, tuple[str, dict]] = {}
+    def __init__(self) -> None:
+        self.thread_id: str | None = None
+        self.outcome: Outcome | None = None
+        self.tools: dict[str, tuple[str, JsonObject]] = {}  # tool calls by id: (tool name, input)
         self.denied = False
         self.lines = 0
 
-    def feed(self, record: dict) -> list[tuple[str, dict]]:
+    def feed(self, record: JsonObject) -> list[AgentEvent]:
         self.lines += 1
         if record.get("session_id") and (self.thread_id is None or record.get("subtype") == "init"):
             self.thread_id = record["session_id"]
@@ -79,7 +80,7 @@ class ClaudeParser(Parser):
             return self._result(record)
         return []
 
-    def _assistant(self, record: dict) -> list[tuple[str, dict]]:
+    def _assistant(self, record: JsonObject) -> list[AgentEvent]:
         message = record.get("message") or {}
         if record.get("error") or record.get("is_api_error_message"):
             return [("error", {"severity": "fatal", "message": _text(message.get("content"))})]
@@ -105,7 +106,7 @@ class ClaudeParser(Parser):
                 )
         return events
 
-    def _user(self, record: dict) -> list[tuple[str, dict]]:
+    def _user(self, record: JsonObject) -> list[AgentEvent]:
         content = (record.get("message") or {}).get("content")
         result = record.get("tool_use_result")
         events = []
@@ -135,7 +136,7 @@ class ClaudeParser(Parser):
                 )
         return events
 
-    def _result(self, record: dict) -> list[tuple[str, dict]]:
+    def _result(self, record: JsonObject) -> list[AgentEvent]:
         subtype, errors = record.get("subtype"), record.get("errors") or []
         message = "; ".join(str(e) for e in errors) or (record.get("result") if record.get("is_error") else None)
         if subtype == "success" and not record.get("is_error"):
@@ -189,7 +190,7 @@ class ClaudeBackend(Backend):
 
     profile = "claude-code"
 
-    def command(self, *, prompt, thread_id, workdir):
+    def command(self, *, prompt: str, thread_id: str | None, workdir: str) -> tuple[list[str], dict[str, str], Parser]:
         extra = shlex.split(os.environ.get("AGENTRUN_CLAUDE_ARGS", "--permission-mode acceptEdits"))
         argv = [
             os.environ.get("AGENTRUN_CLAUDE_BIN", "claude"),

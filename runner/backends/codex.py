@@ -8,7 +8,8 @@ import re
 import shlex
 import subprocess
 
-from runner.backends.base import Backend, Parser, TurnResult
+from runner.backends.base import AgentEvent, Backend, Outcome, Parser, TurnResult
+from runner.records import JsonObject
 
 UNAVAILABLE = re.compile(r"unexpected status (401|403|429|5\d\d)|connection|timed out|error sending request", re.I)
 
@@ -30,17 +31,19 @@ def git_diff(workdir: str, paths: list[str]) -> str | None:
 
 
 class CodexParser(Parser):
-    def __init__(self, workdir: str | None = None):
+    def __init__(self, workdir: str | None = None) -> None:
         self.workdir = workdir
-        self.thread_id = None
-        self.outcome: tuple[str, str | None, str | None] | None = None
+        self.thread_id: str | None = None
+        self.outcome: Outcome | None = None
         self.lines = 0
         self.declined = False
 
-    def feed(self, record: dict) -> list[tuple[str, dict]]:
+    def feed(self, record: JsonObject) -> list[AgentEvent]:
         self.lines += 1
         kind = record.get("type")
-        item = record.get("item") if isinstance(record.get("item"), dict) else {}
+        item = record.get("item")
+        if not isinstance(item, dict):
+            item = {}
         item_type = item.get("type")
         if kind == "thread.started":
             self.thread_id = record.get("thread_id") or self.thread_id
@@ -61,7 +64,7 @@ class CodexParser(Parser):
             return [("error", {"severity": "fatal", "message": record.get("message")})]
         return []
 
-    def _started(self, item_type, item) -> list[tuple[str, dict]]:
+    def _started(self, item_type: object, item: JsonObject) -> list[AgentEvent]:
         if item_type == "command_execution":
             return [
                 (
@@ -103,7 +106,7 @@ class CodexParser(Parser):
             return [("tool_call", {"tool": "todo_list", "callId": item.get("id"), "items": item.get("items", [])})]
         return []
 
-    def _completed(self, item_type, item) -> list[tuple[str, dict]]:
+    def _completed(self, item_type: object, item: JsonObject) -> list[AgentEvent]:
         if item_type == "agent_message":
             return [("assistant_message", {"text": item.get("text", "")})]
         if item_type == "reasoning":
@@ -161,7 +164,7 @@ class CodexParser(Parser):
         return []
 
     @staticmethod
-    def _usage(usage: dict) -> dict:
+    def _usage(usage: JsonObject) -> JsonObject:
         payload = {
             "inputTokens": usage.get("input_tokens"),
             "cachedInputTokens": usage.get("cached_input_tokens"),
@@ -193,7 +196,7 @@ class CodexBackend(Backend):
 
     profile = "codex"
 
-    def command(self, *, prompt, thread_id, workdir):
+    def command(self, *, prompt: str, thread_id: str | None, workdir: str) -> tuple[list[str], dict[str, str], Parser]:
         argv = [
             os.environ.get("AGENTRUN_CODEX_BIN", "codex"),
             "exec",

@@ -6,15 +6,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from runner.backends.base import Backend, Parser
+from runner.backends.base import AgentEvent, Backend, Outcome, Parser
+from runner.records import JsonObject
 
 
 class EchoParser(Parser):
-    def __init__(self):
-        self.thread_id = None
-        self.outcome: tuple[str, str | None, str | None] | None = None
+    def __init__(self) -> None:
+        self.thread_id: str | None = None
+        self.outcome: Outcome | None = None
 
-    def feed(self, record: dict) -> list[tuple[str, dict]]:
+    def feed(self, record: JsonObject) -> list[AgentEvent]:
         kind = record.get("type")
         if kind == "thread":
             self.thread_id = record.get("id")
@@ -45,7 +46,7 @@ class EchoBackend(Backend):
     profile = "echo"
     can_steer = True
 
-    def command(self, *, prompt, thread_id, workdir):
+    def command(self, *, prompt: str, thread_id: str | None, workdir: str) -> tuple[list[str], dict[str, str], Parser]:
         argv = [sys.executable, str(Path(__file__).with_name("echo_agent.py")), prompt]
         if thread_id:
             argv += ["--thread", thread_id]

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 
-def say(record: dict) -> None:
+def say(record: dict[str, object]) -> None:
     sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
 
