@@ -1,3 +1,5 @@
+"""Django admin for API keys: create one (shown once), revoke with an action."""
+
 from django.contrib import admin, messages
 from django.utils import timezone
 

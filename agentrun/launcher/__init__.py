@@ -26,6 +26,11 @@ class LaunchSpec:
     pvc_namespace: str | None = None
     needs_storage: bool = False
 
+    def runner_args(self, workdir: str) -> list[str]:
+        """`python` then these: the reference runner for this run, whichever launcher starts it."""
+        args = ["-m", "runner", "--manager", self.manager_url, "--run", self.run_id, "--runner-id", self.runner_id]
+        return [*args, "--workdir", workdir]
+
 
 @dataclass
 class Launched:

@@ -35,20 +35,7 @@ class LocalLauncher(Launcher):
         log = open(self.log_dir / f"{spec.run_id}.log", "ab")  # noqa: SIM115 - the child owns it
         workdir = Path(settings.VAR_DIR) / "workspaces" / (spec.session_id or spec.run_id)
         workdir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            sys.executable,
-            "-m",
-            "runner",
-            "--manager",
-            spec.manager_url,
-            "--run",
-            spec.run_id,
-            "--runner-id",
-            spec.runner_id,
-            "--workdir",
-            str(workdir),
-            *self.extra_args,
-        ]
+        argv = [sys.executable, *spec.runner_args(str(workdir)), *self.extra_args]
         env = {
             **os.environ,
             "AGENTRUN_RUNNER_KEY": spec.runner_key,
