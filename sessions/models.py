@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.db import models
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce, Greatest
@@ -66,6 +68,15 @@ class Session(models.Model):
     inbox_version = models.GeneratedField(
         expression=Greatest("version", "activity_version"), output_field=models.BigIntegerField(), db_persist=True
     )
+
+    # Not columns: what sessions.selectors sets on the sessions it returns. The reader's cursor
+    # (None without one), and, on an inbox page, the session's attention group (main part) or
+    # the stamp of its last change (tail).
+    cursor_version: int | None
+    cursor_read_at: datetime | None
+    cursor_read_version: int | None
+    attention_group: int
+    changed_version: int
 
     class Meta:
         indexes = [

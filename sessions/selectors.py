@@ -30,16 +30,20 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.db import connection, transaction
+from psycopg import sql
 
 from agentrun import counters
 from agentrun.auth import Scope
 from agentrun.errors import invalid, not_found
+from agentrun.sqlnames import column, table
 from agentrun.text import is_unstorable
-from sessions.models import ExecutionState, Session, StorageKind
+from sessions.models import ExecutionState, Session, SessionReadCursor, StorageKind
 
 STATES = ("default", "running", "unread", "terminal", "idle", "all")
 ACTIVE, UNREAD, READ = 0, 1, 2
@@ -51,31 +55,43 @@ GROUPS = {
     "idle": (UNREAD, READ),
     "all": (ACTIVE, UNREAD, READ),
 }
-_RUNNING = f"s.execution_state = '{ExecutionState.RUNNING}'"
-_UNREAD = (
-    f"s.execution_state <> '{ExecutionState.RUNNING}' AND (c.session_version IS NULL OR c.session_version < s.version)"
-)
-_GROUP_CONDITION = {
-    ACTIVE: _RUNNING,
-    UNREAD: _UNREAD,
-    READ: f"s.execution_state <> '{ExecutionState.RUNNING}' AND c.session_version >= s.version",
-}
-_STATE_CONDITION = {
-    "default": f"({_RUNNING} OR ({_UNREAD}))",
-    "running": _RUNNING,
-    "unread": _UNREAD,
-    "terminal": f"s.execution_state = '{ExecutionState.TERMINAL}'",
-    "idle": f"s.execution_state = '{ExecutionState.IDLE}'",
-    "all": "TRUE",
-}
-_ACTIVITY = "COALESCE(s.last_activity_at, s.updated_at)"
-_ORDER = f"{_ACTIVITY} DESC, s.updated_at DESC, s.session_id"
-# The stamp of the last write that could move the session in this reader's inbox: the
-# session's own (version or activity) or the reader's read of it. Both come from one counter.
-_CHANGED = "GREATEST(s.inbox_version, COALESCE(c.read_version, 0))"
-# Unchanged since the walk's edge. Plain column comparisons, so the planner sees from the
-# columns' statistics that nearly every row passes and keeps the index-ordered scans.
-_UNCHANGED = "s.inbox_version <= %(edge)s AND (c.read_version IS NULL OR c.read_version <= %(edge)s)"
+# The list statements are written by hand (the ORM cannot say them in one round trip: the
+# attention groups as a UNION ALL of index-ordered scans, the walk's tail found from the stamps'
+# indexes, the counter read in the page's snapshot). Sessions are `s`, the reader's cursors `c`.
+NULL_BIGINT, NULL_TIMESTAMPTZ = sql.SQL("NULL::bigint"), sql.SQL("NULL::timestamptz")
+
+
+def _s(name: str) -> sql.Identifier:
+    return column(Session, name, "s")
+
+
+def _c(name: str) -> sql.Identifier:
+    return column(SessionReadCursor, name, "c")
+
+
+def _state_is(state: ExecutionState, *, negated: bool = False) -> sql.Composed:
+    return sql.SQL("{} <> {}" if negated else "{} = {}").format(_s("execution_state"), sql.Literal(state.value))
+
+
+def _inbox_order(alias: str | None) -> sql.Composed:
+    """Activity (or the update time when there was none) newest first, then update time, then id
+    (sessions.models.INBOX_ORDER); `alias` None for the columns of a subquery's rows."""
+
+    def name(field: str) -> sql.Identifier:
+        return column(Session, field, alias)
+
+    return sql.SQL("COALESCE({activity}, {updated}) DESC, {updated} DESC, {session}").format(
+        activity=name("last_activity_at"), updated=name("updated_at"), session=name("session_id")
+    )
+
+
+def _and(conditions: Sequence[sql.Composable]) -> sql.Composable:
+    return sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("TRUE")
+
+
+_RUNNING = _state_is(ExecutionState.RUNNING)
+_ACTIVITY = sql.SQL("COALESCE({}, {})").format(_s("last_activity_at"), _s("updated_at"))
+_ORDER = _inbox_order("s")
 
 
 @dataclass
@@ -110,153 +126,213 @@ def session_with_cursor(*, session_id: str, reader_id: str | None, scope: Scope)
 
 
 class _Query:
-    """The FROM and WHERE every list query shares: the key's scope, the backend, the reader."""
+    """The FROM and WHERE every list query shares (the key's scope, the backend, the reader),
+    and the conditions on the reader's cursor: without a reader there is no cursor to join, its
+    columns are NULL and every inactive session is unread."""
 
     def __init__(self, *, scope: Scope, backend_profile: str | None, reader_id: str | None):
-        self.params: dict = {"reader": reader_id}
-        conditions, ranges, scoped = [], [], []
-        self.scope_columns = [
-            column
-            for column, value in (("tenant_id", scope.tenant_id), ("project_id", scope.project_id))
+        self.params: dict[str, Any] = {"reader": reader_id}
+        conditions: list[sql.Composable] = []
+        ranges: list[sql.Composable] = []
+        scoped: list[sql.Composable] = []
+        self.scope_fields = [
+            field
+            for field, value in (("tenant_id", scope.tenant_id), ("project_id", scope.project_id))
             if value is not None
         ]
-        for column, value in (
+        for field, value in (
             ("tenant_id", scope.tenant_id),
             ("project_id", scope.project_id),
             ("backend_profile", backend_profile),
         ):
             if value is not None:
-                conditions.append(f"s.{column} = %({column})s")
-                self.params[column] = value
-                if column != "backend_profile":
-                    scoped.append(f"s.{column}")
-                    ranges.append(f"s.{column} BETWEEN %({column})s AND %({column})s")
+                placeholder = sql.Placeholder(field)
+                conditions.append(sql.SQL("{} = {}").format(_s(field), placeholder))
+                self.params[field] = value
+                if field != "backend_profile":
+                    scoped.append(_s(field))
+                    ranges.append(sql.SQL("{0} BETWEEN {1} AND {1}").format(_s(field), placeholder))
                 else:
                     ranges.append(conditions[-1])
-        self.where = " AND ".join(conditions) or "TRUE"
+        self.where = _and(conditions)
         # Version order, led by the scope's columns. Written as ranges, the scope's columns stay
         # in the sort (an equality would make the planner drop them), so only the scope's own
         # version index yields that order: the global one, filtered, may walk past other
         # tenants' newer rows first.
-        self.version_where = " AND ".join(ranges) or "TRUE"
-        self.version_order = ", ".join([*scoped, "s.version"])
-        self.version_order_desc = ", ".join(f"{column} DESC" for column in [*scoped, "s.version"])
-        if reader_id is None:
-            self.source = "agent_sessions_session s"
-            self.columns = (
-                "s.*, NULL::bigint AS cursor_version, NULL::timestamptz AS cursor_read_at, "
-                "NULL::bigint AS cursor_read_version"
-            )
-            self.join_free = True
+        self.version_where = _and(ranges)
+        self.version_order = sql.SQL(", ").join([*scoped, _s("version")])
+        self.version_order_desc = sql.SQL(", ").join(
+            sql.SQL("{} DESC").format(name) for name in [*scoped, _s("version")]
+        )
+        self.join_free = reader_id is None
+        if self.join_free:
+            self.source: sql.Composable = sql.SQL("{} s").format(table(Session))
+            self.cursor_version: sql.Composable = NULL_BIGINT
+            self.cursor_read_at: sql.Composable = NULL_TIMESTAMPTZ
+            self.cursor_read_version: sql.Composable = NULL_BIGINT
         else:
-            self.source = (
-                "agent_sessions_session s LEFT JOIN agent_sessions_sessionreadcursor c "
-                "ON c.session_id = s.session_id AND c.reader_id = %(reader)s"
+            self.source = sql.SQL(
+                "{session} s LEFT JOIN {cursor} c ON {c_session} = {s_session} AND {reader} = %(reader)s"
+            ).format(
+                session=table(Session),
+                cursor=table(SessionReadCursor),
+                c_session=_c("session"),
+                s_session=_s("session_id"),
+                reader=_c("reader_id"),
             )
-            self.columns = (
-                "s.*, c.session_version AS cursor_version, c.read_at AS cursor_read_at, "
-                "c.read_version AS cursor_read_version"
-            )
-            self.join_free = False
+            self.cursor_version, self.cursor_read_at = _c("session_version"), _c("read_at")
+            self.cursor_read_version = _c("read_version")
+        self.columns = sql.SQL("s.*, {} AS cursor_version, {} AS cursor_read_at, {} AS cursor_read_version").format(
+            self.cursor_version, self.cursor_read_at, self.cursor_read_version
+        )
+        unread = sql.SQL("{} AND ({cursor} IS NULL OR {cursor} < {version})").format(
+            _state_is(ExecutionState.RUNNING, negated=True), cursor=self.cursor_version, version=_s("version")
+        )
+        self.group_condition = {
+            ACTIVE: _RUNNING,
+            UNREAD: unread,
+            READ: sql.SQL("{} AND {} >= {}").format(
+                _state_is(ExecutionState.RUNNING, negated=True), self.cursor_version, _s("version")
+            ),
+        }
+        self.state_condition: dict[str, sql.Composable] = {
+            "default": sql.SQL("({} OR ({}))").format(_RUNNING, unread),
+            "running": _RUNNING,
+            "unread": unread,
+            "terminal": _state_is(ExecutionState.TERMINAL),
+            "idle": _state_is(ExecutionState.IDLE),
+            "all": sql.SQL("TRUE"),
+        }
+        # The stamp of the last write that could move the session in this reader's inbox: the
+        # session's own (version or activity) or the reader's read of it. Both come from one counter.
+        self.changed = sql.SQL("GREATEST({}, COALESCE({}, 0))").format(_s("inbox_version"), self.cursor_read_version)
+        # Unchanged since the walk's edge. Plain column comparisons, so the planner sees from the
+        # columns' statistics that nearly every row passes and keeps the index-ordered scans.
+        self.unchanged = sql.SQL("{} <= %(edge)s AND ({read} IS NULL OR {read} <= %(edge)s)").format(
+            _s("inbox_version"), read=self.cursor_read_version
+        )
 
-    def scope_where(self, alias: str) -> str:
-        return " AND ".join(f"{alias}.{column} = %({column})s" for column in self.scope_columns) or "TRUE"
+    def scope_where(self, alias: str) -> sql.Composable:
+        return _and(
+            [
+                sql.SQL("{} = {}").format(column(Session, field, alias), sql.Placeholder(field))
+                for field in self.scope_fields
+            ]
+        )
 
-    def sql(self, condition: str, *, version_ordered: bool = False) -> str:
+    def select(
+        self,
+        condition: sql.Composable,
+        *,
+        first: sql.Composable | None = None,
+        columns: sql.Composable | None = None,
+        version_ordered: bool = False,
+    ) -> sql.Composed:
+        """SELECT the sessions (with `first` as the leading column, or only `columns`) in the
+        list's scope where `condition` holds."""
+        selected = columns if columns is not None else self.columns
+        if first is not None:
+            selected = sql.SQL("{}, {}").format(first, selected)
         where = self.version_where if version_ordered else self.where
-        return f"SELECT {self.columns} FROM {self.source} WHERE {where} AND {condition}"
+        return sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(selected, self.source, where, condition)
 
-    def finish(self, sql: str) -> str:
-        if self.join_free:  # no reader: no cursor, every inactive session is unread
-            sql = sql.replace("c.session_version", "NULL::bigint").replace("c.read_at", "NULL::timestamptz")
-            sql = sql.replace("c.read_version", "NULL::bigint")
-        return sql
-
-    def run(self, sql: str, params: dict) -> list[Session]:
-        return list(Session.objects.raw(self.finish(sql), {**self.params, **params}))
+    def run(self, statement: sql.Composable, params: dict[str, Any]) -> list[Session]:
+        # A queryset's raw() (the manager's is typed for text only) takes the composed statement.
+        return list(Session.objects.all().raw(statement, {**self.params, **params}))
 
 
-def _keyset(prefix: str) -> str:
+def _keyset() -> sql.Composed:
     """After a position in the inbox order (activity and update time descending, id ascending)."""
-    return (
-        f"({_ACTIVITY} <= %({prefix}a)s AND ({_ACTIVITY} < %({prefix}a)s OR s.updated_at < %({prefix}u)s "
-        f"OR (s.updated_at = %({prefix}u)s AND s.session_id > %({prefix}i)s)))"
-    )
+    return sql.SQL(
+        "({activity} <= %(k_a)s AND ({activity} < %(k_a)s OR {updated} < %(k_u)s "
+        "OR ({updated} = %(k_u)s AND {session} > %(k_i)s)))"
+    ).format(activity=_ACTIVITY, updated=_s("updated_at"), session=_s("session_id"))
 
 
-def _main_page(query: _Query, *, state, position, edge: int, limit: int) -> list[Session]:
+def _main_page(query: _Query, *, state: str, position: dict[str, Any] | None, edge: int, limit: int) -> list[Session]:
     """The walk's snapshot part: the sessions unchanged since its edge, after `position`."""
-    branches, params = [], {"limit": limit, "edge": edge}
+    branches: list[sql.Composable] = []
+    params: dict[str, Any] = {"limit": limit, "edge": edge}
     for group in GROUPS[state]:
         if position is not None and group < position["g"]:
             continue
-        conditions = [_GROUP_CONDITION[group], _UNCHANGED]
+        conditions: list[sql.Composable] = [query.group_condition[group], query.unchanged]
         if state in ("terminal", "idle"):
-            conditions.append(_STATE_CONDITION[state])
+            conditions.append(query.state_condition[state])
         if position is not None and group == position["g"]:
-            conditions.append(_keyset("k_"))
+            conditions.append(_keyset())
             params.update(k_a=position["a"], k_u=position["u"], k_i=position["i"])
-        sql = query.sql(" AND ".join(conditions)).replace("SELECT ", f"SELECT {group} AS attention_group, ", 1)
-        branches.append(f"({sql} ORDER BY {_ORDER} LIMIT %(limit)s)")
+        branch = query.select(_and(conditions), first=sql.SQL("{} AS attention_group").format(sql.Literal(group)))
+        branches.append(sql.SQL("({} ORDER BY {} LIMIT %(limit)s)").format(branch, _ORDER))
     if not branches:
         return []
-    order = _ORDER.replace("s.", "")
-    return query.run(
-        f"SELECT * FROM ({' UNION ALL '.join(branches)}) page ORDER BY attention_group, {order} LIMIT %(limit)s", params
+    statement = sql.SQL("SELECT * FROM ({}) page ORDER BY attention_group, {} LIMIT %(limit)s").format(
+        sql.SQL(" UNION ALL ").join(branches), _inbox_order(None)
     )
+    return query.run(statement, params)
 
 
-def _tail_page(query: _Query, *, state, edge: int, position, limit: int) -> list[Session]:
+def _tail_page(query: _Query, *, state: str, edge: int, position: dict[str, Any] | None, limit: int) -> list[Session]:
     """The walk's tail: the sessions changed after its edge, in the order of their last change,
     after `position`. They are found from the stamps' indexes, so a page reads about as many
     rows as changed since the walk began, not the inbox."""
     # A stamp at or above the position's: the session's own, or this reader's read of it.
     low = position["c"] if position is not None else edge + 1
-    params = {"edge": edge, "low": low, "limit": limit}
+    params: dict[str, Any] = {"edge": edge, "low": low, "limit": limit}
+    changed: sql.Composable
     if query.join_free:
-        changed = "s.inbox_version >= %(low)s"
+        changed = sql.SQL("{} >= %(low)s").format(_s("inbox_version"))
     else:
-        changed = (
-            "s.session_id IN (SELECT m.session_id FROM agent_sessions_session m "
-            f"WHERE {query.scope_where('m')} AND m.inbox_version >= %(low)s UNION ALL "
-            "SELECT r.session_id FROM agent_sessions_sessionreadcursor r "
-            "WHERE r.reader_id = %(reader)s AND r.read_version >= %(low)s)"
+        changed = sql.SQL(
+            "{session} IN (SELECT {m_session} FROM {sessions} m WHERE {scope} AND {m_stamp} >= %(low)s UNION ALL "
+            "SELECT {r_session} FROM {cursors} r WHERE {r_reader} = %(reader)s AND {r_stamp} >= %(low)s)"
+        ).format(
+            session=_s("session_id"),
+            m_session=column(Session, "session_id", "m"),
+            sessions=table(Session),
+            scope=query.scope_where("m"),
+            m_stamp=column(Session, "inbox_version", "m"),
+            r_session=column(SessionReadCursor, "session", "r"),
+            cursors=table(SessionReadCursor),
+            r_reader=column(SessionReadCursor, "reader_id", "r"),
+            r_stamp=column(SessionReadCursor, "read_version", "r"),
         )
-    conditions = [_STATE_CONDITION[state], changed, f"{_CHANGED} > %(edge)s"]
+    conditions = [query.state_condition[state], changed, sql.SQL("{} > %(edge)s").format(query.changed)]
     if position is not None:
-        conditions.append(f"({_CHANGED}, s.session_id) > (%(t_c)s, %(t_i)s)")
+        conditions.append(sql.SQL("({}, {}) > (%(t_c)s, %(t_i)s)").format(query.changed, _s("session_id")))
         params.update(t_c=position["c"], t_i=position["i"])
-    sql = query.sql(" AND ".join(conditions)).replace("SELECT ", f"SELECT {_CHANGED} AS changed_version, ", 1)
-    return query.run(f"{sql} ORDER BY {_CHANGED}, s.session_id LIMIT %(limit)s", params)
+    statement = sql.SQL("{} ORDER BY {}, {} LIMIT %(limit)s").format(
+        query.select(_and(conditions), first=sql.SQL("{} AS changed_version").format(query.changed)),
+        query.changed,
+        _s("session_id"),
+    )
+    return query.run(statement, params)
 
 
 def _edge_and_watermark(query: _Query, state: str) -> tuple[int, str | None]:
     """The session counter's value (a walk's edge) and the highest version among the matching
     sessions, in one statement, so in one snapshot with each other."""
-    sql = (
-        query.sql(_STATE_CONDITION[state], version_ordered=True).replace(
-            f"SELECT {query.columns} ", "SELECT s.version ", 1
-        )
-        + f" ORDER BY {query.version_order_desc} LIMIT 1"
+    watermark = sql.SQL("{} ORDER BY {} LIMIT 1").format(
+        query.select(query.state_condition[state], columns=_s("version"), version_ordered=True),
+        query.version_order_desc,
     )
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT (SELECT value FROM agentrun_counter WHERE name = %(counter)s), ({query.finish(sql)})",
-            {**query.params, "counter": counters.SESSIONS},
+            sql.SQL("SELECT ({}), ({})").format(counters.value_sql(counters.SESSIONS), watermark), query.params
         )
         edge, version = cursor.fetchone()
     return edge or 0, (str(version) if version is not None else None)
 
 
-def _filters_key(state, backend_profile, reader_id) -> list:
+def _filters_key(state: str, backend_profile: str | None, reader_id: str | None) -> list[str | None]:
     return [state, backend_profile, reader_id]
 
 
-def _encode_token(token: dict) -> str:
+def _encode_token(token: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(token, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
-def _decode_token(raw: str, filters: list) -> dict:
+def _decode_token(raw: str, filters: list[str | None]) -> dict[str, Any]:
     try:
         token = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
         if token["f"] != filters or token["p"] not in ("main", "tail"):
@@ -280,11 +356,11 @@ def _decode_token(raw: str, filters: list) -> dict:
         ) from None
 
 
-def _is_stamp(value) -> bool:
+def _is_stamp(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
-def _main_position(session: Session) -> dict:
+def _main_position(session: Session) -> dict[str, Any]:
     activity = session.last_activity_at or session.updated_at
     return {
         "g": session.attention_group,
@@ -311,9 +387,11 @@ def session_list(
         raise invalid("give either cursor (the change feed) or pageToken (the inbox), not both", parameter="pageToken")
     query = _Query(scope=scope, backend_profile=backend_profile, reader_id=reader_id)
     if cursor is not None:
+        condition = sql.SQL("{} AND {} > %(cursor)s").format(query.state_condition[state], _s("version"))
         sessions = query.run(
-            query.sql(f"{_STATE_CONDITION[state]} AND s.version > %(cursor)s", version_ordered=True)
-            + f" ORDER BY {query.version_order} LIMIT %(limit)s",
+            sql.SQL("{} ORDER BY {} LIMIT %(limit)s").format(
+                query.select(condition, version_ordered=True), query.version_order
+            ),
             {"cursor": cursor, "limit": limit},
         )
         return SessionPage(sessions, str(sessions[-1].version) if sessions else str(cursor), None)
@@ -323,6 +401,7 @@ def session_list(
     with transaction.atomic():
         if not nested:  # one snapshot for the page, its tail and its watermark
             with connection.cursor() as db:
+                # Raw: Django has no API for a transaction's isolation level.
                 db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         counter_value, watermark = _edge_and_watermark(query, state)
         # A first page takes the counter as the walk's edge. Its own page is filtered by that
@@ -332,7 +411,8 @@ def session_list(
             edge, phase, position = counter_value, "main", None
         else:
             edge, phase, position = token["e"], token["p"], token.get("k")
-        main = []
+        main: list[Session] = []
+        next_token: dict[str, Any] | None
         if phase == "main":
             main = _main_page(query, state=state, position=position, edge=edge, limit=limit + 1)
         # One row more than the page tells whether there is a next page.
