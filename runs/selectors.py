@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
+
 from agentrun.auth import Scope
 from agentrun.errors import SCHEMA_INVALID, AgentRunError, not_found
 from agentrun.vocabulary import OUTPUT_EVENT_TYPES
-from runs.models import Command, Run, RunEvent, RunnerJob
+from runs.models import RUN_TERMINAL, Command, Run, RunEvent, RunnerJob
 from sessions import selectors as session_selectors
 
 UNRESTRICTED = Scope.unrestricted()
@@ -24,7 +27,27 @@ def run_exists(*, run_id: str, scope: Scope = UNRESTRICTED) -> None:
         raise not_found("run", run_id)
 
 
-def event_list(*, run_id: str, after_seq: int, limit: int, types=None) -> list[RunEvent]:
+@dataclass(frozen=True)
+class RunOutcome:
+    """A run's status and failure. Once the run has ended they never change again."""
+
+    status: str
+    failure_kind: str | None
+    failure_message: str | None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in RUN_TERMINAL
+
+
+def run_outcomes(*, run_ids: Collection[str]) -> dict[str, RunOutcome]:
+    """The outcome of each run of `run_ids` that exists, in one query (none for no ids); a run
+    that is gone has no entry."""
+    rows = Run.objects.filter(pk__in=run_ids).values_list("id", "status", "failure_kind", "failure_message")
+    return {run_id: RunOutcome(status, failure_kind, message) for run_id, status, failure_kind, message in rows}
+
+
+def event_list(*, run_id: str, after_seq: int, limit: int, types: Collection[str] | None = None) -> list[RunEvent]:
     """Events after `after_seq` in seq order; `types` filters in SQL before the limit."""
     events = RunEvent.objects.filter(run_id=run_id, seq__gt=after_seq)
     if types is not None:
