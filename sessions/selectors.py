@@ -237,7 +237,8 @@ class _Query:
         return sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(selected, self.source, where, condition)
 
     def run(self, statement: sql.Composable, params: dict[str, Any]) -> list[Session]:
-        # A queryset's raw() (the manager's is typed for text only) takes the composed statement.
+        # Raw: a page is one index-ordered statement (see above); a queryset's raw() takes it
+        # composed (the manager's is typed for text only).
         return list(Session.objects.all().raw(statement, {**self.params, **params}))
 
 
@@ -317,6 +318,7 @@ def _edge_and_watermark(query: _Query, state: str) -> tuple[int, str | None]:
         query.version_order_desc,
     )
     with connection.cursor() as cursor:
+        # Raw: the counter and the watermark in one statement, so in one snapshot; the ORM would take two.
         cursor.execute(
             sql.SQL("SELECT ({}), ({})").format(counters.value_sql(counters.SESSIONS), watermark), query.params
         )
