@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rest_framework import serializers
 
 from agentrun.text import UNSTORABLE_MESSAGE, is_unstorable
@@ -58,7 +60,9 @@ class IdentifierField(StrictCharField):
         return super().to_internal_value(data)
 
 
-def check_identifier(value, *, field: str, max_length: int = IDENTIFIER_MAX_LENGTH, required: bool = True) -> None:
+def check_identifier(
+    value: object, *, field: str, max_length: int = IDENTIFIER_MAX_LENGTH, required: bool = True
+) -> None:
     """The `IdentifierField` rule for a value that did not come through a serializer (a path
     segment, a query parameter, a hand-parsed body): 400 `schema-invalid` naming the field."""
     from agentrun.errors import invalid
@@ -82,7 +86,7 @@ class JSONObjectField(serializers.JSONField):
         return data
 
 
-def validated(serializer_class, data) -> dict:
+def validated(serializer_class: type[serializers.Serializer], data: object) -> dict[str, Any]:
     """The body, validated by `serializer_class` (a 400 in the envelope when it is not valid)."""
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import NoReturn
 
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import BaseParser
@@ -11,7 +12,7 @@ from rest_framework.parsers import BaseParser
 from agentrun.text import MAX_JSON_DEPTH, TooDeep, body_needs_walk, sanitize_json
 
 
-def _no_constant(name: str):
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
