@@ -10,6 +10,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from agentrun.auth import Role
 from agentrun.backends import PROFILES, backend_list
 from agentrun.health import store_health
 
@@ -64,7 +65,7 @@ class HealthView(APIView):
 
 
 class BackendsView(APIView):
-    roles = {"get": {"client", "runner"}}
+    roles = {"get": {Role.CLIENT, Role.RUNNER}}
 
     @extend_schema(responses=BackendListOut)
     def get(self, request):

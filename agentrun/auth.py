@@ -18,6 +18,9 @@ from rest_framework.permissions import BasePermission
 from agentrun.errors import TENANT_POLICY_DENIED, AgentRunError, invalid
 from agentrun.models import ApiKey, Role
 
+# `Role` (client, runner, operator) is the one enum of key roles. Views' `roles` and the key
+# command take it from here; it is defined with the ApiKey model, whose column's choices it is.
+
 KEY_PREFIX = "ar_"
 
 
@@ -49,7 +52,7 @@ def api_key_create(
     return key, raw
 
 
-def api_key_revoke(*, key_id) -> None:
+def api_key_revoke(*, key_id: int) -> None:
     """The key stops working (within the per-process cache time)."""
     ApiKey.objects.filter(pk=key_id, revoked_at__isnull=True).update(revoked_at=Now())
 
@@ -86,7 +89,7 @@ class Scope:
             return False
         return self.project_id is None or project_id == self.project_id
 
-    def fill(self, tenant_id, project_id) -> tuple[str, str]:
+    def fill(self, tenant_id: str | None, project_id: str | None) -> tuple[str, str]:
         """A body's tenantId/projectId: left out, the key's scope fills them; given, they must match."""
         tenant_id = tenant_id if tenant_id not in (None, "") else self.tenant_id
         project_id = project_id if project_id not in (None, "") else self.project_id

@@ -9,6 +9,8 @@ hook `document_errors` adds the statuses every route of a kind answers (`error_s
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
+from typing import TypeVar
 
 from drf_spectacular.extensions import (
     OpenApiAuthenticationExtension,
@@ -16,13 +18,16 @@ from drf_spectacular.extensions import (
     OpenApiSerializerFieldExtension,
 )
 from drf_spectacular.openapi import AutoSchema
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema_field
+from drf_spectacular.utils import OpenApiResponse, extend_schema_field
 from rest_framework import serializers
 
 from agentrun.backends import PROFILES
 from agentrun.errors import INTERNAL
-from agentrun.fields import BIGINT_MAX, IDENTIFIER_MAX_LENGTH, SESSION_ID_MAX_LENGTH, IdentifierField
+from agentrun.fields import IDENTIFIER_MAX_LENGTH, SESSION_ID_MAX_LENGTH, IdentifierField
 from agentrun.vocabulary import FAILURE_KINDS
+from agentrun.wire import MAX_WAIT_SECONDS, QueryIdentifier, QueryInteger, QueryText, QueryWait
+
+FieldT = TypeVar("FieldT", bound=serializers.Field)
 
 API_PREFIX = "/api/v1"
 # Every kind an error can carry: the seed's failure kinds (a terminal run's 409 carries its
@@ -56,6 +61,9 @@ ERROR_SCHEMA = {
 PAGE_TOKEN_MAX_LENGTH = 8192
 # A seq or version as a decimal string (BIGINT_MAX has 19 digits).
 CURSOR_MAX_LENGTH = 20
+# A record's `readerId` (a computed field: its schema is given whole, as drf-spectacular reads no
+# limits off a field given to `extend_schema_field`).
+READER_ID_SCHEMA = {"type": "string", "nullable": True, "maxLength": IDENTIFIER_MAX_LENGTH}
 
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):
@@ -90,7 +98,7 @@ class PageListSchema(AutoSchema):
     """For a ViewSet whose `list` answers one page object (`{items, count, cursor, ...}`): not a
     bare array of its items, as drf-spectacular assumes for a `list` action."""
 
-    def _is_list_view(self, serializer=None) -> bool:
+    def _is_list_view(self, serializer: object = None) -> bool:
         return False
 
 
@@ -106,68 +114,44 @@ class JSONObjectSchema(OpenApiSerializerFieldExtension):
         return {"type": "object", "additionalProperties": True}
 
 
-def documented_enum(field_class, choices):
+def documented_enum(field_class: type[FieldT], choices: Iterable[str], *, keep_order: bool = False) -> type[FieldT]:
     """`field_class`, for a value the service checks against `choices` (so its 400 stays the
-    service's): the schema lists them."""
+    service's): the schema lists them (sorted, unless `keep_order`)."""
     subclass = type(field_class.__name__, (field_class,), {"__module__": __name__})
-    return extend_schema_field({"type": "string", "enum": sorted(choices)})(subclass)
+    enum = list(choices) if keep_order else sorted(choices)
+    return extend_schema_field({"type": "string", "enum": enum})(subclass)
 
 
 # An IdentifierField naming a backend profile (checked by `require_profile`).
 BackendProfileField = documented_enum(IdentifierField, PROFILES)
+# A query parameter naming one.
+BackendProfileParameter = documented_enum(QueryText, PROFILES, keep_order=True)
 
 
 # --- parameters ---------------------------------------------------------------------------
 
 
-def query_integer(
-    name: str, *, minimum: int, maximum: int | None = None, default: int | None = None, description: str = ""
-) -> OpenApiParameter:
-    schema: dict = {"type": "integer", "minimum": minimum}
-    if maximum is not None:
-        schema["maximum"] = maximum
-    if default is not None:
-        schema["default"] = default
-    return OpenApiParameter(name, schema, OpenApiParameter.QUERY, description=description)
+class QueryParameterSchema(OpenApiSerializerFieldExtension):
+    """A query serializer's field (`agentrun.wire`), exploded into a parameter by
+    `extend_schema(parameters=[...Query])`: its type and the limits the server enforces."""
 
+    target_class = "agentrun.wire.QueryParameter"
+    match_subclasses = True
 
-def query_number(name: str, *, minimum: float, maximum: float, description: str = "") -> OpenApiParameter:
-    schema = {"type": "number", "minimum": minimum, "maximum": maximum, "default": 0}
-    return OpenApiParameter(name, schema, OpenApiParameter.QUERY, description=description)
-
-
-def query_string(
-    name: str, *, max_length: int = IDENTIFIER_MAX_LENGTH, enum: list[str] | None = None, description: str = ""
-) -> OpenApiParameter:
-    schema: dict = {"type": "string", "maxLength": max_length}
-    if enum is not None:
-        schema = {"type": "string", "enum": list(enum)}
-    return OpenApiParameter(name, schema, OpenApiParameter.QUERY, description=description)
-
-
-def query_cursor(name: str, description: str) -> OpenApiParameter:
-    return query_integer(name, minimum=0, maximum=BIGINT_MAX, description=description)
-
-
-def page_parameters(*, maximum: int, default: int = 100) -> list[OpenApiParameter]:
-    """A seq page's parameters (`agentrun.wire.query_int`, `query_wait`)."""
-    return [
-        query_cursor("afterSeq", "Only items with a greater seq (default 0)."),
-        query_integer(
-            "limit", minimum=1, default=default, description=f"Page size; larger values are taken as {maximum}."
-        ),
-        query_number(
-            "wait",
-            minimum=0,
-            maximum=30,
-            description="Seconds to wait for a first item when there is none yet (long-poll); "
-            "larger values are taken as 30.",
-        ),
-    ]
-
-
-def page_token_parameter(description: str) -> OpenApiParameter:
-    return query_string("pageToken", max_length=PAGE_TOKEN_MAX_LENGTH, description=description)
+    def map_serializer_field(self, auto_schema, direction):
+        field = self.target
+        if isinstance(field, QueryInteger):
+            schema: dict = {"type": "integer", "minimum": field.minimum}
+            if field.at_most is not None:
+                schema["maximum"] = field.at_most
+            if field.documents_default and field.absent is not None:
+                schema["default"] = field.absent
+            return schema
+        if isinstance(field, QueryWait):
+            return {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS, "default": 0}
+        if isinstance(field, QueryIdentifier):
+            return {"type": "string", "maxLength": field.max_length}
+        raise TypeError(f"{type(field).__name__} needs its schema here (or documented_enum)")
 
 
 # --- statuses -----------------------------------------------------------------------------

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
-from django.conf import settings
-from django.http import HttpResponse
-from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema
+from django.http import HttpResponseBase
+from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema, extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from agentrun import notify
-from agentrun.fields import BIGINT_MAX, validated
-from agentrun.openapi import error, page_parameters, query_string
-from agentrun.wire import query_identifier, query_int, query_wait
+from agentrun.auth import Role
+from agentrun.fields import validated
+from agentrun.openapi import error
+from agentrun.wire import RecordSerializer, page
 from runs import selectors, services
 from runs.serializers import (
     CancelIn,
@@ -22,10 +24,12 @@ from runs.serializers import (
     CommandCreateIn,
     CommandOut,
     CommandPageOut,
+    CommandPageQuery,
     EventAppendBatchIn,
     EventAppendOneIn,
     EventOut,
     EventPageOut,
+    EventPageQuery,
     FinishIn,
     HeartbeatIn,
     LeaseIn,
@@ -33,18 +37,14 @@ from runs.serializers import (
     RunnerJobIn,
     RunnerJobOut,
     RunnerJobPageOut,
+    RunnerJobQuery,
     RunnerOut,
     RunnerRegisterIn,
     RunOut,
     SessionEventPageOut,
+    SessionEventQuery,
     parse_event_append,
-    render_page,
 )
-
-CLIENT, RUNNER = "client", "runner"
-MAX_EVENTS_PAGE = 500
-MAX_COMMANDS_PAGE = 100
-DEFAULT_PAGE = 100
 
 # What the schema says of the routes' own errors; `agentrun.openapi` adds what every route answers.
 LEASE_CONFLICT = error(
@@ -70,20 +70,20 @@ def _content_length(request) -> int | None:
         return None
 
 
-def _created(record, created: bool, serializer_class) -> Response:
-    return Response(
-        serializer_class().to_representation(record), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
-    )
+def _render(record, serializer_class: type[RecordSerializer], *, created: bool | None = None) -> Response:
+    """`record` as `serializer_class` renders it; 201 or 200 for a create (`created`), else 200."""
+    code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return Response(serializer_class().to_representation(record), status=code)
 
 
 class _Page:
     """A seq page. Its JSON is rendered once, however many woken waiters share the page."""
 
-    __slots__ = ("_body", "after_seq", "head", "items", "serializer_class")
+    __slots__ = ("_body", "after_seq", "head", "items", "page_serializer")
 
-    def __init__(self, items, serializer_class, after_seq: int, head: dict | None = None):
-        self.items, self.serializer_class, self.after_seq, self.head = items, serializer_class, after_seq, head
-        self._body = None
+    def __init__(self, items: list, page_serializer: type[RecordSerializer], after_seq: int, head: dict | None):
+        self.items, self.page_serializer, self.after_seq, self.head = items, page_serializer, after_seq, head
+        self._body: bytes | None = None
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -91,49 +91,81 @@ class _Page:
     def body(self) -> bytes:
         if self._body is None:
             cursor = str(self.items[-1].seq) if self.items else str(self.after_seq)
+            record = self.page_serializer().to_representation(page(self.items, cursor=cursor, **(self.head or {})))
             # The bytes DRF's JSONRenderer writes (compact, UTF-8), without its per-request cost.
-            page = render_page(self.items, self.serializer_class, cursor=cursor)
-            self._body = json.dumps(
-                {**self.head, **page} if self.head else page, ensure_ascii=False, separators=(",", ":")
-            ).encode()
+            self._body = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
         return self._body
 
 
-def _page_parameters(request, maximum: int) -> tuple[int, int, float]:
-    after_seq = query_int(request.query_params, "afterSeq", default=0, minimum=0, at_most=BIGINT_MAX)
-    limit = query_int(request.query_params, "limit", default=DEFAULT_PAGE, minimum=1, maximum=maximum)
-    wait = query_wait(request.query_params, maximum=settings.AGENTRUN_MAX_WAIT_SECONDS)
-    return after_seq, limit, wait
-
-
-def _page(request, *, run_id: str, maximum: int, fetch, serializer_class, head: dict | None = None) -> HttpResponse:
-    """A seq page, long-polled when `wait` is given. An empty page echoes afterSeq. `head` goes
-    before the page's keys (a session's trace names its session and run)."""
-    after_seq, limit, wait = _page_parameters(request, maximum)
+def _page(
+    *,
+    run_id: str,
+    query: dict,
+    fetch: Callable[..., list],
+    page_serializer: type[RecordSerializer],
+    head: dict | None = None,
+) -> HttpResponseBase:
+    """A seq page of `query` (`EventPageQuery`), long-polled when `wait` is given. An empty page
+    echoes afterSeq. `head`: the page's keys before its items (a session's trace names its
+    session and run)."""
+    after_seq, limit = query["after_seq"], query["limit"]
     return notify.long_poll(
         notify.run_topic(run_id),
-        timeout=wait,
-        fetch=lambda: _Page(fetch(run_id=run_id, after_seq=after_seq, limit=limit), serializer_class, after_seq, head),
-        share_key=(fetch.__name__, after_seq, limit),
-        render=lambda page: (page or _Page([], serializer_class, after_seq, head)).body(),
+        timeout=query["wait"],
+        fetch=lambda: _Page(fetch(run_id=run_id, after_seq=after_seq, limit=limit), page_serializer, after_seq, head),
+        # Waiters share a page only when they would render the same bytes.
+        share_key=(fetch.__name__, after_seq, limit, page_serializer, tuple((head or {}).items())),
+        render=lambda found: (found or _Page([], page_serializer, after_seq, head)).body(),
     )
 
 
-class RunViewSet(viewsets.ViewSet):
+# `finish` (the lease holder ends it) and `cancel` (a client does), the same for a run and a
+# command: the viewset names its record, the services and the argument its path id fills, and
+# documents the record they answer with (`extend_schema_view`). (A comment: the schema would
+# show a docstring on every operation of the viewsets.)
+class EndActions:
+    record: type[RecordSerializer]
+    path_argument: str
+    finish_service: Callable[..., Any]
+    cancel_service: Callable[..., Any]
+
+    @extend_schema(request=FinishIn)
+    @action(detail=True, methods=["post"])
+    def finish(self, request, pk=None):
+        data = validated(FinishIn, request.data)
+        ended = self.finish_service(**{self.path_argument: pk}, **data, scope=request.scope)
+        return _render(ended, self.record)
+
+    @extend_schema(request=CancelIn)
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        data = validated(CancelIn, request.data)
+        return _render(self.cancel_service(**{self.path_argument: pk}, **data, scope=request.scope), self.record)
+
+
+@extend_schema_view(
+    finish=extend_schema(responses={200: RunOut, 409: LEASE_CONFLICT}),
+    cancel=extend_schema(responses=RunOut),
+)
+class RunViewSet(EndActions, viewsets.ViewSet):
     lookup_value_regex = "[^/]+"
     roles = {
-        "create": {CLIENT},
-        "retrieve": {CLIENT, RUNNER},
-        "cancel": {CLIENT},
-        "claim": {RUNNER},
-        "heartbeat": {RUNNER},
-        "finish": {RUNNER},
-        "events:GET": {CLIENT, RUNNER},
-        "events:POST": {RUNNER},
-        "commands:GET": {CLIENT, RUNNER},
-        "commands:POST": {CLIENT},
-        "runner_jobs": {RUNNER},
+        "create": {Role.CLIENT},
+        "retrieve": {Role.CLIENT, Role.RUNNER},
+        "cancel": {Role.CLIENT},
+        "claim": {Role.RUNNER},
+        "heartbeat": {Role.RUNNER},
+        "finish": {Role.RUNNER},
+        "events:GET": {Role.CLIENT, Role.RUNNER},
+        "events:POST": {Role.RUNNER},
+        "commands:GET": {Role.CLIENT, Role.RUNNER},
+        "commands:POST": {Role.CLIENT},
+        "runner_jobs": {Role.RUNNER},
     }
+    record = RunOut
+    path_argument = "run_id"
+    finish_service = staticmethod(services.run_finish)
+    cancel_service = staticmethod(services.run_cancel)
 
     @extend_schema(
         request=RunCreateIn,
@@ -149,27 +181,16 @@ class RunViewSet(viewsets.ViewSet):
     )
     def create(self, request):
         data = validated(RunCreateIn, request.data)
-        tenant_id, project_id = request.scope.fill(data.get("tenantId"), data.get("projectId"))
-        known = set(RunCreateIn().fields)
-        extra = {key: value for key, value in request.data.items() if key not in known and key not in RunOut().fields}
-        run, created = services.run_create(
-            tenant_id=tenant_id,
-            project_id=project_id,
-            backend_profile=data["backendProfile"],
-            session_ref=data.get("sessionRef"),
-            resource_bundle_ref=data.get("resourceBundleRef"),
-            provider_id=data.get("providerId"),
-            workspace_ref=data.get("workspaceRef"),
-            execution_policy=data.get("executionPolicy"),
-            metadata=data.get("metadata"),
-            extra=extra,
-            idempotency_key=data.get("idempotencyKey"),
-        )
-        return _created(run, created, RunOut)
+        tenant_id, project_id = request.scope.fill(data.pop("tenant_id", None), data.pop("project_id", None))
+        # Keys no field names are kept with the run and answered with it (RunOut.extra_keys_from).
+        known = set(RunCreateIn().fields) | set(RunOut().fields)
+        extra = {key: value for key, value in request.data.items() if key not in known}
+        run, created = services.run_create(tenant_id=tenant_id, project_id=project_id, extra=extra, **data)
+        return _render(run, RunOut, created=created)
 
     @extend_schema(responses=RunOut)
     def retrieve(self, request, pk=None):
-        return Response(RunOut().to_representation(selectors.run_get(run_id=pk, scope=request.scope)))
+        return _render(selectors.run_get(run_id=pk, scope=request.scope), RunOut)
 
     @extend_schema(
         request=ClaimIn,
@@ -181,47 +202,15 @@ class RunViewSet(viewsets.ViewSet):
     @action(detail=True, methods=["post"])
     def claim(self, request, pk=None):
         data = validated(ClaimIn, request.data)
-        run = services.run_claim(run_id=pk, runner_id=data["runnerId"], lease_ms=data["leaseMs"], scope=request.scope)
-        return Response(RunOut().to_representation(run))
+        return _render(services.run_claim(run_id=pk, **data, scope=request.scope), RunOut)
 
     @extend_schema(request=HeartbeatIn, responses={200: RunOut, 409: LEASE_CONFLICT})
     @action(detail=True, methods=["post"])
     def heartbeat(self, request, pk=None):
         data = validated(HeartbeatIn, request.data)
-        run = services.run_heartbeat(
-            run_id=pk,
-            runner_id=data["runnerId"],
-            lease_epoch=data["leaseEpoch"],
-            lease_ms=data["leaseMs"],
-            scope=request.scope,
-        )
-        return Response(RunOut().to_representation(run))
+        return _render(services.run_heartbeat(run_id=pk, **data, scope=request.scope), RunOut)
 
-    @extend_schema(request=FinishIn, responses={200: RunOut, 409: LEASE_CONFLICT})
-    @action(detail=True, methods=["post"])
-    def finish(self, request, pk=None):
-        data = validated(FinishIn, request.data)
-        run = services.run_finish(
-            run_id=pk,
-            runner_id=data["runnerId"],
-            lease_epoch=data["leaseEpoch"],
-            terminal_status=data["terminalStatus"],
-            failure_kind=data.get("failureKind"),
-            failure_message=data.get("failureMessage"),
-            thread_id=data.get("threadId"),
-            turn_id=data.get("turnId"),
-            scope=request.scope,
-        )
-        return Response(RunOut().to_representation(run))
-
-    @extend_schema(request=CancelIn, responses=RunOut)
-    @action(detail=True, methods=["post"])
-    def cancel(self, request, pk=None):
-        data = validated(CancelIn, request.data)
-        run = services.run_cancel(run_id=pk, reason=data.get("reason"), scope=request.scope)
-        return Response(RunOut().to_representation(run))
-
-    @extend_schema(methods=["GET"], parameters=page_parameters(maximum=MAX_EVENTS_PAGE), responses=EventPageOut)
+    @extend_schema(methods=["GET"], parameters=[EventPageQuery], responses=EventPageOut)
     @extend_schema(
         methods=["POST"],
         request=EVENT_APPEND,
@@ -242,9 +231,8 @@ class RunViewSet(viewsets.ViewSet):
     def events(self, request, pk=None):
         if request.method == "GET":
             selectors.run_exists(run_id=pk, scope=request.scope)
-            return _page(
-                request, run_id=pk, maximum=MAX_EVENTS_PAGE, fetch=selectors.event_list, serializer_class=EventOut
-            )
+            query = validated(EventPageQuery, request.query_params)
+            return _page(run_id=pk, query=query, fetch=selectors.event_list, page_serializer=EventPageOut)
         body = parse_event_append(request.data, body_bytes=_content_length(request))
         events, created = services.event_append(
             run_id=pk,
@@ -254,12 +242,11 @@ class RunViewSet(viewsets.ViewSet):
             batch_key=body["batch_key"],
             scope=request.scope,
         )
-        code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         if not body["batch"]:
-            return Response(EventOut().to_representation(events[0]), status=code)
-        return Response(render_page(events, EventOut, cursor=str(events[-1].seq)), status=code)
+            return _render(events[0], EventOut, created=created)
+        return _render(page(events, cursor=str(events[-1].seq)), EventPageOut, created=created)
 
-    @extend_schema(methods=["GET"], parameters=page_parameters(maximum=MAX_COMMANDS_PAGE), responses=CommandPageOut)
+    @extend_schema(methods=["GET"], parameters=[CommandPageQuery], responses=CommandPageOut)
     @extend_schema(
         methods=["POST"],
         request=CommandCreateIn,
@@ -273,24 +260,13 @@ class RunViewSet(viewsets.ViewSet):
     def commands(self, request, pk=None):
         if request.method == "GET":
             selectors.run_exists(run_id=pk, scope=request.scope)
-            return _page(
-                request, run_id=pk, maximum=MAX_COMMANDS_PAGE, fetch=selectors.command_list, serializer_class=CommandOut
-            )
+            query = validated(CommandPageQuery, request.query_params)
+            return _page(run_id=pk, query=query, fetch=selectors.command_list, page_serializer=CommandPageOut)
         data = validated(CommandCreateIn, request.data)
-        command, created = services.command_create(
-            run_id=pk,
-            command_type=data["type"],
-            payload=data["payload"],
-            idempotency_key=data.get("idempotencyKey"),
-            scope=request.scope,
-        )
-        return _created(command, created, CommandOut)
+        command, created = services.command_create(run_id=pk, **data, scope=request.scope)
+        return _render(command, CommandOut, created=created)
 
-    @extend_schema(
-        methods=["GET"],
-        parameters=[query_string("commandId", description="Only this command's jobs.")],
-        responses=RunnerJobPageOut,
-    )
+    @extend_schema(methods=["GET"], parameters=[RunnerJobQuery], responses=RunnerJobPageOut)
     @extend_schema(
         methods=["POST"],
         request=RunnerJobIn,
@@ -305,82 +281,50 @@ class RunViewSet(viewsets.ViewSet):
     def runner_jobs(self, request, pk=None):
         if request.method == "GET":
             selectors.run_exists(run_id=pk, scope=request.scope)
-            command_id = query_identifier(request.query_params, "commandId")
-            jobs = selectors.runner_job_list(run_id=pk, command_id=command_id)
-            return Response(render_page(jobs, RunnerJobOut, cursor=None))
-        data = validated(RunnerJobIn, request.data)
-        fields = {
-            "command_id": data["commandId"],
-            "payload_hash": data["payloadHash"],
-            "attempt_id": data["attemptId"],
-            "runner_id": data["runnerId"],
-            "namespace": data["namespace"],
-            "job_name": data["jobName"],
-            "manager_url": data["managerUrl"],
-            "image": data["image"],
-            "source_commit": data["sourceCommit"],
-            "service_account_name": data.get("serviceAccountName"),
-            "result": data["result"],
-        }
+            query = validated(RunnerJobQuery, request.query_params)
+            jobs = selectors.runner_job_list(run_id=pk, **query)
+            return _render(page(jobs, cursor=None), RunnerJobPageOut)
+        fields = validated(RunnerJobIn, request.data)
         job, created = services.runner_job_save(
             run_id=pk,
+            job_id=fields.pop("job_id", None),
+            idempotency_key=fields.pop("idempotency_key", None),
             fields=fields,
-            job_id=data.get("id"),
-            idempotency_key=data.get("idempotencyKey"),
             scope=request.scope,
         )
-        return _created(job, created, RunnerJobOut)
+        return _render(job, RunnerJobOut, created=created)
 
 
-class CommandViewSet(viewsets.ViewSet):
+@extend_schema_view(
+    finish=extend_schema(responses={200: CommandOut, 409: LEASE_CONFLICT}),
+    cancel=extend_schema(responses=CommandOut),
+)
+class CommandViewSet(EndActions, viewsets.ViewSet):
     lookup_value_regex = "[^/]+"
     roles = {
-        "retrieve": {CLIENT, RUNNER},
-        "ack": {RUNNER},
-        "finish": {RUNNER},
-        "cancel": {CLIENT},
+        "retrieve": {Role.CLIENT, Role.RUNNER},
+        "ack": {Role.RUNNER},
+        "finish": {Role.RUNNER},
+        "cancel": {Role.CLIENT},
     }
+    record = CommandOut
+    path_argument = "command_id"
+    finish_service = staticmethod(services.command_finish)
+    cancel_service = staticmethod(services.command_cancel)
 
     @extend_schema(responses=CommandOut)
     def retrieve(self, request, pk=None):
-        return Response(CommandOut().to_representation(selectors.command_get(command_id=pk, scope=request.scope)))
+        return _render(selectors.command_get(command_id=pk, scope=request.scope), CommandOut)
 
     @extend_schema(request=LeaseIn, responses={200: CommandOut, 409: LEASE_CONFLICT})
     @action(detail=True, methods=["post"])
     def ack(self, request, pk=None):
         data = validated(LeaseIn, request.data)
-        command = services.command_ack(
-            command_id=pk, runner_id=data["runnerId"], lease_epoch=data["leaseEpoch"], scope=request.scope
-        )
-        return Response(CommandOut().to_representation(command))
-
-    @extend_schema(request=FinishIn, responses={200: CommandOut, 409: LEASE_CONFLICT})
-    @action(detail=True, methods=["post"])
-    def finish(self, request, pk=None):
-        data = validated(FinishIn, request.data)
-        command = services.command_finish(
-            command_id=pk,
-            runner_id=data["runnerId"],
-            lease_epoch=data["leaseEpoch"],
-            terminal_status=data["terminalStatus"],
-            failure_kind=data.get("failureKind"),
-            failure_message=data.get("failureMessage"),
-            thread_id=data.get("threadId"),
-            turn_id=data.get("turnId"),
-            scope=request.scope,
-        )
-        return Response(CommandOut().to_representation(command))
-
-    @extend_schema(request=CancelIn, responses=CommandOut)
-    @action(detail=True, methods=["post"])
-    def cancel(self, request, pk=None):
-        data = validated(CancelIn, request.data)
-        command = services.command_cancel(command_id=pk, reason=data.get("reason"), scope=request.scope)
-        return Response(CommandOut().to_representation(command))
+        return _render(services.command_ack(command_id=pk, **data, scope=request.scope), CommandOut)
 
 
 class RunnerViewSet(viewsets.ViewSet):
-    roles = {"create": {RUNNER}}
+    roles = {"create": {Role.RUNNER}}
 
     @extend_schema(
         request=RunnerRegisterIn,
@@ -394,34 +338,27 @@ class RunnerViewSet(viewsets.ViewSet):
         data = validated(RunnerRegisterIn, request.data)
         attributes = request.data if isinstance(request.data, dict) else {}
         runner, created = services.runner_register(
-            tenant_id=request.scope.tenant_id, runner_id=data.get("runnerId"), attributes=attributes
+            tenant_id=request.scope.tenant_id, runner_id=data.get("runner_id"), attributes=attributes
         )
-        return _created(runner, created, RunnerOut)
-
-
-SESSION_EVENT_PARAMETERS = [
-    query_string("runId", description="One of the session's runs (default: its active run, else its last)."),
-    *page_parameters(maximum=MAX_EVENTS_PAGE),
-]
+        return _render(runner, RunnerOut, created=created)
 
 
 class SessionEventViewSet(viewsets.ViewSet):
     """A session's events: those of its active run, else its last run, else of `runId`."""
 
     lookup_value_regex = "[^/]+"
-    roles = {"trace": {CLIENT}, "output": {CLIENT}}
+    roles = {"trace": {Role.CLIENT}, "output": {Role.CLIENT}}
 
-    def _events(self, request, session_id: str, fetch) -> HttpResponse:
-        run_id = query_identifier(request.query_params, "runId")
-        run_id = selectors.session_run_id(session_id=session_id, run_id=run_id, scope=request.scope)
+    def _events(self, request, session_id: str, fetch: Callable[..., list]) -> HttpResponseBase:
+        query = validated(SessionEventQuery, request.query_params)
+        run_id = selectors.session_run_id(session_id=session_id, run_id=query["run_id"], scope=request.scope)
         head = {"sessionId": session_id, "runId": run_id}
         if run_id is None:
-            after_seq, _, _ = _page_parameters(request, MAX_EVENTS_PAGE)
-            return Response({**head, "items": [], "count": 0, "cursor": str(after_seq)})
-        return _page(request, run_id=run_id, maximum=MAX_EVENTS_PAGE, fetch=fetch, serializer_class=EventOut, head=head)
+            return _render(page([], cursor=str(query["after_seq"]), **head), SessionEventPageOut)
+        return _page(run_id=run_id, query=query, fetch=fetch, page_serializer=SessionEventPageOut, head=head)
 
     @extend_schema(
-        parameters=SESSION_EVENT_PARAMETERS,
+        parameters=[SessionEventQuery],
         responses={
             200: SessionEventPageOut,
             404: error("`schema-invalid`: no such session, or `runId` is not one of its runs."),
@@ -432,7 +369,7 @@ class SessionEventViewSet(viewsets.ViewSet):
         return self._events(request, pk, selectors.event_list)
 
     @extend_schema(
-        parameters=SESSION_EVENT_PARAMETERS,
+        parameters=[SessionEventQuery],
         responses={
             200: SessionEventPageOut,
             404: error("`schema-invalid`: no such session, or `runId` is not one of its runs."),

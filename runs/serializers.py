@@ -23,7 +23,15 @@ from agentrun.fields import (
 from agentrun.openapi import CURSOR_MAX_LENGTH, BackendProfileField, documented_enum
 from agentrun.text import UNSTORABLE_MESSAGE, is_unstorable
 from agentrun.vocabulary import COMMAND_TYPES, EVENT_TYPES, FAILURE_KINDS, TERMINAL_STATUSES
-from agentrun.wire import iso
+from agentrun.wire import (
+    MAX_WAIT_SECONDS,
+    QueryCursor,
+    QueryIdentifier,
+    QueryInteger,
+    QueryWait,
+    RecordSerializer,
+    TimestampField,
+)
 from runs.models import CommandState, RunStatus
 
 MAX_LEASE_MS = 3_600_000
@@ -66,38 +74,48 @@ def validate_execution_policy(value):
 
 
 class RunCreateIn(serializers.Serializer):
-    tenantId = IdentifierField(required=False, allow_null=True, max_length=200)
-    projectId = IdentifierField(required=False, allow_null=True, max_length=200)
-    backendProfile = BackendProfileField(max_length=32)
-    sessionRef = JSONObjectField(required=False, allow_null=True)
-    resourceBundleRef = JSONObjectField(required=False, allow_null=True)
-    providerId = IdentifierField(required=False, allow_null=True, max_length=200)
-    workspaceRef = serializers.JSONField(required=False, allow_null=True)
-    executionPolicy = JSONObjectField(required=False, allow_null=True)
+    tenantId = IdentifierField(source="tenant_id", required=False, allow_null=True, max_length=200)
+    projectId = IdentifierField(source="project_id", required=False, allow_null=True, max_length=200)
+    backendProfile = BackendProfileField(source="backend_profile", max_length=32)
+    sessionRef = JSONObjectField(source="session_ref", required=False, allow_null=True)
+    resourceBundleRef = JSONObjectField(source="resource_bundle_ref", required=False, allow_null=True)
+    providerId = IdentifierField(source="provider_id", required=False, allow_null=True, max_length=200)
+    workspaceRef = serializers.JSONField(source="workspace_ref", required=False, allow_null=True)
+    executionPolicy = JSONObjectField(source="execution_policy", required=False, allow_null=True)
     metadata = JSONObjectField(required=False, allow_null=True)
-    idempotencyKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=200)
+    idempotencyKey = IdentifierField(
+        source="idempotency_key", required=False, allow_null=True, allow_blank=True, max_length=200
+    )
 
     def validate_executionPolicy(self, value):
         return validate_execution_policy(value)
 
 
 class ClaimIn(serializers.Serializer):
-    runnerId = IdentifierField(max_length=200)
-    leaseMs = StrictIntegerField(required=False, default=DEFAULT_LEASE_MS, min_value=1, max_value=MAX_LEASE_MS)
+    runnerId = IdentifierField(source="runner_id", max_length=200)
+    leaseMs = StrictIntegerField(
+        source="lease_ms", required=False, default=DEFAULT_LEASE_MS, min_value=1, max_value=MAX_LEASE_MS
+    )
 
 
 class HeartbeatIn(ClaimIn):
-    leaseEpoch = StrictIntegerField(min_value=0, max_value=BIGINT_MAX)
+    leaseEpoch = StrictIntegerField(source="lease_epoch", min_value=0, max_value=BIGINT_MAX)
 
 
 class FinishIn(serializers.Serializer):
-    runnerId = IdentifierField(max_length=200)
-    leaseEpoch = StrictIntegerField(min_value=0, max_value=BIGINT_MAX)
-    terminalStatus = serializers.ChoiceField(choices=sorted(TERMINAL_STATUSES))
-    failureKind = serializers.ChoiceField(choices=sorted(FAILURE_KINDS), required=False, allow_null=True)
-    failureMessage = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=MAX_FAILURE_MESSAGE)
-    threadId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
-    turnId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
+    """A run's or a command's finish (the same body)."""
+
+    runnerId = IdentifierField(source="runner_id", max_length=200)
+    leaseEpoch = StrictIntegerField(source="lease_epoch", min_value=0, max_value=BIGINT_MAX)
+    terminalStatus = serializers.ChoiceField(source="terminal_status", choices=sorted(TERMINAL_STATUSES))
+    failureKind = serializers.ChoiceField(
+        source="failure_kind", choices=sorted(FAILURE_KINDS), required=False, allow_null=True
+    )
+    failureMessage = StrictCharField(
+        source="failure_message", required=False, allow_null=True, allow_blank=True, max_length=MAX_FAILURE_MESSAGE
+    )
+    threadId = IdentifierField(source="thread_id", required=False, allow_null=True, allow_blank=True, max_length=500)
+    turnId = IdentifierField(source="turn_id", required=False, allow_null=True, allow_blank=True, max_length=500)
 
 
 class CancelIn(serializers.Serializer):
@@ -105,8 +123,8 @@ class CancelIn(serializers.Serializer):
 
 
 class LeaseIn(serializers.Serializer):
-    runnerId = IdentifierField(max_length=200)
-    leaseEpoch = StrictIntegerField(min_value=0, max_value=BIGINT_MAX)
+    runnerId = IdentifierField(source="runner_id", max_length=200)
+    leaseEpoch = StrictIntegerField(source="lease_epoch", min_value=0, max_value=BIGINT_MAX)
 
 
 class EventIn(serializers.Serializer):
@@ -215,220 +233,214 @@ CommandTypeField = documented_enum(IdentifierField, COMMAND_TYPES)
 
 
 class CommandCreateIn(serializers.Serializer):
-    type = CommandTypeField(max_length=32)
+    type = CommandTypeField(source="command_type", max_length=32)
     payload = JSONObjectField(required=False, default=dict)
-    idempotencyKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=200)
+    idempotencyKey = IdentifierField(
+        source="idempotency_key", required=False, allow_null=True, allow_blank=True, max_length=200
+    )
 
 
 class RunnerRegisterIn(serializers.Serializer):
-    runnerId = IdentifierField(required=False, allow_null=True, max_length=200)
+    runnerId = IdentifierField(source="runner_id", required=False, allow_null=True, max_length=200)
 
 
+# `id` and `idempotencyKey` say which record; the other fields are its columns
+# (`runner_job_save(fields=...)`).
 class RunnerJobIn(serializers.Serializer):
-    id = IdentifierField(required=False, allow_null=True, max_length=200)
-    commandId = IdentifierField(max_length=64)
-    idempotencyKey = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=200)
-    payloadHash = IdentifierField(max_length=200)
-    attemptId = IdentifierField(max_length=200)
-    runnerId = IdentifierField(max_length=200)
+    id = IdentifierField(source="job_id", required=False, allow_null=True, max_length=200)
+    commandId = IdentifierField(source="command_id", max_length=64)
+    idempotencyKey = IdentifierField(
+        source="idempotency_key", required=False, allow_null=True, allow_blank=True, max_length=200
+    )
+    payloadHash = IdentifierField(source="payload_hash", max_length=200)
+    attemptId = IdentifierField(source="attempt_id", max_length=200)
+    runnerId = IdentifierField(source="runner_id", max_length=200)
     namespace = IdentifierField(max_length=253)
-    jobName = IdentifierField(max_length=253)
-    managerUrl = StrictCharField(max_length=2000)
+    jobName = IdentifierField(source="job_name", max_length=253)
+    managerUrl = StrictCharField(source="manager_url", max_length=2000)
     image = StrictCharField(max_length=1000)
-    sourceCommit = IdentifierField(max_length=200)
-    serviceAccountName = IdentifierField(required=False, allow_null=True, max_length=253)
+    sourceCommit = IdentifierField(source="source_commit", max_length=200)
+    serviceAccountName = IdentifierField(
+        source="service_account_name", required=False, allow_null=True, default=None, max_length=253
+    )
     result = JSONObjectField(required=False, default=dict)
 
 
 # --- output -------------------------------------------------------------------------------
 
 
-class RunOut(serializers.Serializer):
+class RunOut(RecordSerializer):
+    """A run, with the keys of its create body that no field names."""
+
+    extra_keys_from = "extra"
+
     id = serializers.CharField(max_length=64)
-    tenantId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
-    projectId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
-    backendProfile = serializers.CharField(max_length=32)
-    sessionRef = serializers.JSONField(allow_null=True)
-    resourceBundleRef = serializers.JSONField(allow_null=True)
-    providerId = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
-    workspaceRef = serializers.JSONField(allow_null=True)
-    executionPolicy = serializers.JSONField(allow_null=True)
+    tenantId = serializers.CharField(source="tenant_id", max_length=IDENTIFIER_MAX_LENGTH)
+    projectId = serializers.CharField(source="project_id", max_length=IDENTIFIER_MAX_LENGTH)
+    backendProfile = serializers.CharField(source="backend_profile", max_length=32)
+    sessionRef = serializers.JSONField(source="session_ref", allow_null=True)
+    resourceBundleRef = serializers.JSONField(source="resource_bundle_ref", allow_null=True)
+    providerId = serializers.CharField(source="provider_id", allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    workspaceRef = serializers.JSONField(source="workspace_ref", allow_null=True)
+    executionPolicy = serializers.JSONField(source="execution_policy", allow_null=True)
     metadata = serializers.JSONField(allow_null=True)
-    idempotencyKey = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    idempotencyKey = serializers.CharField(source="idempotency_key", allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
     status = serializers.ChoiceField(choices=RunStatus.values)
-    terminalStatus = serializers.ChoiceField(choices=sorted(TERMINAL_STATUSES), allow_null=True)
-    failureKind = serializers.CharField(allow_null=True, max_length=64)
-    failureMessage = serializers.CharField(allow_null=True, max_length=MAX_FAILURE_MESSAGE)
-    claimedBy = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
-    leaseExpiresAt = serializers.DateTimeField(allow_null=True)
-    leaseEpoch = serializers.IntegerField(min_value=0)
-    createdAt = serializers.DateTimeField()
-    updatedAt = serializers.DateTimeField()
-
-    def to_representation(self, run):
-        record = dict(run.extra or {})
-        record.update(
-            id=run.id,
-            tenantId=run.tenant_id,
-            projectId=run.project_id,
-            backendProfile=run.backend_profile,
-            sessionRef=run.session_ref,
-            resourceBundleRef=run.resource_bundle_ref,
-            providerId=run.provider_id,
-            workspaceRef=run.workspace_ref,
-            executionPolicy=run.execution_policy,
-            metadata=run.metadata,
-            idempotencyKey=run.idempotency_key,
-            status=run.status,
-            terminalStatus=run.terminal_status,
-            failureKind=run.failure_kind,
-            failureMessage=run.failure_message,
-            claimedBy=run.claimed_by,
-            leaseExpiresAt=iso(run.lease_expires_at),
-            leaseEpoch=run.lease_epoch,
-            createdAt=iso(run.created_at),
-            updatedAt=iso(run.updated_at),
-        )
-        return record
+    terminalStatus = serializers.ChoiceField(
+        source="terminal_status", choices=sorted(TERMINAL_STATUSES), allow_null=True
+    )
+    failureKind = serializers.CharField(source="failure_kind", allow_null=True, max_length=64)
+    failureMessage = serializers.CharField(source="failure_message", allow_null=True, max_length=MAX_FAILURE_MESSAGE)
+    claimedBy = serializers.CharField(source="claimed_by", allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    leaseExpiresAt = TimestampField(source="lease_expires_at", allow_null=True)
+    leaseEpoch = serializers.IntegerField(source="lease_epoch", min_value=0)
+    createdAt = TimestampField(source="created_at")
+    updatedAt = TimestampField(source="updated_at")
 
 
-class EventOut(serializers.Serializer):
+class EventOut(RecordSerializer):
     id = serializers.CharField(max_length=64)
-    runId = serializers.CharField(max_length=64)
+    runId = serializers.CharField(source="run_id", max_length=64)
     seq = serializers.IntegerField(min_value=1)
     type = serializers.CharField(max_length=32)
     payload = JSONObjectField()
-    createdAt = serializers.DateTimeField()
-
-    def to_representation(self, event):
-        return {
-            "id": event.id,
-            "runId": event.run_id,
-            "seq": event.seq,
-            "type": event.type,
-            "payload": event.payload,
-            "createdAt": iso(event.created_at),
-        }
+    createdAt = TimestampField(source="created_at")
 
 
-class CommandOut(serializers.Serializer):
+class CommandOut(RecordSerializer):
     id = serializers.CharField(max_length=64)
-    runId = serializers.CharField(max_length=64)
+    runId = serializers.CharField(source="run_id", max_length=64)
     seq = serializers.IntegerField(min_value=1)
     type = serializers.ChoiceField(choices=sorted(COMMAND_TYPES))
     payload = JSONObjectField()
-    idempotencyKey = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
-    payloadHash = serializers.CharField(max_length=64)
+    idempotencyKey = serializers.CharField(source="idempotency_key", allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    payloadHash = serializers.CharField(source="payload_hash", max_length=64)
     state = serializers.ChoiceField(choices=CommandState.values)
-    acknowledgedAt = serializers.DateTimeField(allow_null=True)
-    terminalStatus = serializers.ChoiceField(choices=sorted(TERMINAL_STATUSES), allow_null=True)
-    failureKind = serializers.CharField(allow_null=True, max_length=64)
-    failureMessage = serializers.CharField(allow_null=True, max_length=MAX_FAILURE_MESSAGE)
-    threadId = serializers.CharField(allow_null=True, max_length=500)
-    turnId = serializers.CharField(allow_null=True, max_length=500)
-    createdAt = serializers.DateTimeField()
-    updatedAt = serializers.DateTimeField()
-
-    def to_representation(self, command):
-        return {
-            "id": command.id,
-            "runId": command.run_id,
-            "seq": command.seq,
-            "type": command.type,
-            "payload": command.payload,
-            "idempotencyKey": command.idempotency_key,
-            "payloadHash": command.payload_hash,
-            "state": command.state,
-            "acknowledgedAt": iso(command.acknowledged_at),
-            "terminalStatus": command.terminal_status,
-            "failureKind": command.failure_kind,
-            "failureMessage": command.failure_message,
-            "threadId": command.thread_id,
-            "turnId": command.turn_id,
-            "createdAt": iso(command.created_at),
-            "updatedAt": iso(command.updated_at),
-        }
+    acknowledgedAt = TimestampField(source="acknowledged_at", allow_null=True)
+    terminalStatus = serializers.ChoiceField(
+        source="terminal_status", choices=sorted(TERMINAL_STATUSES), allow_null=True
+    )
+    failureKind = serializers.CharField(source="failure_kind", allow_null=True, max_length=64)
+    failureMessage = serializers.CharField(source="failure_message", allow_null=True, max_length=MAX_FAILURE_MESSAGE)
+    threadId = serializers.CharField(source="thread_id", allow_null=True, max_length=500)
+    turnId = serializers.CharField(source="turn_id", allow_null=True, max_length=500)
+    createdAt = TimestampField(source="created_at")
+    updatedAt = TimestampField(source="updated_at")
 
 
-class RunnerOut(serializers.Serializer):
+class RunnerOut(RecordSerializer):
+    """A runner, with what it registered with."""
+
+    extra_keys_from = "attributes"
+
     id = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
-    registeredAt = serializers.DateTimeField()
-    heartbeatAt = serializers.DateTimeField()
-
-    def to_representation(self, runner):
-        record = dict(runner.attributes or {})
-        record.update(id=runner.id, registeredAt=iso(runner.registered_at), heartbeatAt=iso(runner.heartbeat_at))
-        return record
+    registeredAt = TimestampField(source="registered_at")
+    heartbeatAt = TimestampField(source="heartbeat_at")
 
 
-class RunnerJobOut(serializers.Serializer):
+class RunnerJobOut(RecordSerializer):
     id = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
-    runId = serializers.CharField(max_length=64)
-    commandId = serializers.CharField(max_length=64)
-    idempotencyKey = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
-    payloadHash = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
-    attemptId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
-    runnerId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
+    runId = serializers.CharField(source="run_id", max_length=64)
+    commandId = serializers.CharField(source="command_id", max_length=64)
+    idempotencyKey = serializers.CharField(source="idempotency_key", allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    payloadHash = serializers.CharField(source="payload_hash", max_length=IDENTIFIER_MAX_LENGTH)
+    attemptId = serializers.CharField(source="attempt_id", max_length=IDENTIFIER_MAX_LENGTH)
+    runnerId = serializers.CharField(source="runner_id", max_length=IDENTIFIER_MAX_LENGTH)
     namespace = serializers.CharField(max_length=253)
-    jobName = serializers.CharField(max_length=253)
-    managerUrl = serializers.CharField(max_length=2000)
+    jobName = serializers.CharField(source="job_name", max_length=253)
+    managerUrl = serializers.CharField(source="manager_url", max_length=2000)
     image = serializers.CharField(max_length=1000)
-    sourceCommit = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
-    serviceAccountName = serializers.CharField(allow_null=True, max_length=253)
+    sourceCommit = serializers.CharField(source="source_commit", max_length=IDENTIFIER_MAX_LENGTH)
+    serviceAccountName = serializers.CharField(source="service_account_name", allow_null=True, max_length=253)
     result = serializers.JSONField()
-    createdAt = serializers.DateTimeField()
-    updatedAt = serializers.DateTimeField()
-
-    def to_representation(self, job):
-        return {
-            "id": job.id,
-            "runId": job.run_id,
-            "commandId": job.command_id,
-            "idempotencyKey": job.idempotency_key,
-            "payloadHash": job.payload_hash,
-            "attemptId": job.attempt_id,
-            "runnerId": job.runner_id,
-            "namespace": job.namespace,
-            "jobName": job.job_name,
-            "managerUrl": job.manager_url,
-            "image": job.image,
-            "sourceCommit": job.source_commit,
-            "serviceAccountName": job.service_account_name,
-            "result": job.result,
-            "createdAt": iso(job.created_at),
-            "updatedAt": iso(job.updated_at),
-        }
+    createdAt = TimestampField(source="created_at")
+    updatedAt = TimestampField(source="updated_at")
 
 
-def render_page(items: list, serializer_class, *, cursor: str | None) -> dict:
-    serializer = serializer_class()
-    rendered = [serializer.to_representation(item) for item in items]
-    return {"items": rendered, "count": len(rendered), "cursor": cursor}
+# --- pages (`agentrun.wire.page` records) ---------------------------------------------------
 
 
-# --- pages, for the schema (the views render them with `render_page`) -----------------------
-
-
-class EventPageOut(serializers.Serializer):
-    items = EventOut(many=True)
-    count = serializers.IntegerField(min_value=0)
-    cursor = serializers.CharField(
+def _seq_cursor() -> serializers.CharField:
+    return serializers.CharField(
         max_length=CURSOR_MAX_LENGTH, help_text="The last item's seq; on an empty page, the afterSeq given (else 0)."
     )
 
 
-class CommandPageOut(EventPageOut):
+class EventPageOut(RecordSerializer):
+    items = EventOut(many=True)
+    count = serializers.IntegerField(min_value=0)
+    cursor = _seq_cursor()
+
+
+class CommandPageOut(RecordSerializer):
     items = CommandOut(many=True)
+    count = serializers.IntegerField(min_value=0)
+    cursor = _seq_cursor()
 
 
-class RunnerJobPageOut(serializers.Serializer):
+class RunnerJobPageOut(RecordSerializer):
     items = RunnerJobOut(many=True)
     count = serializers.IntegerField(min_value=0)
     cursor = serializers.CharField(allow_null=True, max_length=CURSOR_MAX_LENGTH, help_text="Always null: one page.")
 
 
-class SessionEventPageOut(EventPageOut):
+class SessionEventPageOut(RecordSerializer):
     """A session's events: those of `runId` when given, else of its active run, else of its last."""
 
     sessionId = serializers.CharField(max_length=SESSION_ID_MAX_LENGTH)
     runId = serializers.CharField(allow_null=True, max_length=64, help_text="Null when the session has no run yet.")
+    items = EventOut(many=True)
+    count = serializers.IntegerField(min_value=0)
+    cursor = _seq_cursor()
+
+
+# --- queries --------------------------------------------------------------------------------
+
+MAX_EVENTS_PAGE = 500
+MAX_COMMANDS_PAGE = 100
+DEFAULT_PAGE = 100
+
+
+def _after_seq() -> QueryCursor:
+    return QueryCursor(source="after_seq", default=0, help_text="Only items with a greater seq (default 0).")
+
+
+def _page_limit(maximum: int) -> QueryInteger:
+    return QueryInteger(
+        minimum=1, clamp=maximum, default=DEFAULT_PAGE, help_text=f"Page size; larger values are taken as {maximum}."
+    )
+
+
+def _wait() -> QueryWait:
+    return QueryWait(
+        help_text="Seconds to wait for a first item when there is none yet (long-poll); larger values are taken "
+        f"as {MAX_WAIT_SECONDS}."
+    )
+
+
+class EventPageQuery(serializers.Serializer):
+    """A seq page: items after `afterSeq`, at most `limit`, long-polled for `wait` seconds."""
+
+    afterSeq = _after_seq()
+    limit = _page_limit(MAX_EVENTS_PAGE)
+    wait = _wait()
+
+
+class CommandPageQuery(serializers.Serializer):
+    afterSeq = _after_seq()
+    limit = _page_limit(MAX_COMMANDS_PAGE)
+    wait = _wait()
+
+
+class _SessionRunQuery(serializers.Serializer):
+    runId = QueryIdentifier(
+        source="run_id", help_text="One of the session's runs (default: its active run, else its last)."
+    )
+
+
+class SessionEventQuery(_SessionRunQuery, EventPageQuery):
+    """A session's events: `runId` first, then the page."""
+
+
+class RunnerJobQuery(serializers.Serializer):
+    commandId = QueryIdentifier(source="command_id", help_text="Only this command's jobs.")

@@ -1,9 +1,11 @@
-"""Session bodies in, session summaries and read cursors out (camelCase, as the seed's records)."""
+"""Session bodies and queries in, session summaries and read cursors out (camelCase, as the seed's records)."""
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from agentrun.backends import require_profile
 from agentrun.fields import (
     BIGINT_MAX,
     IDENTIFIER_MAX_LENGTH,
@@ -13,8 +15,23 @@ from agentrun.fields import (
     StrictCharField,
     StrictIntegerField,
 )
-from agentrun.openapi import CURSOR_MAX_LENGTH, PAGE_TOKEN_MAX_LENGTH, BackendProfileField
-from agentrun.wire import MAX_INTEGER_TEXT, iso
+from agentrun.openapi import (
+    CURSOR_MAX_LENGTH,
+    PAGE_TOKEN_MAX_LENGTH,
+    READER_ID_SCHEMA,
+    BackendProfileField,
+    BackendProfileParameter,
+    documented_enum,
+)
+from agentrun.wire import (
+    MAX_INTEGER_TEXT,
+    QueryCursor,
+    QueryIdentifier,
+    QueryInteger,
+    QueryText,
+    RecordSerializer,
+    TimestampField,
+)
 from sessions.models import ExecutionState, Session, StorageKind
 from sessions.selectors import STATES
 
@@ -23,163 +40,157 @@ SESSION_PATH_MAX_LENGTH = 2 * IDENTIFIER_MAX_LENGTH + SESSION_ID_MAX_LENGTH + 2
 
 
 class SessionPutIn(serializers.Serializer):
-    sessionId = IdentifierField(required=False, max_length=SESSION_ID_MAX_LENGTH)
-    tenantId = IdentifierField(required=False, allow_null=True, max_length=200)
-    projectId = IdentifierField(required=False, allow_null=True, max_length=200)
-    backendProfile = BackendProfileField(max_length=32)
-    conversationId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
-    threadId = IdentifierField(required=False, allow_null=True, allow_blank=True, max_length=500)
+    sessionId = IdentifierField(source="session_id", required=False, max_length=SESSION_ID_MAX_LENGTH)
+    tenantId = IdentifierField(source="tenant_id", required=False, allow_null=True, max_length=200)
+    projectId = IdentifierField(source="project_id", required=False, allow_null=True, max_length=200)
+    backendProfile = BackendProfileField(source="backend_profile", max_length=32)
+    conversationId = IdentifierField(
+        source="conversation_id", required=False, allow_null=True, allow_blank=True, max_length=500
+    )
+    threadId = IdentifierField(source="thread_id", required=False, allow_null=True, allow_blank=True, max_length=500)
     metadata = JSONObjectField(required=False, allow_null=True)
-    expiresAt = StrictCharField(required=False, allow_null=True, max_length=64, help_text="ISO-8601.")
-    codexRolloutSubdir = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
+    expiresAt = StrictCharField(
+        source="expires_at", required=False, allow_null=True, max_length=64, help_text="ISO-8601."
+    )
+    codexRolloutSubdir = StrictCharField(
+        source="codex_rollout_subdir", required=False, allow_null=True, allow_blank=True, max_length=500
+    )
 
 
 class ReadIn(serializers.Serializer):
-    readerId = IdentifierField(max_length=200)
+    readerId = IdentifierField(source="reader_id", max_length=200)
 
 
 class StorageIn(serializers.Serializer):
-    storageKind = serializers.ChoiceField(choices=StorageKind.values)
-    pvcName = IdentifierField(required=False, allow_null=True, max_length=253)
-    storageNamespace = IdentifierField(required=False, allow_null=True, max_length=253)
-    pvcPhase = StrictCharField(required=False, allow_null=True, max_length=64)
-    storageSizeBytes = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=BIGINT_MAX)
-    storageFilesCount = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=BIGINT_MAX)
-    storageSha256 = StrictCharField(required=False, allow_null=True, max_length=64)
-    codexRolloutSubdir = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=500)
+    storageKind = serializers.ChoiceField(source="storage_kind", choices=StorageKind.values)
+    pvcName = IdentifierField(source="pvc_name", required=False, allow_null=True, max_length=253)
+    storageNamespace = IdentifierField(source="namespace", required=False, allow_null=True, max_length=253)
+    pvcPhase = StrictCharField(source="pvc_phase", required=False, allow_null=True, max_length=64)
+    storageSizeBytes = StrictIntegerField(
+        source="size_bytes", required=False, allow_null=True, min_value=0, max_value=BIGINT_MAX
+    )
+    storageFilesCount = StrictIntegerField(
+        source="files_count", required=False, allow_null=True, min_value=0, max_value=BIGINT_MAX
+    )
+    storageSha256 = StrictCharField(source="sha256", required=False, allow_null=True, max_length=64)
+    codexRolloutSubdir = StrictCharField(
+        source="codex_rollout_subdir", required=False, allow_null=True, allow_blank=True, max_length=500
+    )
 
 
 class EvictIn(serializers.Serializer):
-    pvcName = IdentifierField(max_length=253)
+    pvcName = IdentifierField(source="pvc_name", max_length=253)
 
 
-class ReadCursorOut(serializers.Serializer):
-    sessionId = serializers.CharField(max_length=SESSION_ID_MAX_LENGTH)
-    readerId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
-    sessionVersion = serializers.IntegerField(min_value=0)
-    readAt = serializers.DateTimeField()
-
-    def to_representation(self, cursor):
-        return {
-            "sessionId": cursor.session_id,
-            "readerId": cursor.reader_id,
-            "sessionVersion": cursor.session_version,
-            "readAt": iso(cursor.read_at),
-        }
+class ReadCursorOut(RecordSerializer):
+    sessionId = serializers.CharField(source="session_id", max_length=SESSION_ID_MAX_LENGTH)
+    readerId = serializers.CharField(source="reader_id", max_length=IDENTIFIER_MAX_LENGTH)
+    sessionVersion = serializers.IntegerField(source="session_version", min_value=0)
+    readAt = TimestampField(source="read_at")
 
 
-def render_cursor(session_id: str, reader_id: str | None, version, read_at) -> dict | None:
-    if reader_id is None or version is None:
-        return None
-    return {"sessionId": session_id, "readerId": reader_id, "sessionVersion": version, "readAt": iso(read_at)}
-
-
-class SessionOut(serializers.Serializer):
+# The attention is the context's reader's (`reader_id`, or the `reader_id=` argument): a
+# listing's `cursor_version` and `cursor_read_at` are that reader's cursor.
+class SessionOut(RecordSerializer):
     """The session record plus its attention (SPEC §1.5 SessionSummary, §4.7 with A13)."""
 
-    sessionId = serializers.CharField(max_length=SESSION_ID_MAX_LENGTH)
-    tenantId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
-    projectId = serializers.CharField(max_length=IDENTIFIER_MAX_LENGTH)
-    backendProfile = serializers.CharField(max_length=32)
-    conversationId = serializers.CharField(allow_null=True, max_length=500)
-    threadId = serializers.CharField(allow_null=True, max_length=500)
+    sessionId = serializers.CharField(source="session_id", max_length=SESSION_ID_MAX_LENGTH)
+    tenantId = serializers.CharField(source="tenant_id", max_length=IDENTIFIER_MAX_LENGTH)
+    projectId = serializers.CharField(source="project_id", max_length=IDENTIFIER_MAX_LENGTH)
+    backendProfile = serializers.CharField(source="backend_profile", max_length=32)
+    conversationId = serializers.CharField(source="conversation_id", allow_null=True, max_length=500)
+    threadId = serializers.CharField(source="thread_id", allow_null=True, max_length=500)
     metadata = serializers.JSONField()
     version = serializers.IntegerField(min_value=0)
-    executionState = serializers.ChoiceField(choices=ExecutionState.values)
-    lastRunId = serializers.CharField(allow_null=True, max_length=64)
-    lastCommandId = serializers.CharField(allow_null=True, max_length=64)
-    activeRunId = serializers.CharField(allow_null=True, max_length=64)
-    activeCommandId = serializers.CharField(allow_null=True, max_length=64)
-    lastEventSeq = serializers.IntegerField(min_value=0)
-    terminalStatus = serializers.CharField(allow_null=True, max_length=32)
-    failureKind = serializers.CharField(allow_null=True, max_length=64)
+    executionState = serializers.ChoiceField(source="execution_state", choices=ExecutionState.values)
+    lastRunId = serializers.CharField(source="last_run_id", allow_null=True, max_length=64)
+    lastCommandId = serializers.CharField(source="last_command_id", allow_null=True, max_length=64)
+    activeRunId = serializers.CharField(source="active_run_id", allow_null=True, max_length=64)
+    activeCommandId = serializers.CharField(source="active_command_id", allow_null=True, max_length=64)
+    lastEventSeq = serializers.IntegerField(source="last_event_seq", min_value=0)
+    terminalStatus = serializers.CharField(source="terminal_status", allow_null=True, max_length=32)
+    failureKind = serializers.CharField(source="failure_kind", allow_null=True, max_length=64)
     title = serializers.CharField(allow_null=True, max_length=200)
     summary = serializers.JSONField()
-    lastActivityAt = serializers.DateTimeField(allow_null=True)
-    createdAt = serializers.DateTimeField()
-    updatedAt = serializers.DateTimeField()
-    expiresAt = serializers.DateTimeField(allow_null=True)
-    storageKind = serializers.ChoiceField(choices=StorageKind.values)
-    storagePvcName = serializers.CharField(allow_null=True, max_length=253)
-    storageNamespace = serializers.CharField(allow_null=True, max_length=253)
-    storagePvcPhase = serializers.CharField(allow_null=True, max_length=64)
-    storageSizeBytes = serializers.IntegerField(allow_null=True, min_value=0)
-    storageFilesCount = serializers.IntegerField(allow_null=True, min_value=0)
-    storageSha256 = serializers.CharField(allow_null=True, max_length=64)
-    storageUpdatedAt = serializers.DateTimeField(allow_null=True)
-    storageEvictedAt = serializers.DateTimeField(allow_null=True)
-    codexRolloutSubdir = serializers.CharField(allow_null=True, max_length=500)
-    sessionPath = serializers.CharField(max_length=SESSION_PATH_MAX_LENGTH, help_text="`tenantId/projectId/sessionId`.")
-    readerId = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
-    readCursor = ReadCursorOut(allow_null=True)
-    attentionState = serializers.ChoiceField(choices=["active", "unread", "read"])
-    unread = serializers.BooleanField()
-    active = serializers.BooleanField()
+    lastActivityAt = TimestampField(source="last_activity_at", allow_null=True)
+    createdAt = TimestampField(source="created_at")
+    updatedAt = TimestampField(source="updated_at")
+    expiresAt = TimestampField(source="expires_at", allow_null=True)
+    storageKind = serializers.ChoiceField(source="storage_kind", choices=StorageKind.values)
+    storagePvcName = serializers.CharField(source="storage_pvc_name", allow_null=True, max_length=253)
+    storageNamespace = serializers.CharField(source="storage_namespace", allow_null=True, max_length=253)
+    storagePvcPhase = serializers.CharField(source="storage_pvc_phase", allow_null=True, max_length=64)
+    storageSizeBytes = serializers.IntegerField(source="storage_size_bytes", allow_null=True, min_value=0)
+    storageFilesCount = serializers.IntegerField(source="storage_files_count", allow_null=True, min_value=0)
+    storageSha256 = serializers.CharField(source="storage_sha256", allow_null=True, max_length=64)
+    storageUpdatedAt = TimestampField(source="storage_updated_at", allow_null=True)
+    storageEvictedAt = TimestampField(source="storage_evicted_at", allow_null=True)
+    codexRolloutSubdir = serializers.CharField(source="codex_rollout_subdir", allow_null=True, max_length=500)
+    sessionPath = serializers.SerializerMethodField(help_text="`tenantId/projectId/sessionId`.")
+    readerId = serializers.SerializerMethodField()
+    readCursor = serializers.SerializerMethodField()
+    attentionState = serializers.SerializerMethodField()
+    unread = serializers.SerializerMethodField()
+    active = serializers.SerializerMethodField()
 
     def __init__(self, *args, reader_id: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reader_id = reader_id
+        if reader_id is not None:
+            self._context = {**self._context, "reader_id": reader_id}
 
-    def to_representation(self, session: Session):
+    def _cursor_version(self, session: Session) -> int | None:
+        """The reader's cursor's version, None without a reader or a cursor."""
         version = getattr(session, "cursor_version", None)
-        read_cursor = render_cursor(
-            session.session_id, self.reader_id, version, getattr(session, "cursor_read_at", None)
+        return version if version is not None and self.context.get("reader_id") is not None else None
+
+    @extend_schema_field({"type": "string", "maxLength": SESSION_PATH_MAX_LENGTH})
+    def get_sessionPath(self, session: Session) -> str:
+        return f"{session.tenant_id}/{session.project_id}/{session.session_id}"
+
+    @extend_schema_field(READER_ID_SCHEMA)
+    def get_readerId(self, session: Session) -> str | None:
+        return self.context.get("reader_id")
+
+    @extend_schema_field(ReadCursorOut(allow_null=True))
+    def get_readCursor(self, session: Session) -> dict | None:
+        version = self._cursor_version(session)
+        if version is None:
+            return None
+        return ReadCursorOut().to_representation(
+            {
+                "session_id": session.session_id,
+                "reader_id": self.context["reader_id"],
+                "session_version": version,
+                "read_at": getattr(session, "cursor_read_at", None),
+            }
         )
-        active = session.active
-        unread = not active and (read_cursor is None or version < session.version)
-        return {
-            "sessionId": session.session_id,
-            "tenantId": session.tenant_id,
-            "projectId": session.project_id,
-            "backendProfile": session.backend_profile,
-            "conversationId": session.conversation_id,
-            "threadId": session.thread_id,
-            "metadata": session.metadata,
-            "version": session.version,
-            "executionState": session.execution_state,
-            "lastRunId": session.last_run_id,
-            "lastCommandId": session.last_command_id,
-            "activeRunId": session.active_run_id,
-            "activeCommandId": session.active_command_id,
-            "lastEventSeq": session.last_event_seq,
-            "terminalStatus": session.terminal_status,
-            "failureKind": session.failure_kind,
-            "title": session.title,
-            "summary": session.summary,
-            "lastActivityAt": iso(session.last_activity_at),
-            "createdAt": iso(session.created_at),
-            "updatedAt": iso(session.updated_at),
-            "expiresAt": iso(session.expires_at),
-            "storageKind": session.storage_kind,
-            "storagePvcName": session.storage_pvc_name,
-            "storageNamespace": session.storage_namespace,
-            "storagePvcPhase": session.storage_pvc_phase,
-            "storageSizeBytes": session.storage_size_bytes,
-            "storageFilesCount": session.storage_files_count,
-            "storageSha256": session.storage_sha256,
-            "storageUpdatedAt": iso(session.storage_updated_at),
-            "storageEvictedAt": iso(session.storage_evicted_at),
-            "codexRolloutSubdir": session.codex_rollout_subdir,
-            "sessionPath": f"{session.tenant_id}/{session.project_id}/{session.session_id}",
-            "readerId": self.reader_id,
-            "readCursor": read_cursor,
-            "attentionState": "active" if active else "unread" if unread else "read",
-            "unread": unread,
-            "active": active,
-        }
+
+    @extend_schema_field(serializers.ChoiceField(choices=["active", "unread", "read"]))
+    def get_attentionState(self, session: Session) -> str:
+        return "active" if session.active else "unread" if self.get_unread(session) else "read"
+
+    @extend_schema_field(serializers.BooleanField())
+    def get_unread(self, session: Session) -> bool:
+        """Not active and changed since the reader's cursor (every inactive session without one)."""
+        version = self._cursor_version(session)
+        return not session.active and (version is None or version < session.version)
+
+    @extend_schema_field(serializers.BooleanField())
+    def get_active(self, session: Session) -> bool:
+        return session.active
 
 
-class SessionListFiltersOut(serializers.Serializer):
+class SessionListFiltersOut(RecordSerializer):
     """The filters the page was listed with, as given (`cursor` as sent)."""
 
     state = serializers.ChoiceField(choices=list(STATES))
-    backendProfile = serializers.CharField(allow_null=True, max_length=32)
-    readerId = serializers.CharField(allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
-    cursor = serializers.CharField(allow_null=True, max_length=MAX_INTEGER_TEXT)
+    backendProfile = serializers.CharField(source="backend_profile", allow_null=True, max_length=32)
+    readerId = serializers.CharField(source="reader_id", allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    cursor = serializers.CharField(source="cursor_text", allow_null=True, max_length=MAX_INTEGER_TEXT)
     limit = serializers.IntegerField(min_value=1)
 
 
-class SessionListOut(serializers.Serializer):
+class SessionListOut(RecordSerializer):
     items = SessionOut(many=True)
     count = serializers.IntegerField(min_value=0)
     cursor = serializers.CharField(
@@ -196,3 +207,50 @@ class SessionListOut(serializers.Serializer):
         help_text="Pass it back as `pageToken`; null on the last page.",
     )
     filters = SessionListFiltersOut()
+
+
+# --- queries --------------------------------------------------------------------------------
+
+MAX_LIMIT, DEFAULT_LIMIT = 100, 50
+# Checked by the selector (`state`) and by `require_profile`, so their 400s stay theirs.
+SessionStateParameter = documented_enum(QueryText, STATES, keep_order=True)
+
+
+def _reader() -> QueryIdentifier:
+    return QueryIdentifier(source="reader_id", help_text="Whose read cursors decide `unread` and `readCursor`.")
+
+
+class SessionQuery(serializers.Serializer):
+    readerId = _reader()
+
+
+class SessionListQuery(serializers.Serializer):
+    """The inbox (sorted, paged by `pageToken`) or, with `cursor`, the change feed. Parameters
+    are checked in this order; `state`, and `cursor` with `pageToken`, by the selector."""
+
+    state = SessionStateParameter(
+        default="default", help_text="Attention filter (default: `default`, active or unread)."
+    )
+    backendProfile = BackendProfileParameter(source="backend_profile")
+    readerId = _reader()
+    cursor = QueryCursor(help_text="A version: the change feed, sessions changed after it, in version order.")
+    updatedAfter = QueryCursor(source="updated_after", alias_of="cursor", help_text="Alias of `cursor`.")
+    limit = QueryInteger(
+        minimum=1, clamp=MAX_LIMIT, default=DEFAULT_LIMIT, help_text=f"Larger values are taken as {MAX_LIMIT}."
+    )
+    pageToken = QueryIdentifier(
+        source="page_token",
+        max_length=PAGE_TOKEN_MAX_LENGTH,
+        help_text="The previous page's `nextPageToken` (the sorted inbox; not with `cursor`).",
+    )
+
+    def validate_backendProfile(self, value: str | None) -> str | None:
+        return require_profile(value) if value is not None else None
+
+    def validate(self, attrs: dict) -> dict:
+        updated_after = attrs.pop("updated_after")
+        if attrs["cursor"] is None:
+            attrs["cursor"] = updated_after
+        # The cursor as sent, for the page's `filters`.
+        attrs["cursor_text"] = self.initial_data.get("cursor") or self.initial_data.get("updatedAfter") or None
+        return attrs

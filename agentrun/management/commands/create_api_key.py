@@ -1,8 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from agentrun.auth import api_key_create
+from agentrun.auth import Role, api_key_create
 from agentrun.errors import AgentRunError
-from agentrun.models import Role
 
 
 class Command(BaseCommand):
