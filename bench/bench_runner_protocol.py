@@ -347,7 +347,7 @@ NOTIFY = "SELECT pg_notify('agentrun', %s)"
 
 def insert_events_sql(count: int) -> str:
     rows = ", ".join(["(%s, %s, %s, %s, %s, now())"] * count)
-    return f"INSERT INTO runs_runevent (id, run_id, seq, type, payload, created_at) VALUES {rows}"
+    return f"INSERT INTO runs_runevent (id, run_id, seq, type, payload, created_at) VALUES {rows}"  # noqa: S608 - placeholders only; values travel as parameters
 
 
 def raw_append_loop(conn: psycopg.Connection, lease: RunLease, batch_size: int, deadline: float) -> int:

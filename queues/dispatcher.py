@@ -50,8 +50,8 @@ class Dispatcher:
         behind a long stream of new ones."""
         settled = dispatched = 0
         while True:
-            ended = services.ended_attempts(limit=BATCH)
-            settled_now = sum(services.settle(attempt_id=a, task_id=t) is not None for a, t in ended)
+            ended = services.attempts_to_settle(limit=BATCH)
+            settled_now = sum(services.settle_attempt(ended=attempt) is not None for attempt in ended)
             started_now = 0
             while started_now < BATCH and services.dispatch_one() is not None:
                 started_now += 1

@@ -15,9 +15,11 @@ from django.db.models import (
     Count,
     DateTimeField,
     F,
+    Field,
     Max,
     OuterRef,
     Q,
+    QuerySet,
     Subquery,
     Value,
     When,
@@ -47,7 +49,7 @@ def task_get(*, task_id: str, scope: Scope) -> QueueTask:
     return task
 
 
-def _filtered(scope: Scope, queue: str | None, state: str | None):
+def _filtered(scope: Scope, queue: str | None, state: str | None) -> QuerySet[QueueTask]:
     if state is not None and state not in TaskState.values:
         raise invalid(f"state must be one of {', '.join(TaskState.values)}", parameter="state")
     tasks = QueueTask.objects.filter(scope.q())
@@ -137,7 +139,7 @@ def task_stats(*, scope: Scope, queue: str | None = None, generated_at: datetime
     }
 
 
-def _cursor_column(column: str, reader_id: str | None, output_field):
+def _cursor_column(column: str, reader_id: str | None, output_field: Field) -> Value | Subquery:
     if reader_id is None:
         return Value(None, output_field=output_field)
     return Subquery(QueueReadCursor.objects.filter(task_id=OuterRef("pk"), reader_id=reader_id).values(column)[:1])

@@ -12,9 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 from urllib.parse import quote
 
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, connection, models, transaction
+from django.db.models import Q
+from django.db.models.functions import Now
+from psycopg import sql
 
 from agentrun import backends, counters, notify
 from agentrun.auth import Scope
@@ -22,10 +26,13 @@ from agentrun.clock import db_now
 from agentrun.errors import CANCELLED, SCHEMA_INVALID, AgentRunError, conflict, invalid, not_found
 from agentrun.ids import new_id, stable_hash
 from agentrun.readcursors import upsert_read_cursor
+from agentrun.sqlnames import column, table
 from agentrun.transactions import write_transaction
-from queues.models import QueueAttempt, QueueReadCursor, QueueTask, TaskState
+from queues.models import Queue, QueueAttempt, QueueReadCursor, QueueTask, TaskState, TenantLimit
+from runs import selectors as run_selectors
 from runs import services as run_services
-from runs.models import RUN_TERMINAL, Run, RunStatus
+from runs.models import RunStatus
+from runs.selectors import RunOutcome
 
 logger = logging.getLogger(__name__)
 UNRESTRICTED = Scope.unrestricted()
@@ -93,7 +100,8 @@ def _bump(task: QueueTask, at: datetime, *fields: str) -> None:
 # --- tasks -----------------------------------------------------------------------------------
 
 
-def task_create(*, idempotency_key: str | None = None, **fields) -> tuple[QueueTask, bool]:
+@write_transaction(durable=True)
+def task_create(*, idempotency_key: str | None = None, **fields: Any) -> tuple[QueueTask, bool]:
     """Put a task in a queue. Returns (task, created). The fields are HASHED_FIELDS (snake_case).
 
     A key already used by the tenant and project replays its task (whatever its state) when the
@@ -105,36 +113,36 @@ def task_create(*, idempotency_key: str | None = None, **fields) -> tuple[QueueT
     values = {name: fields.get(name) for name in HASHED_FIELDS}
     payload_hash = stable_hash({WIRE_NAMES.get(name, name): value for name, value in values.items()})
     idempotency_key = idempotency_key or None
-    with transaction.atomic():
-        if idempotency_key:
-            existing = _task_replay(values, idempotency_key, payload_hash)
-            if existing is not None:
-                return existing, False
-        try:
-            with transaction.atomic():
-                at = db_now()
-                task = QueueTask.objects.create(
-                    id=new_id("qt"),
-                    **values,
-                    idempotency_key=idempotency_key,
-                    payload_hash=payload_hash,
-                    state=TaskState.PENDING,
-                    version=counters.next_version(counters.QUEUE),
-                    session_path=session_path_for(values["session_ref"]),
-                    created_at=at,
-                    updated_at=at,
-                )
-                notify.notify(notify.QUEUE_CHANGED)
-                return task, True
-        except IntegrityError:
-            # A concurrent create with the same key committed first: replay its task.
-            existing = _task_replay(values, idempotency_key, payload_hash) if idempotency_key else None
-            if existing is None:
-                raise
+    if idempotency_key:
+        existing = _task_replay(values, idempotency_key, payload_hash)
+        if existing is not None:
             return existing, False
+    try:
+        # A savepoint: losing the key's race undoes the insert, not the replay that follows.
+        with transaction.atomic():
+            at = db_now()
+            task = QueueTask.objects.create(
+                id=new_id("qt"),
+                **values,
+                idempotency_key=idempotency_key,
+                payload_hash=payload_hash,
+                state=TaskState.PENDING,
+                version=counters.next_version(counters.QUEUE),
+                session_path=session_path_for(values["session_ref"]),
+                created_at=at,
+                updated_at=at,
+            )
+            notify.notify(notify.QUEUE_CHANGED)
+            return task, True
+    except IntegrityError:
+        # A concurrent create with the same key committed first: replay its task.
+        existing = _task_replay(values, idempotency_key, payload_hash) if idempotency_key else None
+        if existing is None:
+            raise
+        return existing, False
 
 
-def _task_replay(values: dict, idempotency_key: str, payload_hash: str) -> QueueTask | None:
+def _task_replay(values: dict[str, Any], idempotency_key: str, payload_hash: str) -> QueueTask | None:
     existing = QueueTask.objects.filter(
         tenant_id=values["tenant_id"], project_id=values["project_id"], idempotency_key=idempotency_key
     ).first()
@@ -145,9 +153,14 @@ def _task_replay(values: dict, idempotency_key: str, payload_hash: str) -> Queue
     return existing
 
 
-@write_transaction
+@write_transaction(durable=True)
 def task_attempt_update(
-    *, task_id: str, state: str, latest_attempt: dict | None, session_path: str | None, scope: Scope = UNRESTRICTED
+    *,
+    task_id: str,
+    state: str,
+    latest_attempt: dict[str, Any] | None,
+    session_path: str | None,
+    scope: Scope = UNRESTRICTED,
 ) -> QueueTask:
     """An operator overwrites the task's state, latest attempt and session path (SPEC §3.8).
     409 on a terminal task: `cancelled` when it was cancelled, else `schema-invalid`."""
@@ -167,7 +180,7 @@ def task_attempt_update(
     return task
 
 
-@write_transaction
+@write_transaction(durable=True)
 def task_cancel(*, task_id: str, reason: str | None = None, scope: Scope = UNRESTRICTED) -> QueueTask:
     """Cancel a task and, in the same transaction, its attempt's run (or command) (A16). A run
     that is gone counts as ended; a run that had already ended keeps its status as the attempt's
@@ -189,18 +202,18 @@ def task_cancel(*, task_id: str, reason: str | None = None, scope: Scope = UNRES
     return task
 
 
-def _cancel_attempt_work(attempt_ref: dict, reason: str) -> str:
+def _cancel_attempt_work(attempt_ref: dict[str, Any], reason: str) -> str:
     """Cancel what the attempt runs; return the attempt's final state."""
     try:
         if attempt_ref.get("runId"):
-            run = Run.objects.filter(pk=attempt_ref["runId"]).only("status").first()
+            run = run_selectors.run_outcomes(run_ids=[attempt_ref["runId"]]).get(attempt_ref["runId"])
             if run is None:
                 return TaskState.CANCELLED
-            if run.status in RUN_TERMINAL:
-                return TASK_STATE_FOR_RUN[run.status]
-            run_services.run_cancel(run_id=attempt_ref["runId"], reason=reason)
+            if run.ended:
+                return TASK_STATE_FOR_RUN[RunStatus(run.status)]
+            run_services.run_cancel_in_transaction(run_id=attempt_ref["runId"], reason=reason)
         elif attempt_ref.get("commandId"):
-            command = run_services.command_cancel(command_id=attempt_ref["commandId"], reason=reason)
+            command = run_services.command_cancel_in_transaction(command_id=attempt_ref["commandId"], reason=reason)
             return command.state
     except AgentRunError as error:
         if error.status != 404:
@@ -208,8 +221,10 @@ def _cancel_attempt_work(attempt_ref: dict, reason: str) -> str:
     return TaskState.CANCELLED
 
 
-@write_transaction
+@write_transaction(durable=True)
 def task_mark_read(*, task_id: str, reader_id: str, scope: Scope) -> QueueReadCursor:
+    """The reader has seen the task as it is now. The task itself does not change. 404 for a
+    task the key cannot see."""
     task = QueueTask.objects.filter(scope.q(), pk=task_id).only("version").first()
     if task is None:
         raise not_found("queue task", task_id)
@@ -223,7 +238,7 @@ def task_mark_read(*, task_id: str, reader_id: str, scope: Scope) -> QueueReadCu
     )
 
 
-@write_transaction
+@write_transaction(durable=True)
 def task_retry(*, task_id: str, scope: Scope = UNRESTRICTED) -> QueueTask:
     """An operator sends a failed, blocked or cancelled task back to the queue: the dispatcher
     starts a new attempt as soon as limits allow. 409 for a task that is pending, running or
@@ -249,42 +264,67 @@ class Dispatched:
     attempt: int
 
 
-_ELIGIBLE = f"""
-SELECT t.* FROM queues_queuetask t
-WHERE t.state = '{TaskState.PENDING}' AND (t.not_before IS NULL OR t.not_before <= statement_timestamp())
+def _names(model: type[models.Model], alias: str, *fields: str) -> dict[str, sql.Identifier]:
+    """`{alias}_{field}` for each field: the statement's columns of `model` under `alias`."""
+    return {f"{alias}_{field}": column(model, field, alias) for field in fields}
+
+
+_PENDING, _RUNNING = sql.Literal(TaskState.PENDING.value), sql.Literal(TaskState.RUNNING.value)
+_TASK_FIELDS = ("id", "tenant_id", "queue", "state", "priority", "created_at", "not_before")
+_LIMIT_NAMES = {
+    "tasks": table(QueueTask),
+    "queues": table(Queue),
+    "limits": table(TenantLimit),
+    "pending": _PENDING,
+    "running": _RUNNING,
+    **_names(QueueTask, "t", *_TASK_FIELDS),
+    **_names(QueueTask, "r", *_TASK_FIELDS),
+    **_names(Queue, "q", "tenant_id", "name", "paused", "max_running"),
+    **_names(TenantLimit, "l", "tenant_id", "max_running"),
+}
+# Raw: the dispatcher's hot claim, one statement in the shape the task_pending_order index
+# serves, limits checked inside it and only the task's row locked; in the ORM that shape would
+# hide behind nested Exists, Subquery and Count.
+_ELIGIBLE = sql.SQL(
+    """
+SELECT t.* FROM {tasks} t
+WHERE {t_state} = {pending} AND ({t_not_before} IS NULL OR {t_not_before} <= statement_timestamp())
   AND NOT EXISTS (
-    SELECT 1 FROM queues_queue q WHERE q.tenant_id = t.tenant_id AND q.name = t.queue
-      AND (q.paused OR q.max_running <= (
-        SELECT count(*) FROM queues_queuetask r
-        WHERE r.state = '{TaskState.RUNNING}' AND r.tenant_id = t.tenant_id AND r.queue = t.queue)))
+    SELECT 1 FROM {queues} q WHERE {q_tenant_id} = {t_tenant_id} AND {q_name} = {t_queue}
+      AND ({q_paused} OR {q_max_running} <= (
+        SELECT count(*) FROM {tasks} r
+        WHERE {r_state} = {running} AND {r_tenant_id} = {t_tenant_id} AND {r_queue} = {t_queue})))
   AND NOT EXISTS (
-    SELECT 1 FROM queues_tenantlimit l WHERE l.tenant_id = t.tenant_id AND l.max_running <= (
-      SELECT count(*) FROM queues_queuetask r WHERE r.state = '{TaskState.RUNNING}' AND r.tenant_id = t.tenant_id))
-ORDER BY t.priority DESC, t.created_at, t.id
+    SELECT 1 FROM {limits} l WHERE {l_tenant_id} = {t_tenant_id} AND {l_max_running} <= (
+      SELECT count(*) FROM {tasks} r WHERE {r_state} = {running} AND {r_tenant_id} = {t_tenant_id}))
+ORDER BY {t_priority} DESC, {t_created_at}, {t_id}
 LIMIT 1 FOR UPDATE OF t SKIP LOCKED
 """
+).format(**_LIMIT_NAMES)
+# Raw: the two limits and the two running counts in one statement; as ORM queries, four.
+_LIMITS = sql.SQL(
+    "SELECT {q_paused}, {q_max_running}, {l_max_running}, "
+    "  CASE WHEN {q_max_running} IS NULL THEN 0 ELSE (SELECT count(*) FROM {tasks} r "
+    "    WHERE {r_state} = {running} AND {r_tenant_id} = %(tenant)s AND {r_queue} = %(queue)s) END, "
+    "  CASE WHEN {l_max_running} IS NULL THEN 0 ELSE (SELECT count(*) FROM {tasks} r "
+    "    WHERE {r_state} = {running} AND {r_tenant_id} = %(tenant)s) END "
+    "FROM (SELECT 1) one "
+    "LEFT JOIN {queues} q ON {q_tenant_id} = %(tenant)s AND {q_name} = %(queue)s "
+    "LEFT JOIN {limits} l ON {l_tenant_id} = %(tenant)s"
+).format(**_LIMIT_NAMES)
 
 
 def _within_limits(task: QueueTask) -> bool:
     """Under the queue's and the tenant's advisory locks (held to commit), so two dispatchers
-    never both take the last free slot. One round trip: the locks, then the limits and counts."""
+    never both take the last free slot: the locks, then the limits and counts."""
     with connection.cursor() as cursor:
+        # Raw: the ORM has no advisory locks.
         cursor.execute(
             "SELECT pg_advisory_xact_lock(hashtext('agentrun-queue'), hashtext(%(queue_key)s)), "
             "pg_advisory_xact_lock(hashtext('agentrun-tenant'), hashtext(%(tenant)s))",
             {"queue_key": f"{task.tenant_id}/{task.queue}", "tenant": task.tenant_id},
         )
-        cursor.execute(
-            "SELECT q.paused, q.max_running, l.max_running, "
-            "  CASE WHEN q.max_running IS NULL THEN 0 ELSE (SELECT count(*) FROM queues_queuetask r "
-            f"    WHERE r.state = '{TaskState.RUNNING}' AND r.tenant_id = %(tenant)s AND r.queue = %(queue)s) END, "
-            "  CASE WHEN l.max_running IS NULL THEN 0 ELSE (SELECT count(*) FROM queues_queuetask r "
-            f"    WHERE r.state = '{TaskState.RUNNING}' AND r.tenant_id = %(tenant)s) END "
-            "FROM (SELECT 1) one "
-            "LEFT JOIN queues_queue q ON q.tenant_id = %(tenant)s AND q.name = %(queue)s "
-            "LEFT JOIN queues_tenantlimit l ON l.tenant_id = %(tenant)s",
-            {"tenant": task.tenant_id, "queue": task.queue},
-        )
+        cursor.execute(_LIMITS, {"tenant": task.tenant_id, "queue": task.queue})
         paused, queue_limit, tenant_limit, queue_running, tenant_running = cursor.fetchone()
     if paused:
         return False
@@ -296,16 +336,25 @@ def _within_limits(task: QueueTask) -> bool:
 def dispatch_one() -> Dispatched | None:
     """Start the next eligible task (highest priority, oldest): create its run and first `turn`
     from its payload, record the attempt, mark it running. None when nothing can start now.
-    One transaction: a cancel waits for it, then finds the run and cancels it too."""
+    One transaction per look: a cancel waits for it, then finds the run and cancels it too."""
     for _ in range(100):
-        with transaction.atomic():
-            task = next(iter(QueueTask.objects.raw(_ELIGIBLE)), None)
-            if task is None:
-                return None
-            if _within_limits(task):
-                return _start_attempt(task)
+        over_limit, dispatched = _dispatch_next()
+        if not over_limit:
+            return dispatched
         # Another dispatcher took the last slot between our look and our lock: look again.
     return None
+
+
+@write_transaction(durable=True)
+def _dispatch_next() -> tuple[bool, Dispatched | None]:
+    """One look: (over a limit, the attempt started). Over a limit when the task found has no
+    free slot once the limits' locks are held; nothing started and not over: nothing eligible."""
+    task = next(iter(QueueTask.objects.all().raw(_ELIGIBLE)), None)
+    if task is None:
+        return False, None
+    if not _within_limits(task):
+        return True, None
+    return False, _start_attempt(task)
 
 
 def _start_attempt(task: QueueTask) -> Dispatched:
@@ -314,7 +363,7 @@ def _start_attempt(task: QueueTask) -> Dispatched:
     attempt = QueueAttempt(id=new_id("qa"), task=task, number=number, started_at=at)
     try:
         with transaction.atomic():
-            run, _ = run_services.run_create(
+            run, _ = run_services.run_create_in_transaction(
                 tenant_id=task.tenant_id,
                 project_id=task.project_id,
                 backend_profile=task.backend_profile,
@@ -326,7 +375,9 @@ def _start_attempt(task: QueueTask) -> Dispatched:
                 metadata=task.metadata,
                 extra={"queueTaskId": task.id, "queueAttempt": number},
             )
-            command, _ = run_services.command_create(run_id=run.id, command_type="turn", payload=task.payload or {})
+            command, _ = run_services.command_create_in_transaction(
+                run_id=run.id, command_type="turn", payload=task.payload or {}
+            )
     except AgentRunError as error:
         # The task can never start (its session belongs elsewhere): it fails, no retry.
         attempt.state, attempt.failure_kind, attempt.failure_message = TaskState.FAILED, error.kind, error.message
@@ -344,8 +395,8 @@ def _start_attempt(task: QueueTask) -> Dispatched:
     return Dispatched(task.id, run.id, number)
 
 
-def _attempt_ref(attempt: QueueAttempt) -> dict:
-    ref = {
+def _attempt_ref(attempt: QueueAttempt) -> dict[str, Any]:
+    ref: dict[str, Any] = {
         "attemptId": attempt.id,
         "number": attempt.number,
         "runId": attempt.run_id,
@@ -358,66 +409,87 @@ def _attempt_ref(attempt: QueueAttempt) -> dict:
     return ref
 
 
-def _policy(task: QueueTask) -> tuple[int, float, tuple]:
-    policy = task.execution_policy or {}
-    return (
-        policy.get("maxAttempts") or DEFAULT_MAX_ATTEMPTS,
-        policy.get("backoffSeconds") if policy.get("backoffSeconds") is not None else DEFAULT_BACKOFF_SECONDS,
-        tuple(policy["retryOn"]) if policy.get("retryOn") is not None else DEFAULT_RETRY_ON,
-    )
+def _policy(task: QueueTask) -> tuple[int, float, tuple[str, ...]]:
+    policy: dict[str, Any] = task.execution_policy or {}
+    max_attempts: int = policy.get("maxAttempts") or DEFAULT_MAX_ATTEMPTS
+    backoff: float = policy["backoffSeconds"] if policy.get("backoffSeconds") is not None else DEFAULT_BACKOFF_SECONDS
+    retry_on = tuple(policy["retryOn"]) if policy.get("retryOn") is not None else DEFAULT_RETRY_ON
+    return max_attempts, backoff, retry_on
+
+
+# Open attempts read per look for the ended ones (their runs in one more query).
+SETTLE_SCAN = 500
+
+
+@dataclass(frozen=True)
+class EndedAttempt:
+    attempt_id: str
+    task_id: str
+    run: RunOutcome | None  # how the attempt's run ended; None when the run is gone
+
+
+def attempts_to_settle(limit: int = 100) -> list[EndedAttempt]:
+    """Open attempts whose run has ended (or is gone), oldest first, at most `limit`, each with
+    its run's outcome. Open attempts are read SETTLE_SCAN at a time, and each such batch's runs
+    in one query through runs' selectors (a run's end never changes, so it may be read before
+    `settle_attempt` takes the task's lock)."""
+    ended: list[EndedAttempt] = []
+    open_attempts = QueueAttempt.objects.filter(state=TaskState.RUNNING).order_by("started_at", "id")
+    batch = open_attempts
+    while len(ended) < limit:
+        rows = list(batch.values_list("id", "task_id", "run_id", "started_at")[:SETTLE_SCAN])
+        runs = run_selectors.run_outcomes(run_ids=[run_id for _, _, run_id, _ in rows if run_id])
+        for attempt_id, task_id, run_id, _ in rows:
+            run = runs.get(run_id) if run_id else None
+            if run is None or run.ended:
+                ended.append(EndedAttempt(attempt_id, task_id, run))
+        if len(rows) < SETTLE_SCAN:
+            break
+        last_id, last_started = rows[-1][0], rows[-1][3]
+        batch = open_attempts.filter(Q(started_at__gt=last_started) | Q(started_at=last_started, id__gt=last_id))
+    return ended[:limit]
 
 
 def ended_attempts(limit: int = 100) -> list[tuple[str, str]]:
-    """(attempt, task) of open attempts whose run has ended (or is gone): what `settle` does."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT a.id, a.task_id FROM queues_queueattempt a LEFT JOIN runs_run r ON r.id = a.run_id "
-            f"WHERE a.state = '{TaskState.RUNNING}' AND (r.id IS NULL OR r.status = ANY(%s)) "
-            "ORDER BY a.started_at LIMIT %s",
-            [[str(status) for status in RUN_TERMINAL], limit],
-        )
-        return cursor.fetchall()
+    """(attempt, task) of open attempts whose run has ended (or is gone): what `settle` takes."""
+    return [(ended.attempt_id, ended.task_id) for ended in attempts_to_settle(limit)]
 
 
-@write_transaction
 def settle(*, attempt_id: str, task_id: str) -> QueueTask | None:
+    """`settle_attempt` for one attempt, its run read first (through runs' selectors)."""
+    run_id = QueueAttempt.objects.filter(pk=attempt_id).values_list("run_id", flat=True).first()
+    run = run_selectors.run_outcomes(run_ids=[run_id]).get(run_id) if run_id else None
+    return settle_attempt(ended=EndedAttempt(attempt_id, task_id, run))
+
+
+@write_transaction(durable=True)
+def settle_attempt(*, ended: EndedAttempt) -> QueueTask | None:
     """The attempt's run ended: the task takes the run's outcome, or goes back to the queue for
     another attempt when its policy retries that failure kind (after a backoff that doubles
-    each attempt). None when another settler holds the task, or it was settled already."""
-    task = QueueTask.objects.select_for_update(skip_locked=True).filter(pk=task_id).first()
+    each attempt). None when another settler holds the task, it was settled already, or the run
+    has not ended."""
+    if ended.run is not None and not ended.run.ended:
+        return None
+    task = QueueTask.objects.select_for_update(skip_locked=True).filter(pk=ended.task_id).first()
     if task is None:
         return None
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT a.number, a.run_id, a.command_id, a.started_at, r.id, r.status, r.failure_kind, r.failure_message, "
-            "statement_timestamp() FROM queues_queueattempt a LEFT JOIN runs_run r ON r.id = a.run_id "
-            f"WHERE a.id = %s AND a.state = '{TaskState.RUNNING}'",
-            [attempt_id],
-        )
-        row = cursor.fetchone()
-    if row is None:  # settled (or cancelled) while we waited for the task
+    attempt = (
+        QueueAttempt.objects.filter(pk=ended.attempt_id, state=TaskState.RUNNING).annotate(settled_at=Now()).first()
+    )
+    if attempt is None:  # settled (or cancelled) while we waited for the task
         return None
-    number, run_id, command_id, started_at, found, status, failure_kind, message, at = row
-    if found is not None and status not in RUN_TERMINAL:
-        return None
-    if found is None:
+    at = attempt.settled_at
+    failure_kind: str | None
+    message: str | None
+    if ended.run is None:
         outcome, failure_kind, message = TaskState.FAILED, "infra-failed", "the attempt's run is gone"
     else:
-        outcome = TASK_STATE_FOR_RUN[status]
-    attempt = QueueAttempt(
-        id=attempt_id,
-        task=task,
-        number=number,
-        run_id=run_id,
-        command_id=command_id,
-        state=outcome,
-        failure_kind=failure_kind,
-        failure_message=message,
-        started_at=started_at,
-        finished_at=at,
-    )
+        outcome = TASK_STATE_FOR_RUN[RunStatus(ended.run.status)]
+        failure_kind, message = ended.run.failure_kind, ended.run.failure_message
+    attempt.state, attempt.failure_kind, attempt.failure_message = outcome, failure_kind, message
+    attempt.finished_at = at
     attempt.save(update_fields=["state", "failure_kind", "failure_message", "finished_at"])
-    if task.is_terminal or task.latest_attempt is None or task.latest_attempt.get("attemptId") != attempt_id:
+    if task.is_terminal or task.latest_attempt is None or task.latest_attempt.get("attemptId") != ended.attempt_id:
         return task  # the task moved on (cancelled, or an operator rewrote it): only the attempt ends
     task.latest_attempt = _attempt_ref(attempt)
     max_attempts, backoff, retry_on = _policy(task)

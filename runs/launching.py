@@ -7,7 +7,7 @@ idempotency key (`launch:<run>:<attempt>`) makes a repeated attempt one job."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -33,7 +33,7 @@ def _job_view(job: RunnerJob) -> dict:
     return {"runId": job.run_id, "namespace": job.namespace, "jobName": job.job_name, "details": job.result or {}}
 
 
-def _live(job: RunnerJob, launcher: Launcher, now) -> bool:
+def _live(job: RunnerJob, launcher: Launcher, now: datetime) -> bool:
     if job.stopped_at is not None or (job.result or {}).get("failed"):
         return False
     if not (job.result or {}).get("launched"):
@@ -63,7 +63,7 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
         if any(_live(job, launcher, now) for job in jobs):
             return False
         if len(jobs) >= MAX_LAUNCHES:
-            services.run_expire(
+            services.run_expire_in_transaction(
                 run_id=run.id,
                 terminal_status="failed",
                 failure_kind=INFRA_FAILED,
@@ -105,7 +105,7 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
             "source_commit": "",
             "result": {"keyId": key.pk},
         }
-        job, created = services.runner_job_save(
+        job, created = services.runner_job_save_in_transaction(
             run_id=run.id, fields=fields, idempotency_key=f"launch:{run.id}:{attempt}"
         )
         if not created:
@@ -113,6 +113,8 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
     # Outside the lock: starting a Job or a process may take a while. The record holds the place.
     try:
         launched = launcher.launch(spec)
+        if launched is None:
+            raise RuntimeError(f"the {launcher.name} launcher started no runner")
     except Exception as exc:
         logger.exception("launching a runner for run %s failed", run_id)
         api_key_revoke(key_id=key.pk)  # no runner will use it

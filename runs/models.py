@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.db import models
 
 
@@ -28,14 +30,6 @@ class CommandState(models.TextChoices):
 
 COMMAND_OPEN = (CommandState.PENDING, CommandState.ACKNOWLEDGED)
 COMMAND_TERMINAL = (CommandState.COMPLETED, CommandState.FAILED, CommandState.CANCELLED)
-
-
-class RunQuerySet(models.QuerySet):
-    def active(self):
-        return self.filter(status__in=RUN_ACTIVE)
-
-    def terminal(self):
-        return self.filter(status__in=RUN_TERMINAL)
 
 
 class Run(models.Model):
@@ -70,7 +64,9 @@ class Run(models.Model):
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
 
-    objects = RunQuerySet.as_manager()
+    # Not a column: the database clock of the transaction that locked the row, which the runs
+    # services' lock annotates for the writes that follow it.
+    db_now: datetime
 
     class Meta:
         indexes = [

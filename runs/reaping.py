@@ -37,6 +37,7 @@ def due(*, limit: int = 500) -> list[Reaped]:
         for run in Run.objects.filter(status=RunStatus.CLAIMED, lease_expires_at__lt=now - grace).order_by(
             "lease_expires_at"
         )[:limit]
+        if run.lease_expires_at is not None  # never None, by the filter; this tells the type checker
     ]
     timed = (
         Run.objects.filter(
@@ -49,7 +50,9 @@ def due(*, limit: int = 500) -> list[Reaped]:
     )
     lost = {item.run_id for item in found}
     for run in timed.order_by("claimed_at")[:limit]:
-        if run.id not in lost and run.claimed_at + timedelta(seconds=run.timeout) < now:
+        if run.id in lost or run.claimed_at is None:  # never None, by the filter; this tells the type checker
+            continue
+        if run.claimed_at + timedelta(seconds=run.timeout) < now:
             found.append(Reaped(run.id, "timeout", f"claimed for more than {run.timeout:g} s"))
     return found
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import Max
-
 from agentrun.launcher.kubernetes import RUN_LABEL, KubernetesLauncher, job_failed
 from runs import services
 from runs.models import RUN_TERMINAL, Run, RunnerJob, RunStatus
@@ -27,13 +25,15 @@ class Finding:
 
 def reconcile(launcher: KubernetesLauncher, *, dry_run: bool = False) -> list[Finding]:
     findings = []
+    # Each claimed run's latest launched job, in one query (DISTINCT ON the run; ties go to the
+    # lowest id), with only the columns the loop reads.
     latest = (
         RunnerJob.objects.filter(run__status=RunStatus.CLAIMED, result__launched=True)
-        .values("run_id")
-        .annotate(last=Max("created_at"))
+        .order_by("run_id", "-created_at", "id")
+        .distinct("run_id")
+        .only("run_id", "namespace", "job_name")
     )
-    for row in latest:
-        job = RunnerJob.objects.filter(run_id=row["run_id"], created_at=row["last"]).first()
+    for job in latest:
         view = {"namespace": job.namespace, "jobName": job.job_name}
         found = launcher.read(view)
         reason = "its Job vanished" if found is None else job_failed(found)
@@ -47,14 +47,21 @@ def reconcile(launcher: KubernetesLauncher, *, dry_run: bool = False) -> list[Fi
                 failure_kind="runner-lost",
                 message=f"runner Job {job.namespace}/{job.job_name}: {reason}",
             )
+    # A Job the API lists always has its metadata (its name): one without could not be deleted.
+    k8s_jobs = [
+        ((k8s_job.metadata.labels or {}).get(RUN_LABEL, ""), k8s_job.metadata)
+        for k8s_job in launcher.list_jobs()
+        if k8s_job.metadata is not None
+    ]
+    # One query for every Job's run, made after the runs failed above: their Jobs go in this pass.
+    statuses = dict(Run.objects.filter(pk__in={run_id for run_id, _ in k8s_jobs}).values_list("id", "status"))
     terminal = set(map(str, RUN_TERMINAL))
-    for k8s_job in launcher.list_jobs():
-        run_id = (k8s_job.metadata.labels or {}).get(RUN_LABEL, "")
-        run = Run.objects.filter(pk=run_id).only("status").first()
-        if run is not None and run.status not in terminal:
+    for run_id, metadata in k8s_jobs:
+        status = statuses.get(run_id)
+        if status is not None and status not in terminal:
             continue
-        detail = "its run is gone" if run is None else f"its run is {run.status}"
-        findings.append(Finding("delete-job", run_id, f"{k8s_job.metadata.namespace}/{k8s_job.metadata.name}", detail))
+        detail = "its run is gone" if status is None else f"its run is {status}"
+        findings.append(Finding("delete-job", run_id, f"{metadata.namespace}/{metadata.name}", detail))
         if not dry_run:
-            launcher.stop({"namespace": k8s_job.metadata.namespace, "jobName": k8s_job.metadata.name})
+            launcher.stop({"namespace": metadata.namespace, "jobName": metadata.name})
     return findings

@@ -10,7 +10,7 @@ from agentrun.auth import hash_key
 from agentrun.models import ApiKey
 from runs import services
 from runs.models import Run
-from tests.conftest import make_run
+from tests.helpers import make_run
 
 pytestmark = pytest.mark.django_db
 
@@ -162,7 +162,7 @@ def test_evict_storage_asks_first_then_deletes_the_pvc(staff, fake_kube):
 
 def test_queue_task_admin_filters_shows_attempts_and_runs(staff):
     from queues import services as queue_services
-    from tests.queue_helpers import make_task
+    from tests.helpers import make_task
 
     task = make_task("builds", lane="nightly", priority=1)
     other = make_task("other")
@@ -181,7 +181,7 @@ def test_queue_task_cancel_and_retry_actions(staff):
     from queues import services as queue_services
     from queues.models import QueueTask
     from runs.models import Run
-    from tests.queue_helpers import make_task
+    from tests.helpers import make_task
 
     task = make_task()
     started = queue_services.dispatch_one()

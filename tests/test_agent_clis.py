@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
 
 import pytest
 
 from runner.backends.claude import ClaudeBackend
 from runner.backends.codex import CodexBackend
-from tests.agent_clis import Anthropic, Responses, install
+from tests.helpers import Anthropic, Responses, install, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +124,7 @@ def test_codex_failing_turn(codex, tmp_path):
 def test_codex_cancelled_turn(codex, tmp_path):
     codex([{"tool": ("exec_command", {"cmd": "sleep 41.25"})}, {"text": "never"}])
     turn = Turn(CodexBackend(), git_repo(tmp_path / "repo"))
-    deadline = time.monotonic() + 60
-    while not still_running("sleep 41.25") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert still_running("sleep 41.25")
+    assert wait_for(lambda: still_running("sleep 41.25"), 60)
     turn.process.cancel(grace_seconds=3)
     result = turn.wait()
     assert (result.terminal_status, result.failure_kind) == ("cancelled", "cancelled")
@@ -214,10 +210,7 @@ def test_claude_cancelled_turn(claude, tmp_path):
         ]
     )
     turn = Turn(ClaudeBackend(), git_repo(tmp_path / "repo"))
-    deadline = time.monotonic() + 60
-    while not still_running("time.sleep.42.75") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert still_running("time.sleep.42.75")
+    assert wait_for(lambda: still_running("time.sleep.42.75"), 60)
     turn.process.cancel(grace_seconds=5)
     result = turn.wait()
     assert (result.terminal_status, result.failure_kind) == ("cancelled", "cancelled")

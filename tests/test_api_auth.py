@@ -12,7 +12,7 @@ from django.utils import timezone
 from agentrun.models import ApiKey
 from runs import services
 from runs.models import Command, Run, RunEvent, Runner, RunnerJob
-from tests.conftest import PROJECT, TENANT, KeyClient, assert_error, claim, make_key, make_run
+from tests.helpers import PROJECT, TENANT, KeyClient, assert_error, claim, make_key, make_run
 
 pytestmark = pytest.mark.django_db
 

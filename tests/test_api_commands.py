@@ -9,7 +9,7 @@ import pytest
 from runs import services
 from runs.models import Command, Run
 from sessions.models import Session
-from tests.conftest import assert_error, claim, events_of, make_run, phases
+from tests.helpers import assert_error, claim, events_of, make_run, phases
 
 pytestmark = pytest.mark.django_db
 

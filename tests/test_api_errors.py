@@ -9,7 +9,7 @@ from django.test import override_settings
 
 from runs import services
 from runs.models import Command, Run, RunEvent
-from tests.conftest import KeyClient, assert_error, claim, make_key, make_run
+from tests.helpers import KeyClient, assert_error, claim, make_key, make_run
 
 pytestmark = pytest.mark.django_db
 

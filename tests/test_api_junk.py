@@ -7,7 +7,7 @@ import pytest
 from queues.models import QueueTask
 from runs.models import Command, RunEvent
 from sessions.models import Session
-from tests.conftest import claim, make_key, make_run
+from tests.helpers import claim, make_key, make_run
 
 pytestmark = pytest.mark.django_db
 JUNK = ["[]", '"text"', "123", "null", '{"unexpected": 1}', '{"a": ' * 50 + "1" + "}" * 50, "{not json", ""]

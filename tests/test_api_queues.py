@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from queues.models import QueueTask
-from tests.conftest import PROJECT, TENANT, assert_error, make_key
+from tests.helpers import PROJECT, TENANT, assert_error, make_key
 
 pytestmark = pytest.mark.django_db
 

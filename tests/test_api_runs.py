@@ -9,7 +9,7 @@ import pytest
 
 from runs import services
 from runs.models import Command, EventBatch, Run, RunEvent, Runner, RunnerJob
-from tests.conftest import PROJECT, TENANT, assert_error, claim, events_of, make_key, make_run, phases
+from tests.helpers import PROJECT, TENANT, assert_error, claim, events_of, make_key, make_run, phases
 
 pytestmark = pytest.mark.django_db
 

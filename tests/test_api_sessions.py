@@ -6,7 +6,7 @@ import pytest
 
 from runs import services as run_services
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT, assert_error, claim, make_key, make_run
+from tests.helpers import PROJECT, TENANT, assert_error, claim, make_key, make_run
 
 pytestmark = pytest.mark.django_db
 

@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from django.db import connection
 
 from agentrun.errors import AgentRunError
 from runs import services
 from runs.models import Command, Run, RunEvent, RunnerJob
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT, make_run
+from tests.helpers import PROJECT, TENANT, in_threads, make_run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def race(count: int, work):
-    """Run work(i) in `count` threads released together; returns results or raised errors."""
-    barrier = threading.Barrier(count)
-
-    def one(index):
-        barrier.wait()
-        try:
-            return work(index)
-        except AgentRunError as error:
-            return error
-        finally:
-            connection.close()
-
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        return list(pool.map(one, range(count)))
-
-
 def test_sixteen_racing_claims_make_exactly_one_holder():
     run = make_run()
-    results = race(16, lambda i: services.run_claim(run_id=run.id, runner_id=f"runner-{i}", lease_ms=60_000))
+    results = in_threads(
+        16, lambda i: services.run_claim(run_id=run.id, runner_id=f"runner-{i}", lease_ms=60_000), catch=AgentRunError
+    )
     winners = [r for r in results if isinstance(r, Run)]
     losers = [r for r in results if isinstance(r, AgentRunError)]
     assert len(winners) == 1 and len(losers) == 15
@@ -49,11 +31,12 @@ def test_sixteen_racing_claims_make_exactly_one_holder():
 
 def test_fifty_racing_identical_command_creates_make_one_command():
     run = make_run(session_id="race-cmd")
-    results = race(
+    results = in_threads(
         50,
         lambda i: services.command_create(
             run_id=run.id, command_type="turn", payload={"prompt": "same"}, idempotency_key="once"
         ),
+        catch=AgentRunError,
     )
     assert not [r for r in results if isinstance(r, AgentRunError)]
     assert {command.id for command, _ in results} == {Command.objects.get(run_id=run.id).id}
@@ -79,7 +62,7 @@ def test_eight_runners_appending_batches_get_gapless_seqs():
             )
 
     # Two writers per run, so appends to one run really interleave.
-    results = race(16, append)
+    results = in_threads(16, append, catch=AgentRunError)
     assert not [r for r in results if isinstance(r, AgentRunError)]
     for run in runs:
         seqs = list(RunEvent.objects.filter(run_id=run.id).order_by("seq").values_list("seq", flat=True))
@@ -99,7 +82,7 @@ def test_stale_epoch_writes_nothing_while_a_takeover_races():
             return services.run_claim(run_id=run.id, runner_id="new", lease_ms=60_000)
         return services.event_append(run_id=run.id, runner_id="old", lease_epoch=1, events=[("error", {"i": index})])
 
-    results = race(8, work)
+    results = in_threads(8, work, catch=AgentRunError)
     stored = Run.objects.get(pk=run.id)
     assert stored.claimed_by == "new" and stored.lease_epoch == 2
     old_writes = [r for r in results[1:] if not isinstance(r, AgentRunError)]
@@ -114,11 +97,12 @@ def test_stale_epoch_writes_nothing_while_a_takeover_races():
 
 
 def test_racing_run_creates_with_one_key_make_one_run():
-    results = race(
+    results = in_threads(
         12,
         lambda i: services.run_create(
             tenant_id=TENANT, project_id=PROJECT, backend_profile="echo", idempotency_key="k", metadata={"m": 1}
         ),
+        catch=AgentRunError,
     )
     assert not [r for r in results if isinstance(r, AgentRunError)]
     assert len({run.id for run, _ in results}) == 1 and Run.objects.count() == 1
@@ -126,11 +110,12 @@ def test_racing_run_creates_with_one_key_make_one_run():
 
 
 def test_racing_runs_on_a_new_session_make_one_session():
-    results = race(
+    results = in_threads(
         10,
         lambda i: services.run_create(
             tenant_id=TENANT, project_id=PROJECT, backend_profile="echo", session_ref={"sessionId": "shared"}
         ),
+        catch=AgentRunError,
     )
     assert not [r for r in results if isinstance(r, AgentRunError)]
     assert Session.objects.filter(pk="shared").count() == 1 and Run.objects.count() == 10
@@ -145,7 +130,7 @@ def test_racing_new_session_across_tenants_has_one_owner():
             session_ref={"sessionId": "contested"},
         )
 
-    results = race(8, work)
+    results = in_threads(8, work, catch=AgentRunError)
     owner = Session.objects.get(pk="contested").tenant_id
     for index, result in enumerate(results):
         if f"t{index % 2}" == owner:
@@ -169,7 +154,9 @@ def test_racing_runner_job_saves_with_one_key_make_one_job():
         "service_account_name": None,
         "result": {},
     }
-    results = race(10, lambda i: services.runner_job_save(run_id=run.id, fields=fields, idempotency_key="job"))
+    results = in_threads(
+        10, lambda i: services.runner_job_save(run_id=run.id, fields=fields, idempotency_key="job"), catch=AgentRunError
+    )
     assert not [r for r in results if isinstance(r, AgentRunError)]
     assert RunnerJob.objects.count() == 1 and Counter(created for _, created in results)[True] == 1
 
@@ -183,5 +170,5 @@ def test_racing_finish_and_cancel_end_the_run_once():
             return services.run_cancel(run_id=run.id, reason="stop")
         return services.run_finish(run_id=run.id, runner_id="r", lease_epoch=1, terminal_status="completed")
 
-    race(6, work)
+    in_threads(6, work, catch=AgentRunError)
     assert RunEvent.objects.filter(run_id=run.id, type="terminal_status").count() == 1

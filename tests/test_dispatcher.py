@@ -11,8 +11,7 @@ from queues import services
 from queues.models import Queue, QueueAttempt, QueueTask, TenantLimit
 from runs.models import Command, Run
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT, make_run
-from tests.queue_helpers import finish_run, make_task, settle_all
+from tests.helpers import PROJECT, TENANT, finish_run, make_run, make_task, settle_all
 
 pytestmark = pytest.mark.django_db
 
@@ -194,3 +193,41 @@ def test_worker_once_runs_one_dispatcher_pass():
     call_command("worker", "--once", stdout=out)
     assert out.getvalue().strip().startswith("settled 1 attempt(s), dispatched 0 task(s)")
     assert QueueTask.objects.get(pk=task.id).state == "completed"
+
+
+def test_the_settle_pass_reads_past_a_batch_of_attempts_still_running(monkeypatch):
+    monkeypatch.setattr(services, "SETTLE_SCAN", 2)
+    for _ in range(5):
+        make_task()
+    started = dispatch_all()
+    assert len(started) == 5
+    finish_run(started[-1].run_id, "failed", "agent-failed")  # the newest attempt, in the last batch
+    Run.objects.filter(pk=started[2].run_id).delete()  # a run that is gone ends its attempt too
+    ended = services.attempts_to_settle(limit=10)
+    assert [(e.task_id, e.run and e.run.status) for e in ended] == [
+        (started[2].task_id, None),
+        (started[-1].task_id, "failed"),
+    ]
+    assert services.attempts_to_settle(limit=1) == ended[:1]
+    assert settle_all() == 2
+    assert QueueTask.objects.get(pk=started[2].task_id).latest_attempt["failureKind"] == "infra-failed"
+    assert QueueTask.objects.get(pk=started[-1].task_id).latest_attempt["failureKind"] == "agent-failed"
+
+
+def test_a_settle_pass_reads_the_runs_once_per_batch_and_settling_touches_no_run(django_assert_num_queries):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    for _ in range(4):
+        make_task()
+    started = dispatch_all()
+    for one in started[:3]:
+        finish_run(one.run_id)
+    with django_assert_num_queries(2) as captured:  # the open attempts, then their runs
+        ended = services.attempts_to_settle(limit=10)
+    assert len(ended) == 3
+    assert ["runs_run" in query["sql"] for query in captured.captured_queries] == [False, True]
+    with CaptureQueriesContext(connection) as settling:
+        assert all(services.settle_attempt(ended=attempt) is not None for attempt in ended)
+    assert not any("runs_run" in query["sql"] for query in settling.captured_queries)
+    assert [QueueTask.objects.get(pk=one.task_id).state for one in started] == ["completed"] * 3 + ["running"]

@@ -21,8 +21,7 @@ from agentrun.auth import api_key_create
 from queues.models import QueueAttempt, QueueTask
 from runner.client import AgentRunClient
 from runs.models import Run, RunnerJob
-from tests.conftest import PROJECT, TENANT, wait_for
-from tests.live_server import free_port, live_database_url
+from tests.helpers import PROJECT, TENANT, free_port, live_database_url, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(settings.BASE_DIR)

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from queues import services as queue_services
-from tests.conftest import PROJECT, TENANT, make_run
+from tests.helpers import PROJECT, TENANT, make_run
 
 pytestmark = pytest.mark.django_db
 

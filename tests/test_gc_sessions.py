@@ -14,7 +14,7 @@ from agentrun import kube
 from agentrun.clock import db_now
 from sessions import services
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT, in_threads
+from tests.helpers import PROJECT, TENANT, in_threads
 
 NS = "agents"
 

@@ -11,8 +11,7 @@ from agentrun.auth import api_key_create
 from runs import services
 from runs.models import Run, RunEvent
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT
-from tests.live_server import gunicorn
+from tests.helpers import PROJECT, TENANT, gunicorn
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -5,9 +5,7 @@ answer is a 5xx. Every race also checks the tables."""
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -17,8 +15,7 @@ from queues.models import QueueTask
 from runs import services
 from runs.models import Command, EventBatch, Run, RunEvent, Runner, RunnerJob
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT
-from tests.live_server import gunicorn
+from tests.helpers import PROJECT, TENANT, gunicorn, in_threads
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROUNDS = 3
@@ -37,19 +34,16 @@ def key(role: str, run: str | None = None) -> str:
 
 def race(server: str, api_key: str, requests: list[tuple[str, str, dict]]) -> list[tuple[int, dict]]:
     """Send each (method, path, body) from its own client, all released together."""
-    barrier = threading.Barrier(len(requests))
 
-    def one(request):
-        method, path, body = request
+    def one(index):
+        method, path, body = requests[index]
         with httpx.Client(
             base_url=f"{server}/api/v1/", headers={"Authorization": f"Bearer {api_key}"}, timeout=60
         ) as client:
-            barrier.wait()
             response = client.request(method, path, json=body)
             return response.status_code, response.json()
 
-    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        answers = list(pool.map(one, requests))
+    answers = in_threads(len(requests), one)
     for status, body in answers:
         assert status < 500, body
     return answers
@@ -191,10 +185,10 @@ def test_cancel_against_finish(server, round_):
     for run in runs:
         services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "x"})
     client_key, runner_key = key("client"), key("runner")
-    barrier = threading.Barrier(len(runs) * 2)
+    moves = [(run, action) for run in runs for action in ("cancel", "finish")]
 
-    def one(args):
-        run, action = args
+    def one(index):
+        run, action = moves[index]
         api_key = client_key if action == "cancel" else runner_key
         body = (
             {"reason": "stop"}
@@ -204,11 +198,9 @@ def test_cancel_against_finish(server, round_):
         with httpx.Client(
             base_url=f"{server}/api/v1/", headers={"Authorization": f"Bearer {api_key}"}, timeout=60
         ) as client:
-            barrier.wait()
             return client.post(f"runs/{run.id}/{action}", json=body)
 
-    with ThreadPoolExecutor(max_workers=len(runs) * 2) as pool:
-        responses = list(pool.map(one, [(run, action) for run in runs for action in ("cancel", "finish")]))
+    responses = in_threads(len(moves), one)
     assert [response.status_code for response in responses] == [200] * len(responses)
     for run in runs:
         run.refresh_from_db()

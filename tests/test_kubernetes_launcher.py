@@ -15,7 +15,7 @@ from agentrun.launcher.kubernetes import KubernetesLauncher, job_name, session_p
 from runs import launching, reconciling, services
 from runs.models import Run, RunnerJob
 from sessions.models import Session
-from tests.conftest import claim, make_run
+from tests.helpers import claim, make_run
 
 pytestmark = pytest.mark.django_db
 NS = "agents"
@@ -183,7 +183,7 @@ def test_a_job_on_a_real_cluster():
 def test_the_fake_refuses_what_the_schema_refuses(k8s, fake_cluster, fake_kube):
     import httpx
 
-    from tests.kube_fake import TOKEN
+    from tests.helpers import TOKEN
 
     bad = {
         "apiVersion": "batch/v1",

@@ -10,7 +10,7 @@ from agentrun.launcher.local import LocalLauncher
 from agentrun.models import ApiKey
 from runs import launching, services
 from runs.models import Run, RunEvent, RunnerJob
-from tests.conftest import in_threads, make_run, wait_for
+from tests.helpers import in_threads, make_run, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -11,23 +11,9 @@ from django.db import connection
 from agentrun import notify
 from agentrun.errors import AgentRunError
 from runs import services
-from tests.conftest import make_key, make_run, wait_for
+from tests.helpers import Threads, make_key, make_run, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def in_thread(work):
-    result = {}
-
-    def target():
-        try:
-            result["value"] = work()
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    return thread, result
 
 
 def waiting_count(topic):
@@ -50,14 +36,13 @@ def test_events_wait_wakes_on_append_commit():
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
     topic = notify.run_topic(run.id)
     started = time.monotonic()
-    thread, result = in_thread(lambda: client.get(f"runs/{run.id}/events", afterSeq="2", wait="20"))
+    waiter = Threads(1, lambda _: client.get(f"runs/{run.id}/events", afterSeq="2", wait="20"))
     assert wait_for(lambda: waiting_count(topic) == 1)
     status, _ = runner.post(
         f"runs/{run.id}/events", {"runnerId": "r", "leaseEpoch": 1, "type": "assistant_message", "payload": {"t": 1}}
     )
     assert status == 201
-    thread.join(20)
-    status, body = result["value"]
+    [(status, body)] = waiter.join(20)
     assert status == 200 and [item["seq"] for item in body["items"]] == [3] and body["cursor"] == "3"
     # Woken by the commit, not by the 20 s deadline.
     assert time.monotonic() - started < 10
@@ -74,24 +59,22 @@ def test_commands_wait_wakes_on_command_create():
     client, runner = make_key("client"), make_key("runner")
     run = make_run()
     topic = notify.run_topic(run.id)
-    thread, result = in_thread(lambda: runner.get(f"runs/{run.id}/commands", afterSeq="0", wait="20"))
+    waiter = Threads(1, lambda _: runner.get(f"runs/{run.id}/commands", afterSeq="0", wait="20"))
     assert wait_for(lambda: waiting_count(topic) == 1)
     status, command = client.post(f"runs/{run.id}/commands", {"type": "turn", "payload": {"prompt": "go"}})
     assert status == 201
-    thread.join(20)
-    status, body = result["value"]
+    [(status, body)] = waiter.join(20)
     assert status == 200 and [item["id"] for item in body["items"]] == [command["id"]]
 
 
 def test_a_rolled_back_write_wakes_nobody_with_false_rows():
     api = make_key("client")
     run = make_run()
-    thread, result = in_thread(lambda: api.get(f"runs/{run.id}/events", afterSeq="1", wait="1"))
+    waiter = Threads(1, lambda _: api.get(f"runs/{run.id}/events", afterSeq="1", wait="1"))
     assert wait_for(lambda: waiting_count(notify.run_topic(run.id)) == 1)
     with pytest.raises(AgentRunError):
         services.event_append(run_id=run.id, runner_id="nobody", lease_epoch=0, events=[("error", {})])
-    thread.join(10)
-    assert result["value"] == (200, {"items": [], "count": 0, "cursor": "1"})
+    assert waiter.join(10) == [(200, {"items": [], "count": 0, "cursor": "1"})]
 
 
 def test_many_waiters_share_one_listening_connection_and_hold_no_other():
@@ -100,7 +83,7 @@ def test_many_waiters_share_one_listening_connection_and_hold_no_other():
     run = make_run()
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
     topic = notify.run_topic(run.id)
-    waiters = [in_thread(lambda: api.get(f"runs/{run.id}/events", afterSeq="2", wait="20")) for _ in range(12)]
+    waiters = Threads(12, lambda _: api.get(f"runs/{run.id}/events", afterSeq="2", wait="20"))
     assert wait_for(lambda: waiting_count(topic) == 12)
 
     def connections():
@@ -115,9 +98,7 @@ def test_many_waiters_share_one_listening_connection_and_hold_no_other():
     # Sleeping requests hold none: only the listener remains besides this one.
     assert wait_for(lambda: connections() == (1, 1)), connections()
     runner.post(f"runs/{run.id}/events", {"runnerId": "r", "leaseEpoch": 1, "type": "error", "payload": {}})
-    for thread, _ in waiters:
-        thread.join(20)
-    assert all(result["value"][1]["count"] == 1 for _, result in waiters)
+    assert all(body["count"] == 1 for _, body in waiters.join(20))
 
 
 def test_wait_param_validation():
@@ -141,19 +122,12 @@ def test_waiters_woken_together_share_one_fetch():
         release.wait(5)
         return ["row"]
 
-    results = []
     with hub.subscribe("t") as first, hub.subscribe("t"):
         hub._wake("t")
-        threads = [
-            threading.Thread(target=lambda: results.append(hub.shared_fetch("t", "k", fetch))) for _ in range(10)
-        ]
-        for thread in threads:
-            thread.start()
+        fetching = Threads(10, lambda _: hub.shared_fetch("t", "k", fetch))
         assert wait_for(lambda: len(calls) == 1)
         release.set()
-        for thread in threads:
-            thread.join(5)
-        assert results == [["row"]] * 10 and len(calls) == 1
+        assert fetching.join(5) == [["row"]] * 10 and len(calls) == 1
         # A later notification means newer rows may exist: the next waiter fetches again.
         hub._wake("t")
         assert hub.shared_fetch("t", "k", fetch) == ["row"] and len(calls) == 2
@@ -174,19 +148,33 @@ def test_a_client_that_goes_away_leaves_no_waiter_behind():
     assert waiting_count(topic) == 0
 
 
-def test_session_output_waits_through_trace_only_events_until_output_arrives():
+def test_session_output_waits_through_trace_only_events_until_output_arrives(monkeypatch):
     client = make_key("client")
     run = make_run(session_id="lp-session")
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
     topic = notify.run_topic(run.id)
-    thread, result = in_thread(lambda: client.get("sessions/lp-session/output", afterSeq="0", wait="20"))
+    # Each time the waiter sleeps again after a wake-up: the topic's notification count at that wake-up.
+    woken_at, asleep_again_after = [], []
+    hub_wait = notify.hub.wait
+
+    def wait(waiter, timeout):
+        if woken_at:
+            asleep_again_after.append(woken_at[-1])
+        woke = hub_wait(waiter, timeout)
+        if woke:
+            woken_at.append(notify.hub._generations.get(waiter.topic, 0))
+        return woke
+
+    monkeypatch.setattr(notify.hub, "wait", wait)
+    waiter = Threads(1, lambda _: client.get("sessions/lp-session/output", afterSeq="0", wait="20"))
     assert wait_for(lambda: waiting_count(topic) == 1)
+    notified = notify.hub._generations.get(topic, 0)
     services.event_append(run_id=run.id, runner_id="r", lease_epoch=1, events=[("reasoning", {"text": "hm"})])
-    time.sleep(0.3)
-    assert thread.is_alive()  # a trace-only event does not answer an output page
+    # Woken by that append's notification, the waiter looked, found no output and went back to sleep.
+    assert wait_for(lambda: any(count > notified for count in asleep_again_after) or not waiter.alive(), 10)
+    assert waiter.alive()  # a trace-only event does not answer an output page
     services.event_append(run_id=run.id, runner_id="r", lease_epoch=1, events=[("assistant_message", {"text": "done"})])
-    thread.join(10)
-    status, body = result["value"]
+    [(status, body)] = waiter.join(10)
     assert status == 200 and body["sessionId"] == "lp-session" and body["runId"] == run.id
     assert [event["type"] for event in body["items"]] == ["assistant_message"]
     assert body["cursor"] == str(body["items"][0]["seq"])

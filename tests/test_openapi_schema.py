@@ -18,7 +18,7 @@ from agentrun.fields import BIGINT_MAX
 from agentrun.openapi import PAGE_TOKEN_MAX_LENGTH
 from agentrun.vocabulary import FAILURE_KINDS
 from queues import services as queue_services
-from tests.conftest import PROJECT, TENANT, assert_error, make_key, make_run
+from tests.helpers import PROJECT, TENANT, assert_error, make_key, make_run
 
 pytestmark = pytest.mark.django_db
 

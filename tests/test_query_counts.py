@@ -1,24 +1,32 @@
-"""Hot routes make a fixed number of queries, whatever the batch or page size."""
+"""Hot routes make an exact number of queries, whatever the batch or page size: one query more
+fails the test.
+
+The tests run outside a wrapping test transaction (transactional_db), so the queries counted are
+the ones a deployed server sends, the service's BEGIN and COMMIT included.
+"""
 
 from __future__ import annotations
 
 import pytest
-from django.db import connection
-from django.test.utils import CaptureQueriesContext
 
 from runs import services
-from tests.conftest import PROJECT, TENANT, make_key, make_run
+from tests.helpers import PROJECT, TENANT, make_key, make_run
 
-pytestmark = pytest.mark.django_db
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# auth; BEGIN; lock the run and look up the batch key (one statement); insert the events, the
+# batch, the run's seq and the session's touch (one statement); COMMIT
+APPEND_QUERIES = 5
+# auth; the run in scope; the page
+PAGE_QUERIES = 3
+# auth; BEGIN; REPEATABLE READ, READ ONLY; the clock with the watermark; the page (its groups in
+# one statement); COMMIT
+INBOX_QUERIES = 6
 
 
-def queries_for(call) -> int:
-    with CaptureQueriesContext(connection) as captured:
-        status, _ = call()
-    assert status in (200, 201)
-    # Savepoints come from the test's wrapping transaction; deployed, the service's own transaction
-    # is BEGIN/COMMIT, which psycopg sends without a query.
-    return sum(1 for q in captured.captured_queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE SAVEPOINT")))
+def answered(response) -> None:
+    status, body = response
+    assert status in (200, 201), body
 
 
 def batch(size, key):
@@ -30,45 +38,42 @@ def batch(size, key):
     }
 
 
-def test_batch_append_query_count_does_not_grow_with_batch_size():
+def test_a_batch_append_makes_the_same_queries_for_1_50_or_500_events(django_assert_num_queries):
     runner = make_key("runner")
     run = make_run(session_id="q1")
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
-    counts = {
-        size: queries_for(lambda s=size: runner.post(f"runs/{run.id}/events", batch(s, f"b{s}")))
-        for size in (1, 50, 500)
-    }
-    assert len(set(counts.values())) == 1, counts
-    # auth, lock run, batch-key lookup, insert events, insert batch, run seq, session touch, notify
-    assert counts[1] <= 8, counts
+    for size in (1, 50, 500):
+        with django_assert_num_queries(APPEND_QUERIES, info=f"a batch of {size}"):
+            answered(runner.post(f"runs/{run.id}/events", batch(size, f"b{size}")))
 
 
-def test_single_event_append_query_count():
+def test_a_single_event_append_makes_the_queries_of_a_batch(django_assert_num_queries):
     runner = make_key("runner")
     run = make_run(session_id="q2")
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
     body = {"runnerId": "r", "leaseEpoch": 1, "type": "usage", "payload": {"inputTokens": 1}}
-    assert queries_for(lambda: runner.post(f"runs/{run.id}/events", body)) <= 6
+    with django_assert_num_queries(APPEND_QUERIES):
+        answered(runner.post(f"runs/{run.id}/events", body))
 
 
-def test_event_page_query_count_does_not_grow_with_page_size():
+def test_an_event_page_makes_the_same_queries_for_5_or_500_events(django_assert_num_queries):
     client, runner = make_key("client"), make_key("runner")
     run = make_run()
     services.run_claim(run_id=run.id, runner_id="r", lease_ms=60_000)
-    runner.post(f"runs/{run.id}/events", batch(400, "fill"))
-    small = queries_for(lambda: client.get(f"runs/{run.id}/events", limit="5"))
-    large = queries_for(lambda: client.get(f"runs/{run.id}/events", limit="500"))
-    assert small == large <= 3
+    answered(runner.post(f"runs/{run.id}/events", batch(400, "fill")))
+    for limit in ("5", "500"):
+        with django_assert_num_queries(PAGE_QUERIES, info=f"limit {limit}"):
+            answered(client.get(f"runs/{run.id}/events", limit=limit))
 
 
-def test_command_page_query_count_is_fixed():
+def test_a_command_page_makes_the_same_queries_for_2_or_30_commands(django_assert_num_queries):
     client = make_key("client")
     run = make_run()
     for n in range(30):
         services.command_create(run_id=run.id, command_type="turn", payload={"prompt": str(n)})
-    assert queries_for(lambda: client.get(f"runs/{run.id}/commands", limit="2")) == queries_for(
-        lambda: client.get(f"runs/{run.id}/commands", limit="100")
-    )
+    for limit in ("2", "100"):
+        with django_assert_num_queries(PAGE_QUERIES, info=f"limit {limit}"):
+            answered(client.get(f"runs/{run.id}/commands", limit=limit))
 
 
 def make_sessions(first: int, last: int) -> None:
@@ -93,25 +98,18 @@ def make_sessions(first: int, last: int) -> None:
     SessionReadCursor.objects.filter(reader_id="ana").update(read_at=Now() - timedelta(hours=1))
 
 
-def inbox_queries(client) -> tuple[int, int]:
-    """(queries for the first page, for the next one)."""
+def walk_two_inbox_pages(client, assert_num_queries, sessions: int) -> None:
     params = {"readerId": "ana", "limit": "4", "state": "all"}
-    tokens = []
-
-    def first():
+    with assert_num_queries(INBOX_QUERIES, info=f"the first page of {sessions} sessions"):
         status, body = client.get("sessions", **params)
-        tokens.append(body["nextPageToken"])
-        return status, body
-
-    first_page = queries_for(first)
-    return first_page, queries_for(lambda: client.get("sessions", **params, pageToken=tokens[0]))
+    assert status == 200 and body["nextPageToken"], body
+    with assert_num_queries(INBOX_QUERIES, info=f"the next page of {sessions} sessions"):
+        answered(client.get("sessions", **params, pageToken=body["nextPageToken"]))
 
 
-def test_inbox_pages_make_the_same_queries_for_ten_or_a_hundred_sessions():
+def test_inbox_pages_make_the_same_queries_for_ten_or_a_hundred_sessions(django_assert_num_queries):
     client = make_key("client")
     make_sessions(0, 10)
-    few = inbox_queries(client)
+    walk_two_inbox_pages(client, django_assert_num_queries, 10)
     make_sessions(10, 100)
-    many = inbox_queries(client)
-    assert few == many, (few, many)
-    assert many == (3, 3), many  # auth; the clock with the watermark; the page (its groups in one statement)
+    walk_two_inbox_pages(client, django_assert_num_queries, 100)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 import pytest
@@ -12,9 +11,7 @@ from queues import services
 from queues.dispatcher import Dispatcher
 from queues.models import Queue, QueueAttempt, QueueTask, TenantLimit
 from runs.models import Run
-from tests.conftest import PROJECT, TENANT, in_threads, wait_for
-from tests.queue_helpers import finish_run, make_task, settle_all
-from tests.test_concurrency import race
+from tests.helpers import PROJECT, TENANT, Threads, finish_run, in_threads, make_task, settle_all, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -85,7 +82,7 @@ def test_concurrency_limits_hold_under_racing_dispatchers():
     def dispatch(_):
         while not stop.is_set():
             if services.dispatch_one() is None:
-                time.sleep(0.005)
+                stop.wait(0.005)  # pacing: an idle dispatcher asks again soon, without spinning
 
     def finish(_):
         while not stop.is_set():
@@ -137,7 +134,7 @@ def test_cancel_during_dispatch_leaves_no_orphan_run():
 
 
 def test_racing_creates_with_one_key_make_one_task():
-    results = race(
+    results = in_threads(
         20,
         lambda i: services.task_create(
             tenant_id=TENANT,
@@ -157,16 +154,23 @@ def test_racing_creates_with_one_key_make_one_task():
 
 
 def test_the_served_dispatcher_wakes_on_notifications():
-    stop = threading.Event()
-    thread = threading.Thread(target=Dispatcher().serve, args=(stop,))
-    thread.start()
+    stop, passes = threading.Event(), []
+    dispatcher = Dispatcher()
+    one_pass = dispatcher.step
+
+    def step():
+        passes.append(one_pass())
+        return passes[-1]
+
+    dispatcher.step = step
+    serving = Threads(1, lambda _: dispatcher.serve(stop))
     try:
-        time.sleep(0.3)  # parked, listening
+        # Its first pass is done, and it listened before it: it sleeps until notified (or 30 s).
+        assert wait_for(lambda: passes, 10)
         task = make_task()
         assert wait_for(lambda: QueueTask.objects.get(pk=task.id).state == "running", 5)
         finish_run(QueueTask.objects.get(pk=task.id).latest_attempt["runId"])
         assert wait_for(lambda: QueueTask.objects.get(pk=task.id).state == "completed", 5)
     finally:
         stop.set()
-        thread.join(10)
-    assert not thread.is_alive()
+        serving.join(10)

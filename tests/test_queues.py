@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from django.db import transaction
 
 from agentrun import counters
 from agentrun.auth import Scope
 from agentrun.errors import AgentRunError
 from agentrun.ids import stable_hash
 from queues import selectors, services
-from queues.models import QueueAttempt, QueueTask
+from queues.models import QueueAttempt, QueueReadCursor, QueueTask
 from runs.models import Run
-from tests.conftest import PROJECT, TENANT
-from tests.queue_helpers import finish_run, make_task
+from tests.helpers import PROJECT, TENANT, finish_run, make_task
 
 pytestmark = pytest.mark.django_db
 SCOPE = Scope(tenant_id=TENANT, project_id=PROJECT)
@@ -151,6 +151,13 @@ def test_read_cursor_and_scope():
     with pytest.raises(AgentRunError) as error:
         services.task_mark_read(task_id=task.id, reader_id="ana", scope=Scope(tenant_id="other"))
     assert error.value.status == 404
+
+
+def test_mark_read_is_a_transaction_of_its_own_like_a_sessions():
+    task = make_task()
+    with pytest.raises(RuntimeError, match="durable"), transaction.atomic():
+        services.task_mark_read(task_id=task.id, reader_id="ana", scope=SCOPE)
+    assert not QueueReadCursor.objects.filter(task_id=task.id).exists()
 
 
 def test_feed_and_priority_view():

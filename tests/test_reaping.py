@@ -8,13 +8,16 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from kubernetes.client import V1Job, V1JobStatus, V1ObjectMeta
 
 from agentrun.clock import db_now
+from agentrun.launcher.kubernetes import RUN_LABEL
 from queues.models import QueueTask
-from runs import reaping, services
+from runs import reaping, reconciling, services
 from runs.models import Run
-from tests.conftest import claim, make_run
-from tests.queue_helpers import make_task, settle_all
+from tests.helpers import claim, make_run, make_task, settle_all
 
 pytestmark = pytest.mark.django_db
 
@@ -78,3 +81,60 @@ def test_a_reaped_queue_run_is_retried_by_a_new_run():
     assert QueueTask.objects.get(pk=task.id).state == "pending"
     second = queue_services.dispatch_one()
     assert second.task_id == task.id and second.run_id != first.run_id and second.attempt == 2
+
+
+# --- the reconciler ----------------------------------------------------------------------------
+
+
+JOB_FIELDS = {
+    "command_id": "",
+    "payload_hash": "h",
+    "attempt_id": "1",
+    "runner_id": "r",
+    "namespace": "agents",
+    "manager_url": "http://m",
+    "image": "img",
+    "source_commit": "",
+}
+
+
+class Cluster:
+    """What the reconciler asks of a launcher: the state of one Job, the list of Jobs, a delete."""
+
+    def __init__(self):
+        self.jobs = {}
+
+    def add(self, run_id, name):
+        metadata = V1ObjectMeta(name=name, namespace="agents", labels={RUN_LABEL: run_id})
+        self.jobs[name] = V1Job(metadata=metadata, status=V1JobStatus(active=1))
+
+    def read(self, view):
+        return self.jobs.get(view["jobName"])
+
+    def list_jobs(self):
+        return list(self.jobs.values())
+
+    def stop(self, view):
+        self.jobs.pop(view["jobName"])
+
+
+def reconcile_queries(cluster, count):
+    """Queries of a reconciler pass over `count` more healthy claimed runs and Jobs of ended runs."""
+    for index in range(count):
+        run = claim(make_run())
+        for attempt in (1, 2):
+            name = f"job-{run.id}-{attempt}"
+            services.runner_job_save(
+                run_id=run.id, fields={**JOB_FIELDS, "job_name": name, "result": {"launched": True}}
+            )
+            cluster.add(run.id, name)
+        cluster.add(services.run_cancel(run_id=make_run().id).id, f"ended-{index}")
+    with CaptureQueriesContext(connection) as captured:
+        findings = reconciling.reconcile(cluster)
+    assert {finding.action for finding in findings} == {"delete-job"} and len(findings) == count
+    return len(captured.captured_queries)
+
+
+def test_a_reconciler_pass_makes_the_same_queries_for_two_runs_or_twenty():
+    cluster = Cluster()
+    assert reconcile_queries(cluster, 2) == reconcile_queries(cluster, 20) == 2

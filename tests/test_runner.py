@@ -5,45 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 
 import httpx
 import pytest
 
-from agentrun.auth import api_key_create
 from runner.client import AgentRunClient
 from runner.runner import Runner
 from runs import services
 from runs.models import Command, Run, RunEvent
-from tests.conftest import PROJECT, TENANT, make_run, wait_for
+from tests.helpers import make_run, start_runner, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def keys():
-    _, client_key = api_key_create(tenant_id=TENANT, project_id=PROJECT, role="client")
-    _, runner_key = api_key_create(tenant_id=TENANT, project_id=PROJECT, role="runner")
-    return client_key, runner_key
-
-
-def start_runner(live_server, key, run_id, tmp_path, **kwargs):
-    kwargs.setdefault("idle_seconds", 0.5)
-    kwargs.setdefault("lease_ms", 3000)
-    client = AgentRunClient(live_server.url, key)
-    runner = Runner(client, run_id, workdir=str(tmp_path), **kwargs)
-    result = {}
-
-    def work():
-        try:
-            result["code"] = runner.run()
-        finally:
-            client.close()  # a kept-alive connection would hold a server thread and its database connection
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    return runner, thread, result
 
 
 def types(run_id):
@@ -55,9 +28,8 @@ def test_a_turn_runs_through_the_echo_backend_and_the_run_finishes(live_server, 
     command, _ = services.command_create(
         run_id=run.id, command_type="turn", payload={"prompt": "hello there\nrun: echo from-shell\nedit: notes.txt"}
     )
-    _runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path)
-    thread.join(30)
-    assert result["code"] == 0
+    _runner, runner_thread = start_runner(live_server.url, keys[1], run.id, tmp_path)
+    assert runner_thread.join(30) == [0]
     stored = Run.objects.get(pk=run.id)
     assert stored.status == "completed" and stored.lease_expires_at is None
     assert Command.objects.get(pk=command.id).state == "completed"
@@ -75,19 +47,19 @@ def test_a_turn_runs_through_the_echo_backend_and_the_run_finishes(live_server, 
 def test_a_failing_turn_fails_the_run(live_server, keys, tmp_path):
     run = make_run()
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "fail"})
-    _, thread, result = start_runner(live_server, keys[1], run.id, tmp_path)
-    thread.join(30)
+    _, runner_thread = start_runner(live_server.url, keys[1], run.id, tmp_path)
+    assert runner_thread.join(30) == [0]
     stored = Run.objects.get(pk=run.id)
-    assert result["code"] == 0 and stored.status == "failed" and stored.failure_kind == "agent-failed"
+    assert stored.status == "failed" and stored.failure_kind == "agent-failed"
 
 
 def test_two_turns_run_in_order_on_one_thread(live_server, keys, tmp_path):
     run = make_run(session_id="runner-s2")
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "one"})
-    _runner, thread, _result = start_runner(live_server, keys[1], run.id, tmp_path, idle_seconds=3)
+    _runner, runner_thread = start_runner(live_server.url, keys[1], run.id, tmp_path, idle_seconds=3)
     assert wait_for(lambda: Command.objects.filter(run_id=run.id, state="completed").count() == 1)
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "two"})
-    thread.join(30)
+    runner_thread.join(30)
     texts = [
         e.payload["text"] for e in RunEvent.objects.filter(run_id=run.id, type="assistant_message").order_by("seq")
     ]
@@ -100,10 +72,10 @@ def test_two_turns_run_in_order_on_one_thread(live_server, keys, tmp_path):
 def test_steer_reaches_the_turn_in_progress(live_server, keys, tmp_path):
     run = make_run()
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "sleep: 3"})
-    runner, thread, _result = start_runner(live_server, keys[1], run.id, tmp_path)
+    runner, runner_thread = start_runner(live_server.url, keys[1], run.id, tmp_path)
     assert wait_for(lambda: runner.turn is not None)
     steer, _ = services.command_create(run_id=run.id, command_type="steer", payload={"text": "left please"})
-    thread.join(30)
+    runner_thread.join(30)
     assert Command.objects.get(pk=steer.id).state == "completed"
     texts = [e.payload["text"] for e in RunEvent.objects.filter(run_id=run.id, type="assistant_message")]
     assert "steered: left please" in texts
@@ -112,13 +84,12 @@ def test_steer_reaches_the_turn_in_progress(live_server, keys, tmp_path):
 def test_cancelling_the_run_kills_the_agent_process_group(live_server, keys, tmp_path):
     run = make_run()
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "sleep: 60"})
-    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, grace_seconds=1)
+    runner, runner_thread = start_runner(live_server.url, keys[1], run.id, tmp_path, grace_seconds=1)
     assert wait_for(lambda: runner.turn is not None)
     pid = runner.turn.process.pid
     started = time.monotonic()
     services.run_cancel(run_id=run.id, reason="enough")
-    thread.join(20)
-    assert result["code"] == 0 and time.monotonic() - started < 10
+    assert runner_thread.join(20) == [0] and time.monotonic() - started < 10
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert Run.objects.get(pk=run.id).status == "cancelled"
@@ -127,13 +98,12 @@ def test_cancelling_the_run_kills_the_agent_process_group(live_server, keys, tmp
 def test_a_runner_whose_lease_is_taken_over_stops_and_writes_nothing_more(live_server, keys, tmp_path):
     run = make_run()
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "sleep: 60"})
-    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, lease_ms=1000, grace_seconds=1)
+    runner, runner_thread = start_runner(live_server.url, keys[1], run.id, tmp_path, lease_ms=1000, grace_seconds=1)
     assert wait_for(lambda: runner.turn is not None)
     pid = runner.turn.process.pid
     Run.objects.filter(pk=run.id).update(lease_expires_at=None)  # the lease lapsed
     services.run_claim(run_id=run.id, runner_id="usurper", lease_ms=60_000)
-    thread.join(20)
-    assert result["code"] == 3
+    assert runner_thread.join(20) == [3]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     stored = Run.objects.get(pk=run.id)
@@ -186,9 +156,8 @@ def test_a_run_whose_only_turn_was_cancelled_before_the_claim_ends_after_idle_se
     command, _ = services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "never"})
     services.command_cancel(command_id=command.id, reason="changed my mind")
     started = time.monotonic()
-    _runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, first_command_seconds=60)
-    thread.join(30)
-    assert result["code"] == 0 and time.monotonic() - started < 20
+    _runner, runner_thread = start_runner(live_server.url, keys[1], run.id, tmp_path, first_command_seconds=60)
+    assert runner_thread.join(30) == [0] and time.monotonic() - started < 20
     stored = Run.objects.get(pk=run.id)
     assert (stored.status, stored.failure_kind) == ("cancelled", "cancelled")
     assert stored.failure_message == "every turn was cancelled before it started"

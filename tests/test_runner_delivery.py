@@ -21,26 +21,18 @@ import httpx
 import pytest
 from django.utils import timezone
 
-from agentrun.auth import api_key_create
 from agentrun.errors import AgentRunError
 from runner.cli import Out, follow
 from runner.client import AgentRunClient
 from runner.payloads import MAX_PAYLOAD_BYTES, json_bytes, utf8_length
-from runner.runner import Runner
 from runner.sink import MAX_BATCH_EVENTS, MAX_BODY_BYTES, EventSink
 from runs import services
 from runs.models import Run, RunEvent
-from tests.conftest import PROJECT, TENANT, make_run, wait_for
+from tests.helpers import make_run, start_runner, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 RUNNER_ID = "runner-under-test"
-
-
-@pytest.fixture
-def keys():
-    _, client_key = api_key_create(tenant_id=TENANT, project_id=PROJECT, role="client")
-    _, runner_key = api_key_create(tenant_id=TENANT, project_id=PROJECT, role="runner")
-    return client_key, runner_key
+RUNNER = {"runner_id": RUNNER_ID, "idle_seconds": 0.3}  # the reference runner's options here
 
 
 def envelope(status: int, kind: str, message: str, **details) -> httpx.Response:
@@ -127,24 +119,6 @@ def rejected(event_type, payload, kind, status) -> dict:
 
 def without_message(payload: dict) -> dict:
     return {key: value for key, value in payload.items() if key != "message"}
-
-
-def start_runner(live_server, key, run_id, tmp_path, wire, **kwargs):
-    kwargs.setdefault("idle_seconds", 0.3)
-    kwargs.setdefault("lease_ms", 3000)
-    client = AgentRunClient(live_server.url, key, transport=wire)
-    runner = Runner(client, run_id, runner_id=RUNNER_ID, workdir=str(tmp_path), **kwargs)
-    result = {}
-
-    def work():
-        try:
-            result["code"] = runner.run()
-        finally:
-            client.close()
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    return runner, thread, result
 
 
 # --- refusals ---------------------------------------------------------------------------------------
@@ -291,7 +265,9 @@ def test_503s_and_dropped_connections_are_retried_while_the_lease_is_renewed(liv
 
     wire = Wire(answer)
     lease_ms = 1000
-    _runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, wire, lease_ms=lease_ms)
+    _runner, runner_thread = start_runner(
+        live_server.url, keys[1], run.id, tmp_path, transport=wire, lease_ms=lease_ms, **RUNNER
+    )
     try:
         assert wait_for(
             lambda: len(attempts) >= len(failures) and time.monotonic() - attempts[0] > 3 * lease_ms / 1000, 60
@@ -305,8 +281,8 @@ def test_503s_and_dropped_connections_are_retried_while_the_lease_is_renewed(liv
         assert taken.value.kind == "runner-lease-conflict"
     finally:
         release.set()
-        thread.join(60)
-    assert result["code"] == 0
+        exit_codes = runner_thread.join(60)
+    assert exit_codes == [0]
     outputs = [payload["output"] for event_type, payload in runner_events(run.id) if event_type == "command_output"]
     assert outputs == [f"line-{i}\n" for i in range(6)]  # each once, in order
     seqs = list(RunEvent.objects.filter(run_id=run.id).order_by("seq").values_list("seq", flat=True))
@@ -324,18 +300,19 @@ def test_a_runner_that_loses_its_lease_during_an_outage_stops(live_server, keys,
     run = make_run()
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": "run: echo lost"})
     wire = Wire(lambda batch: envelope(503, "infra-failed", "database unavailable"))
-    runner, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, wire, lease_ms=1000)
+    runner, runner_thread = start_runner(
+        live_server.url, keys[1], run.id, tmp_path, transport=wire, lease_ms=1000, **RUNNER
+    )
     try:
         assert wait_for(lambda: len(wire.sent) >= 3, 30)
         Run.objects.filter(pk=run.id).update(lease_expires_at=None)  # the lease lapsed
         services.run_claim(run_id=run.id, runner_id="usurper", lease_ms=60_000)
         taken_over = time.monotonic()
-        thread.join(30)
+        assert runner_thread.join(30) == [3]
+        assert time.monotonic() - taken_over < 5  # not after the backoff: losing the lease cuts it short
     finally:
-        runner.lose_lease()
-        thread.join(30)
-    assert result["code"] == 3
-    assert time.monotonic() - taken_over < 5  # not after the backoff: losing the lease cuts it short
+        runner.lose_lease()  # stops it, whatever failed above
+        runner_thread.join(30)
 
 
 # --- sizes ------------------------------------------------------------------------------------------
@@ -373,9 +350,8 @@ def test_a_1_5_mb_command_output_is_shortened_and_said_so(live_server, keys, tmp
     prompt = "run: head -c 1500000 /dev/zero | tr '\\0' x; echo END\nrun: echo after"
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": prompt})
     wire = Wire()
-    _, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, wire)
-    thread.join(60)
-    assert result["code"] == 0 and Run.objects.get(pk=run.id).status == "completed"
+    _, runner_thread = start_runner(live_server.url, keys[1], run.id, tmp_path, transport=wire, **RUNNER)
+    assert runner_thread.join(60) == [0] and Run.objects.get(pk=run.id).status == "completed"
     outputs = [payload for event_type, payload in runner_events(run.id) if event_type == "command_output"]
     assert len(outputs) == 2 and outputs[1]["output"] == "after\n"
     big = outputs[0]
@@ -400,9 +376,10 @@ def test_nul_and_invalid_utf8_output_go_through_the_echo_backend(live_server, ke
     prompt = "run: printf 'a\\000b'\nrun: printf 'ok \\377\\376 done'\nrun: echo after"
     services.command_create(run_id=run.id, command_type="turn", payload={"prompt": prompt})
     wire = Wire()
-    _, thread, result = start_runner(live_server, keys[1], run.id, tmp_path, wire, server_error_attempts=2)
-    thread.join(60)
-    assert result["code"] == 0 and Run.objects.get(pk=run.id).status == "completed"
+    _, runner_thread = start_runner(
+        live_server.url, keys[1], run.id, tmp_path, transport=wire, server_error_attempts=2, **RUNNER
+    )
+    assert runner_thread.join(60) == [0] and Run.objects.get(pk=run.id).status == "completed"
     sent = [
         event["payload"]
         for _, body, _ in wire.sent

@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 from agentrun.auth import Scope
 from agentrun.errors import AgentRunError
 from runs import selectors, services
 from runs.models import Command, EventBatch, Run, RunEvent, RunnerJob
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT, claim, events_of, make_run, phases
+from tests.helpers import PROJECT, TENANT, claim, events_of, make_run, phases
 
 pytestmark = pytest.mark.django_db
 
@@ -756,3 +756,61 @@ def test_event_rows_are_unique_per_run_seq():
     services.event_append(run_id=run.id, runner_id="runner-1", lease_epoch=1, events=[("error", {})] * 3)
     seqs = list(RunEvent.objects.filter(run_id=run.id).values_list("seq", flat=True).order_by("seq"))
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+# --- transactions --------------------------------------------------------------------------
+
+
+class Rollback(Exception):
+    """Raised to undo a caller's transaction."""
+
+
+def test_a_public_service_refuses_a_callers_transaction():
+    run = make_run()
+    with pytest.raises(RuntimeError, match="durable"), transaction.atomic():
+        services.run_cancel(run_id=run.id)
+    assert Run.objects.get(pk=run.id).status == "pending"
+
+
+def test_a_step_refuses_to_run_outside_a_callers_transaction():
+    run = make_run()
+    command = add_command(run)
+    steps = [
+        (services.run_create_in_transaction, {"tenant_id": TENANT, "project_id": PROJECT, "backend_profile": "echo"}),
+        (services.run_cancel_in_transaction, {"run_id": run.id}),
+        (
+            services.run_expire_in_transaction,
+            {"run_id": run.id, "terminal_status": "failed", "failure_kind": "x", "message": "m"},
+        ),
+        (services.command_create_in_transaction, {"run_id": run.id, "command_type": "turn", "payload": {}}),
+        (services.command_cancel_in_transaction, {"command_id": command.id}),
+        (services.runner_job_save_in_transaction, {"run_id": run.id, "fields": job_fields()}),
+    ]
+    for step, arguments in steps:
+        with pytest.raises(RuntimeError, match="must run inside its caller's transaction"):
+            step(**arguments)
+    assert Run.objects.count() == 1 and Run.objects.get(pk=run.id).status == "pending"
+    assert Command.objects.get(pk=command.id).state == "pending" and not RunnerJob.objects.exists()
+
+
+def test_steps_write_in_the_callers_transaction_and_are_undone_with_it():
+    create = {"tenant_id": TENANT, "project_id": PROJECT, "backend_profile": "echo", "idempotency_key": "step"}
+    with pytest.raises(Rollback), transaction.atomic():
+        run, _ = services.run_create_in_transaction(**create)
+        services.command_create_in_transaction(run_id=run.id, command_type="turn", payload={"prompt": "hi"})
+        raise Rollback
+    assert not Run.objects.exists() and not Command.objects.exists()
+    with transaction.atomic():
+        run, created = services.run_create_in_transaction(**create)
+        command, _ = services.command_create_in_transaction(run_id=run.id, command_type="turn", payload={})
+        services.command_cancel_in_transaction(command_id=command.id, reason="not this one")
+        services.run_cancel_in_transaction(run_id=run.id, reason="not this run")
+        again, created_again = services.run_create_in_transaction(**create)
+    assert created and not created_again and again.id == run.id
+    assert Command.objects.get(pk=command.id).failure_message == "not this one"
+    assert Run.objects.get(pk=run.id).failure_message == "not this run"
+    assert phases(run.id)[-3:] == [
+        ("backend_status", "command-terminal"),
+        ("backend_status", "cancel-requested"),
+        ("terminal_status", None),
+    ]

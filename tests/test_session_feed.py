@@ -20,7 +20,7 @@ from agentrun import counters
 from agentrun.auth import Scope
 from sessions import selectors, services
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT
+from tests.helpers import PROJECT, TENANT
 
 pytestmark = pytest.mark.django_db(transaction=True)
 SCOPE = Scope(tenant_id=TENANT, project_id=PROJECT)
@@ -33,7 +33,7 @@ def slow_bump(session_id: str, rng: random.Random) -> int:
     with transaction.atomic():
         Session.objects.select_for_update().get(pk=session_id)
         version = counters.next_version(counters.SESSIONS)
-        time.sleep(rng.uniform(0, 0.004))
+        time.sleep(rng.uniform(0, 0.004))  # the dawdle before commit is the race under test
         Session.objects.filter(pk=session_id).update(version=version, metadata={"slow": True})
     return version
 
@@ -84,7 +84,7 @@ def test_a_follower_sees_every_committed_change(round_number):
             results = []
             for index in range(WRITES):
                 results.append(write(writer, index, local))
-                time.sleep(local.uniform(0, 0.002))
+                time.sleep(local.uniform(0, 0.002))  # pacing: writes interleave with the follower
             return results
         finally:
             connection.close()

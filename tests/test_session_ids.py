@@ -11,7 +11,7 @@ from queues.models import QueueTask
 from runs import services as run_services
 from runs.models import Run
 from sessions.models import Session, SessionReadCursor
-from tests.conftest import assert_error, make_key
+from tests.helpers import assert_error, make_key
 
 pytestmark = pytest.mark.django_db
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
 
@@ -39,7 +39,7 @@ from agentrun.models import Counter as VersionCounter
 from runs import services as run_services
 from sessions import selectors, services
 from sessions.models import Session, SessionReadCursor
-from tests.conftest import TENANT, claim, make_run
+from tests.helpers import TENANT, claim, make_run
 
 pytestmark = pytest.mark.django_db
 READERS = ("ana", "bob")
@@ -181,21 +181,24 @@ def apply(inbox: Inbox, action: str, target_index: int, serial: int, walk_reader
         sql, params = services.session_event_touch_sql(session_id=session_id, last_event_seq=serial, at=db_now())
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-    elif action == "claim":
-        services.session_touch_claimed(session_id=session_id, run_id=f"run-{serial}", at=db_now())
+    elif action == "claim":  # the steps of runs' transactions, each in a transaction of its own here
+        with transaction.atomic():
+            services.session_touch_claimed(session_id=session_id, run_id=f"run-{serial}", at=db_now())
     elif action == "late-turn-end":  # an old turn ends late: activity only (A5)
-        services.session_touch_turn_ended(
-            session_id=session_id,
-            run_id="old-run",
-            command_id="old-turn",
-            terminal_status="completed",
-            failure_kind=None,
-            at=db_now(),
-        )
+        with transaction.atomic():
+            services.session_touch_turn_ended(
+                session_id=session_id,
+                run_id="old-run",
+                command_id="old-turn",
+                terminal_status="completed",
+                failure_kind=None,
+                at=db_now(),
+            )
     elif action == "late-run-end":  # likewise an old run
-        services.session_touch_run_ended(
-            session_id=session_id, run_id="old-run", terminal_status="completed", failure_kind=None, at=db_now()
-        )
+        with transaction.atomic():
+            services.session_touch_run_ended(
+                session_id=session_id, run_id="old-run", terminal_status="completed", failure_kind=None, at=db_now()
+            )
     elif action == "new-run":
         make_run(project=inbox.project, backend=inbox.backends[session_id], session_id=session_id)
     elif action == "turn" and not running:

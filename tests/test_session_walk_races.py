@@ -28,7 +28,7 @@ from agentrun.auth import Scope
 from agentrun.clock import db_now
 from sessions import selectors, services
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT, claim, in_threads, make_run
+from tests.helpers import PROJECT, TENANT, Threads, claim, make_run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 SCOPE = Scope(tenant_id=TENANT, project_id=PROJECT)
@@ -62,7 +62,7 @@ def slow_touch(session_id: str, rng: random.Random) -> None:
         sql, params = services.session_event_touch_sql(session_id=session_id, last_event_seq=1, at=db_now())
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-        time.sleep(rng.uniform(0, 0.01))
+        time.sleep(rng.uniform(0, 0.01))  # holding the counter before commit is the race under test
 
 
 def write(writer: int, serial: int, rng: random.Random) -> None:
@@ -116,8 +116,7 @@ def walk_while_writing(state: str, seed: int) -> tuple[list[Session], int]:
                 return
             write(index, serial, rng)
 
-    with_writers = threading.Thread(target=lambda: in_threads(WRITERS, writer))
-    with_writers.start()
+    writers = Threads(WRITERS, writer)
     try:
         started.wait()
         while True:
@@ -129,10 +128,10 @@ def walk_while_writing(state: str, seed: int) -> tuple[list[Session], int]:
             edge = edge if edge is not None else edge_of(token)
             if pages == WRITING_PAGES:
                 stop.set()
-                with_writers.join()  # every change commits before the walk's next page
+                writers.join()  # every change commits before the walk's next page
     finally:
         stop.set()
-        with_writers.join()
+        writers.join()
     assert pages > WRITING_PAGES, "the walk ended while the writers were still writing"
     return rows, edge
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 from agentrun import counters
 from agentrun.auth import Scope
@@ -14,7 +14,7 @@ from agentrun.errors import AgentRunError
 from runs import services as run_services
 from sessions import selectors, services
 from sessions.models import Session, SessionReadCursor
-from tests.conftest import PROJECT, TENANT, claim, make_run
+from tests.helpers import PROJECT, TENANT, claim, make_run
 
 pytestmark = pytest.mark.django_db
 SCOPE = Scope(tenant_id=TENANT, project_id=PROJECT)
@@ -174,6 +174,49 @@ def test_mark_read_of_a_session_out_of_scope_is_not_found():
     assert error.value.status == 404
     with pytest.raises(AgentRunError):
         services.session_mark_read(session_id="s1", reader_id="ana", scope=Scope(tenant_id="other", project_id="p2"))
+
+
+def test_mark_read_is_a_transaction_of_its_own():
+    put("s1")
+    with pytest.raises(RuntimeError, match="durable"), transaction.atomic():
+        services.session_mark_read(session_id="s1", reader_id="ana", scope=SCOPE)
+    assert not SessionReadCursor.objects.filter(session_id="s1").exists()
+
+
+@pytest.mark.parametrize(
+    ("step", "arguments"),
+    [
+        (services.session_touch_claimed, {"run_id": "r1"}),
+        (
+            services.session_touch_command_created,
+            {"run_id": "r1", "command_id": "c1", "command_type": "turn", "payload": {}},
+        ),
+        (
+            services.session_touch_turn_ended,
+            {"run_id": "r1", "command_id": "c1", "terminal_status": "completed", "failure_kind": None},
+        ),
+        (services.session_touch_run_ended, {"run_id": "r1", "terminal_status": "completed", "failure_kind": None}),
+    ],
+    ids=lambda value: getattr(value, "__name__", ""),
+)
+def test_the_steps_of_runs_transactions_refuse_to_run_outside_one(step, arguments):
+    put("s1")
+    version = Session.objects.get(pk="s1").version
+    with pytest.raises(RuntimeError, match="inside its caller's transaction"):
+        step(session_id="s1", at=db_now(), **arguments)
+    with transaction.atomic():
+        step(session_id="s1", at=db_now(), **arguments)
+    assert Session.objects.get(pk="s1").version >= version
+
+
+def test_resolving_or_updating_a_runs_session_outside_a_transaction_is_refused():
+    ref = {"sessionId": "s1"}
+    common = {"tenant_id": TENANT, "project_id": PROJECT, "backend_profile": "echo", "run_id": "r1"}
+    with pytest.raises(RuntimeError):
+        services.session_resolve_for_run(session_ref=ref, now=db_now(), **common)
+    with pytest.raises(RuntimeError):
+        services.session_thread_update(run_session_ref=ref, thread_id="t", turn_id=None, at=db_now(), **common)
+    assert not Session.objects.filter(pk="s1").exists()
 
 
 def test_a_running_session_is_active_whatever_was_read():

@@ -30,7 +30,7 @@ from agentrun.auth import Scope
 from queues import services as queue_services
 from runs import services as run_services
 from sessions import services as session_services
-from tests.conftest import KeyClient, assert_error, make_key, make_run
+from tests.helpers import KeyClient, assert_error, make_key, make_run
 
 pytestmark = pytest.mark.django_db
 
@@ -249,7 +249,8 @@ def tables() -> dict[str, list[str]]:
         if model._meta.label != "agentrun.ApiKey"
     ]
     columns = ", ".join(
-        f"ARRAY(SELECT t::text FROM {connection.ops.quote_name(model._meta.db_table)} t ORDER BY 1)" for model in models
+        f"ARRAY(SELECT t::text FROM {connection.ops.quote_name(model._meta.db_table)} t ORDER BY 1)"  # noqa: S608 - quoted table names from the models
+        for model in models
     )
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {columns}")

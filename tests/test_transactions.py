@@ -12,7 +12,7 @@ from django.db import IntegrityError, OperationalError, connection, transaction
 from agentrun.errors import to_agentrun_error
 from agentrun.models import Counter
 from agentrun.transactions import ATTEMPTS, sqlstate, write_transaction
-from tests.conftest import in_threads
+from tests.helpers import in_threads
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

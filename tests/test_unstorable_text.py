@@ -18,7 +18,7 @@ from queues.models import QueueTask
 from runs import services
 from runs.models import Command, Run, RunEvent, Runner, RunnerJob
 from sessions.models import Session
-from tests.conftest import PROJECT, TENANT, assert_error, make_key
+from tests.helpers import PROJECT, TENANT, assert_error, make_key
 
 pytestmark = pytest.mark.django_db
 

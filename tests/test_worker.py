@@ -9,7 +9,7 @@ from django.core.management import call_command
 
 from runs import launching, services
 from runs.models import Run, RunnerJob
-from tests.conftest import claim, make_run
+from tests.helpers import claim, make_run
 
 pytestmark = pytest.mark.django_db
 NS = "agents"

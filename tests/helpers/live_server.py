@@ -1,5 +1,6 @@
-"""gunicorn as deployed (gunicorn.conf.py), on a free loopback port and the test database, for
-tests that need a real socket: racing clients, bodies that are too large, long request lines."""
+"""Servers on real sockets: gunicorn as deployed (gunicorn.conf.py), on a free loopback port and
+the test database, for racing clients, bodies that are too large, long request lines; and the
+reference runner in a thread against a server (pytest-django's `live_server`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from django.conf import settings
 from django.db import connection
 from psycopg.conninfo import make_conninfo
 
-from tests.conftest import wait_for
+from runner.client import AgentRunClient
+from runner.runner import Runner
+from tests.helpers.threads import Threads, wait_for
 
 ROOT = Path(settings.BASE_DIR)
 
@@ -83,3 +86,23 @@ def gunicorn(tmp_path: Path, *, workers: int = 2, threads: int = 16, **env):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def start_runner(
+    url: str, key: str, run_id: str, workdir: Path, *, transport: httpx.BaseTransport | None = None, **options
+) -> tuple[Runner, Threads]:
+    """The reference runner for `run_id` in a thread, against the server at `url`, with `key`;
+    `Runner` options as given (unless told: a 3 s lease, 0.5 s idle). Its thread's join() gives the
+    exit code."""
+    options.setdefault("lease_ms", 3000)
+    options.setdefault("idle_seconds", 0.5)
+    client = AgentRunClient(url, key, transport=transport)
+    runner = Runner(client, run_id, workdir=str(workdir), **options)
+
+    def work(_index: int) -> int:
+        try:
+            return runner.run()
+        finally:
+            client.close()  # a kept-alive connection would hold a server thread and its database connection
+
+    return runner, Threads(1, work)

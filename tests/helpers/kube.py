@@ -1,4 +1,5 @@
-"""An HTTP fake of the Kubernetes API server (pytest-httpserver) that checks each request.
+"""HTTP fakes of the Kubernetes API server (pytest-httpserver) that check each request; the
+fixtures that start them (`fake_kube`, `fake_cluster`) are in conftest.
 
 Requests are checked the way the API server would: the bearer token from the kubeconfig, JSON
 bodies, and bodies whose fields all belong to the Kubernetes type the route takes (the official
@@ -10,12 +11,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
-import pytest
 from kubernetes import client as k8s
 from werkzeug import Request, Response
-
-from agentrun import kube
 
 TOKEN = "fake-cluster-token"
 
@@ -62,7 +61,7 @@ class FakeKube:
             self._check(request, k8s.V1DeleteOptions)
             with self._lock:
                 self.calls.append(("DELETE", path))
-            time.sleep(delay)
+            time.sleep(delay)  # a slow API server: the delay is the behaviour under test
             if status == 200:
                 body = {
                     "apiVersion": "v1",
@@ -85,29 +84,20 @@ class FakeKube:
         return path
 
 
-@pytest.fixture
-def fake_kube(httpserver, tmp_path, monkeypatch):
-    config = tmp_path / "kubeconfig"
-    config.write_text(
+def write_kubeconfig(path: Path, server_url: str) -> None:
+    """A kubeconfig for the fake at `server_url`, with its bearer token."""
+    path.write_text(
         json.dumps(
             {
                 "apiVersion": "v1",
                 "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": httpserver.url_for("").rstrip("/")}}],
+                "clusters": [{"name": "fake", "cluster": {"server": server_url}}],
                 "users": [{"name": "agentrun", "user": {"token": TOKEN}}],
                 "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "agentrun"}}],
                 "current-context": "fake",
             }
         )
     )
-    monkeypatch.setenv("KUBECONFIG", str(config))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    kube.reset()
-    fake = FakeKube(httpserver)
-    yield fake
-    kube.reset()
-    assert not fake.problems, fake.problems
-    httpserver.check_assertions()  # a request no expectation matched fails the test
 
 
 class FakeCluster:
@@ -223,8 +213,3 @@ class FakeCluster:
 
     def of(self, plural):
         return {name: obj for (p, _, name), obj in self.objects.items() if p == plural}
-
-
-@pytest.fixture
-def fake_cluster(fake_kube):
-    return FakeCluster(fake_kube)
