@@ -4,6 +4,7 @@ cancelled turn, a resumed thread. Without the npm registry these skip, saying so
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 
@@ -12,6 +13,9 @@ import pytest
 from runner.backends.claude import ClaudeBackend
 from runner.backends.codex import CodexBackend
 from tests.helpers import Anthropic, Responses, install, wait_for
+
+# Sleep lengths no other run of this suite on the machine uses, so pgrep finds only ours.
+UNIQUE = f"{os.getpid() % 100000:05d}"
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +126,14 @@ def test_codex_failing_turn(codex, tmp_path):
 
 
 def test_codex_cancelled_turn(codex, tmp_path):
-    codex([{"tool": ("exec_command", {"cmd": "sleep 41.25"})}, {"text": "never"}])
+    command = f"sleep 41.{UNIQUE}"  # pgrep must not find another test run's sleep on this machine
+    codex([{"tool": ("exec_command", {"cmd": command})}, {"text": "never"}])
     turn = Turn(CodexBackend(), git_repo(tmp_path / "repo"))
-    assert wait_for(lambda: still_running("sleep 41.25"), 60)
+    assert wait_for(lambda: still_running(command), 60)
     turn.process.cancel(grace_seconds=3)
     result = turn.wait()
     assert (result.terminal_status, result.failure_kind) == ("cancelled", "cancelled")
-    assert not still_running("sleep 41.25")  # the whole process group is gone
+    assert not still_running(command)  # the whole process group is gone
 
 
 # --- claude code ---------------------------------------------------------------------------------
@@ -205,13 +210,18 @@ def test_claude_failing_turn(claude, tmp_path):
 def test_claude_cancelled_turn(claude, tmp_path):
     claude(
         [
-            {"tool": ("Bash", {"command": "python3 -c 'import time; time.sleep(42.75)'", "description": "wait"})},
+            {
+                "tool": (
+                    "Bash",
+                    {"command": f"python3 -c 'import time; time.sleep(42.{UNIQUE})'", "description": "wait"},
+                )
+            },
             {"text": "never"},
         ]
     )
     turn = Turn(ClaudeBackend(), git_repo(tmp_path / "repo"))
-    assert wait_for(lambda: still_running("time.sleep.42.75"), 60)
+    assert wait_for(lambda: still_running(f"time.sleep.42.{UNIQUE}"), 60)
     turn.process.cancel(grace_seconds=5)
     result = turn.wait()
     assert (result.terminal_status, result.failure_kind) == ("cancelled", "cancelled")
-    assert not still_running("time.sleep.42.75")
+    assert not still_running(f"time.sleep.42.{UNIQUE}")
