@@ -156,18 +156,49 @@ class AgentProcess:
         """SIGINT to the agent's process group (the CLIs then write their cancel result); after
         the grace period, SIGKILL to whatever is left."""
         self.cancelled.set()
-        for signum, wait in ((signal.SIGINT, grace_seconds), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.process.pid, signum)
-            except ProcessLookupError:
+        # An agent may start its tools in sessions of their own (codex does), out of reach of
+        # its process group: they are found by parentage first, while the agent still lives.
+        descendants = _descendants(self.process.pid)
+        try:
+            for signum, wait in ((signal.SIGINT, grace_seconds), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.process.pid, signum)
+                except ProcessLookupError:
+                    return
+                try:
+                    self.process.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    descendants |= _descendants(self.process.pid)
+                    continue
+                with contextlib.suppress(ProcessLookupError):  # the leader is gone; its children may not be
+                    os.killpg(self.process.pid, signal.SIGKILL)
                 return
-            try:
-                self.process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            with contextlib.suppress(ProcessLookupError):  # the leader is gone; its children may not be
-                os.killpg(self.process.pid, signal.SIGKILL)
-            return
+        finally:
+            for pid in descendants:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below `root`, read from /proc (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def _pipe(stream: IO[str] | None) -> IO[str]:
