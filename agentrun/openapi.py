@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from drf_spectacular.extensions import (
     OpenApiAuthenticationExtension,
@@ -64,6 +64,37 @@ CURSOR_MAX_LENGTH = 20
 # A record's `readerId` (a computed field: its schema is given whole, as drf-spectacular reads no
 # limits off a field given to `extend_schema_field`).
 READER_ID_SCHEMA = {"type": "string", "nullable": True, "maxLength": IDENTIFIER_MAX_LENGTH}
+
+
+class ReaderAttention:
+    """The attention methods a session or a queue task has for the context's reader
+    (`reader_id`): `readerId`, `attentionState` and `unread`. The serializer declares the fields
+    (their order is the wire's), and `get_active`; the record carries `version` and, read with
+    a reader, its cursor's `cursor_version`."""
+
+    context: dict
+
+    def get_active(self, record: Any) -> bool:
+        raise NotImplementedError
+
+    def _cursor_version(self, record: Any) -> int | None:
+        """The reader's cursor's version, None without a reader or a cursor."""
+        version = getattr(record, "cursor_version", None)
+        return version if version is not None and self.context.get("reader_id") is not None else None
+
+    @extend_schema_field(READER_ID_SCHEMA)
+    def get_readerId(self, record: Any) -> str | None:
+        return self.context.get("reader_id")
+
+    @extend_schema_field(serializers.ChoiceField(choices=["active", "unread", "read"]))
+    def get_attentionState(self, record: Any) -> str:
+        return "active" if self.get_active(record) else "unread" if self.get_unread(record) else "read"
+
+    @extend_schema_field(serializers.BooleanField())
+    def get_unread(self, record: Any) -> bool:
+        """Not active and changed since the reader's cursor (every inactive record without one)."""
+        version = self._cursor_version(record)
+        return not self.get_active(record) and (version is None or version < record.version)
 
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):

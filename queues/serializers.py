@@ -9,8 +9,8 @@ from agentrun.fields import IDENTIFIER_MAX_LENGTH, IdentifierField, JSONObjectFi
 from agentrun.openapi import (
     CURSOR_MAX_LENGTH,
     PAGE_TOKEN_MAX_LENGTH,
-    READER_ID_SCHEMA,
     BackendProfileField,
+    ReaderAttention,
     documented_enum,
 )
 from agentrun.wire import (
@@ -117,7 +117,7 @@ class TaskReadCursorOut(RecordSerializer):
 
 
 # The attention is the context's reader's (`reader_id`).
-class TaskSummaryOut(TaskOut):
+class TaskSummaryOut(ReaderAttention, TaskOut):
     """A task with its attention for one reader (SPEC §1.7 QueueTaskSummary)."""
 
     readerId = serializers.SerializerMethodField()
@@ -125,15 +125,6 @@ class TaskSummaryOut(TaskOut):
     attentionState = serializers.SerializerMethodField()
     unread = serializers.SerializerMethodField()
     active = serializers.SerializerMethodField()
-
-    def _cursor_version(self, task: QueueTask) -> int | None:
-        """The reader's cursor's version, None without a reader or a cursor."""
-        version = getattr(task, "cursor_version", None)
-        return version if version is not None and self.context.get("reader_id") is not None else None
-
-    @extend_schema_field(READER_ID_SCHEMA)
-    def get_readerId(self, task: QueueTask) -> str | None:
-        return self.context.get("reader_id")
 
     @extend_schema_field(TaskReadCursorOut(allow_null=True))
     def get_readCursor(self, task: QueueTask) -> dict | None:
@@ -148,16 +139,6 @@ class TaskSummaryOut(TaskOut):
                 "read_at": getattr(task, "cursor_read_at", None),
             }
         )
-
-    @extend_schema_field(serializers.ChoiceField(choices=["active", "unread", "read"]))
-    def get_attentionState(self, task: QueueTask) -> str:
-        return "active" if self.get_active(task) else "unread" if self.get_unread(task) else "read"
-
-    @extend_schema_field(serializers.BooleanField())
-    def get_unread(self, task: QueueTask) -> bool:
-        """Not active and changed since the reader's cursor (every inactive task without one)."""
-        version = self._cursor_version(task)
-        return not self.get_active(task) and (version is None or version < task.version)
 
     @extend_schema_field(serializers.BooleanField())
     def get_active(self, task: QueueTask) -> bool:

@@ -18,9 +18,9 @@ from agentrun.fields import (
 from agentrun.openapi import (
     CURSOR_MAX_LENGTH,
     PAGE_TOKEN_MAX_LENGTH,
-    READER_ID_SCHEMA,
     BackendProfileField,
     BackendProfileParameter,
+    ReaderAttention,
     documented_enum,
 )
 from agentrun.wire import (
@@ -91,7 +91,7 @@ class ReadCursorOut(RecordSerializer):
 
 # The attention is the context's reader's (`reader_id`, or the `reader_id=` argument): a
 # listing's `cursor_version` and `cursor_read_at` are that reader's cursor.
-class SessionOut(RecordSerializer):
+class SessionOut(ReaderAttention, RecordSerializer):
     """The session record plus its attention (SPEC §1.5 SessionSummary, §4.7 with A13)."""
 
     sessionId = serializers.CharField(source="session_id", max_length=SESSION_ID_MAX_LENGTH)
@@ -138,18 +138,9 @@ class SessionOut(RecordSerializer):
         if reader_id is not None:
             self._context = {**self._context, "reader_id": reader_id}
 
-    def _cursor_version(self, session: Session) -> int | None:
-        """The reader's cursor's version, None without a reader or a cursor."""
-        version = getattr(session, "cursor_version", None)
-        return version if version is not None and self.context.get("reader_id") is not None else None
-
     @extend_schema_field({"type": "string", "maxLength": SESSION_PATH_MAX_LENGTH})
     def get_sessionPath(self, session: Session) -> str:
         return f"{session.tenant_id}/{session.project_id}/{session.session_id}"
-
-    @extend_schema_field(READER_ID_SCHEMA)
-    def get_readerId(self, session: Session) -> str | None:
-        return self.context.get("reader_id")
 
     @extend_schema_field(ReadCursorOut(allow_null=True))
     def get_readCursor(self, session: Session) -> dict | None:
@@ -164,16 +155,6 @@ class SessionOut(RecordSerializer):
                 "read_at": getattr(session, "cursor_read_at", None),
             }
         )
-
-    @extend_schema_field(serializers.ChoiceField(choices=["active", "unread", "read"]))
-    def get_attentionState(self, session: Session) -> str:
-        return "active" if session.active else "unread" if self.get_unread(session) else "read"
-
-    @extend_schema_field(serializers.BooleanField())
-    def get_unread(self, session: Session) -> bool:
-        """Not active and changed since the reader's cursor (every inactive session without one)."""
-        version = self._cursor_version(session)
-        return not session.active and (version is None or version < session.version)
 
     @extend_schema_field(serializers.BooleanField())
     def get_active(self, session: Session) -> bool:
