@@ -109,3 +109,13 @@ def in_transaction(function: Callable[P, R]) -> Callable[P, R]:
         return function(*args, **kwargs)
 
     return wrapper
+
+
+def durable_service(step: Callable[P, R], /) -> Callable[P, R]:
+    """The public service of a step named `<service>_in_transaction`: the same function in a
+    durable transaction of its own, for a service needed both ways."""
+    body: Callable[P, R] = getattr(step, "__wrapped__", step)
+    service = write_transaction(durable=True)(body)
+    service.__name__ = step.__name__.removesuffix("_in_transaction")
+    service.__qualname__ = step.__qualname__.removesuffix("_in_transaction")
+    return service

@@ -86,3 +86,13 @@ def test_a_race_lost_every_time_is_a_409_and_a_dead_connection_is_503():
     assert (error.status, error.kind, error.details) == (409, "schema-invalid", {"retryable": True})
     error = to_agentrun_error(OperationalError("server closed the connection unexpectedly"))
     assert (error.status, error.kind) == (503, "infra-failed")
+
+
+def test_a_service_needed_both_ways_is_a_durable_service_and_a_step():
+    from runs import services
+
+    assert services.run_cancel.__name__ == "run_cancel"
+    with transaction.atomic(), pytest.raises(RuntimeError, match="durable"):
+        services.run_cancel(run_id="run_missing")  # a durable service refuses to nest
+    with pytest.raises(RuntimeError, match="must run inside its caller's transaction"):
+        services.run_cancel_in_transaction(run_id="run_missing")

@@ -15,7 +15,7 @@ from agentrun import backends
 from agentrun.auth import Scope
 from agentrun.errors import CANCELLED, SCHEMA_INVALID, conflict, invalid, not_found
 from agentrun.ids import new_id, stable_hash
-from agentrun.transactions import in_transaction, write_transaction
+from agentrun.transactions import durable_service, in_transaction, write_transaction
 from agentrun.vocabulary import COMMAND_TYPES, command_state_for
 from runs.models import Command, CommandState, Run
 from runs.services._write import (
@@ -31,8 +31,8 @@ from runs.services._write import (
 from sessions import services as session_services
 
 
-@write_transaction(durable=True)
-def command_create(
+@in_transaction
+def command_create_in_transaction(
     *,
     run_id: str,
     command_type: str,
@@ -46,22 +46,9 @@ def command_create(
     {type, payload}. Errors: 400 for an unknown type, a non-object payload, or a steer to a
     backend that cannot steer; 404; 409 (the run's failure kind) on a terminal run; 409
     `schema-invalid` for a key reused with another command.
+
+    A step of the caller's transaction (the queue's dispatcher); `command_create` opens its own.
     """
-    return command_create_in_transaction(
-        run_id=run_id, command_type=command_type, payload=payload, idempotency_key=idempotency_key, scope=scope
-    )
-
-
-@in_transaction
-def command_create_in_transaction(
-    *,
-    run_id: str,
-    command_type: str,
-    payload: dict,
-    idempotency_key: str | None = None,
-    scope: Scope = UNRESTRICTED,
-) -> tuple[Command, bool]:
-    """`command_create` as a step of the caller's transaction (the queue's dispatcher)."""
     if command_type not in COMMAND_TYPES:
         raise invalid(f"unknown command type {command_type!r}", field="type", allowed=sorted(COMMAND_TYPES))
     if not isinstance(payload, dict):
@@ -109,6 +96,9 @@ def command_create_in_transaction(
     # The seq counter is bookkeeping, not a change of the run: updatedAt stays.
     write.save(bookkeeping={"last_command_seq": command.seq})
     return command, True
+
+
+command_create = durable_service(command_create_in_transaction)
 
 
 def _lock_command(command_id: str, scope: Scope) -> tuple[Run, Command]:
@@ -201,17 +191,12 @@ def command_finish(
     return command
 
 
-@write_transaction(durable=True)
-def command_cancel(*, command_id: str, reason: str | None = None, scope: Scope = UNRESTRICTED) -> Command:
-    """Cancel one command (the run goes on). A terminal command is returned unchanged. Error: 404."""
-    return command_cancel_in_transaction(command_id=command_id, reason=reason, scope=scope)
-
-
 @in_transaction
 def command_cancel_in_transaction(
     *, command_id: str, reason: str | None = None, scope: Scope = UNRESTRICTED
 ) -> Command:
-    """`command_cancel` as a step of the caller's transaction (a queue task's cancel)."""
+    """Cancel one command (the run goes on). A terminal command is returned unchanged. Error: 404.
+    A step of the caller's transaction (a queue task's cancel); `command_cancel` opens its own."""
     run, command = _lock_command(command_id, scope)
     if command.is_terminal:
         return command
@@ -248,3 +233,6 @@ def command_cancel_in_transaction(
         )
     write.save()
     return command
+
+
+command_cancel = durable_service(command_cancel_in_transaction)

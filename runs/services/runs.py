@@ -17,7 +17,7 @@ from agentrun.auth import Scope
 from agentrun.clock import db_now
 from agentrun.errors import CANCELLED, RUNNER_LEASE_CONFLICT, SCHEMA_INVALID, conflict
 from agentrun.ids import new_id, stable_hash
-from agentrun.transactions import in_transaction, write_transaction
+from agentrun.transactions import durable_service, in_transaction, write_transaction
 from runs.models import Run, RunStatus
 from runs.services._write import (
     DEFAULT_CANCEL_REASON,
@@ -32,8 +32,8 @@ from runs.validation import summarize_resource_bundle_ref, validate_resource_bun
 from sessions import services as session_services
 
 
-@write_transaction(durable=True)
-def run_create(
+@in_transaction
+def run_create_in_transaction(
     *,
     tenant_id: str,
     project_id: str,
@@ -52,38 +52,9 @@ def run_create(
     Errors: 400 for an unknown backend or a malformed ref; 403 `tenant-policy-denied` / 400 when
     the session belongs to another tenant, project or backend; 409 when the idempotency key was
     used with another input. A repeated key with the same input returns the first run.
+
+    A step of the caller's transaction (the queue's dispatcher); `run_create` opens its own.
     """
-    return run_create_in_transaction(
-        tenant_id=tenant_id,
-        project_id=project_id,
-        backend_profile=backend_profile,
-        session_ref=session_ref,
-        resource_bundle_ref=resource_bundle_ref,
-        provider_id=provider_id,
-        workspace_ref=workspace_ref,
-        execution_policy=execution_policy,
-        metadata=metadata,
-        extra=extra,
-        idempotency_key=idempotency_key,
-    )
-
-
-@in_transaction
-def run_create_in_transaction(
-    *,
-    tenant_id: str,
-    project_id: str,
-    backend_profile: str,
-    session_ref: dict | None = None,
-    resource_bundle_ref: dict | None = None,
-    provider_id: str | None = None,
-    workspace_ref: Any = None,
-    execution_policy: Any = None,
-    metadata: Any = None,
-    extra: dict | None = None,
-    idempotency_key: str | None = None,
-) -> tuple[Run, bool]:
-    """`run_create` as a step of the caller's transaction (the queue's dispatcher)."""
     backends.require_profile(backend_profile)
     session_ref = validate_session_ref(session_ref)
     resource_bundle_ref = validate_resource_bundle_ref(resource_bundle_ref)
@@ -115,6 +86,9 @@ def run_create_in_transaction(
         if existing is None:
             raise
         return existing, False
+
+
+run_create = durable_service(run_create_in_transaction)
 
 
 def _run_replay(tenant_id: str, project_id: str, idempotency_key: str, payload_hash: str) -> Run | None:
@@ -234,15 +208,10 @@ def run_finish(
     )
 
 
-@write_transaction(durable=True)
-def run_cancel(*, run_id: str, reason: str | None = None, scope: Scope = UNRESTRICTED) -> Run:
-    """Cancel the run and its open commands. A terminal run is returned unchanged. Error: 404."""
-    return run_cancel_in_transaction(run_id=run_id, reason=reason, scope=scope)
-
-
 @in_transaction
 def run_cancel_in_transaction(*, run_id: str, reason: str | None = None, scope: Scope = UNRESTRICTED) -> Run:
-    """`run_cancel` as a step of the caller's transaction (a queue task's cancel)."""
+    """Cancel the run and its open commands. A terminal run is returned unchanged. Error: 404.
+    A step of the caller's transaction (a queue task's cancel); `run_cancel` opens its own."""
     run = _lock_run(run_id, scope)
     if run.is_terminal:
         return run
@@ -252,18 +221,16 @@ def run_cancel_in_transaction(*, run_id: str, reason: str | None = None, scope: 
     )
 
 
-@write_transaction(durable=True)
-def run_expire(*, run_id: str, terminal_status: str, failure_kind: str, message: str) -> Run | None:
-    """The reaper ends a run whose runner is gone or whose time is up, bumping the epoch so a
-    runner that comes back is fenced out. Returns None when the run is already terminal."""
-    return run_expire_in_transaction(
-        run_id=run_id, terminal_status=terminal_status, failure_kind=failure_kind, message=message
-    )
+run_cancel = durable_service(run_cancel_in_transaction)
 
 
 @in_transaction
 def run_expire_in_transaction(*, run_id: str, terminal_status: str, failure_kind: str, message: str) -> Run | None:
-    """`run_expire` as a step of the caller's transaction (the launcher's, under the run's lock)."""
+    """The reaper ends a run whose runner is gone or whose time is up, bumping the epoch so a
+    runner that comes back is fenced out. Returns None when the run is already terminal.
+
+    A step of the caller's transaction (the launcher's, under the run's lock); `run_expire` opens its own.
+    """
     run = _lock_run(run_id, UNRESTRICTED)
     if run.is_terminal:
         return None
@@ -272,3 +239,6 @@ def run_expire_in_transaction(*, run_id: str, terminal_status: str, failure_kind
     Run.objects.filter(pk=run.pk).update(lease_epoch=run.lease_epoch + 1)
     run.lease_epoch += 1
     return run
+
+
+run_expire = durable_service(run_expire_in_transaction)
