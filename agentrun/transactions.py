@@ -11,7 +11,8 @@ The house rule (STYLE.md, "Transactions"): a public service is `@write_transacti
 so a caller that is already inside a transaction fails loudly instead of holding locks longer. A
 write that must run inside another service's transaction, holding the locks that service took, is a
 step: `@in_transaction`, which fails loudly when called outside one. When a service is needed both
-ways, the step is named `<service>_in_transaction` and the public service calls it.
+ways, it is written once as the step, named `<service>_in_transaction`, and
+`<service> = durable_service(<service>_in_transaction)` is the public service.
 """
 
 from __future__ import annotations
