@@ -185,6 +185,8 @@ def django_figures(iterations: int) -> tuple[list[Figure], list[tuple[str, list[
 
     def explain(label):
         def wrapper(execute, sql, params, many, context):
+            if not isinstance(sql, str):  # a psycopg.sql statement: its text, for the EXPLAIN
+                sql = sql.as_string(context["connection"].connection)
             if sql.lstrip().upper().startswith(("SELECT", "(SELECT")):
                 cursor = context["cursor"]
                 execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, params, many, context)

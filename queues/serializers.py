@@ -131,7 +131,7 @@ class TaskSummaryOut(ReaderAttention, TaskOut):
         version = self._cursor_version(task)
         if version is None:
             return None
-        return TaskReadCursorOut().to_representation(
+        return _READ_CURSOR.to_representation(
             {
                 "task_id": task.id,
                 "reader_id": self.context["reader_id"],
@@ -143,6 +143,10 @@ class TaskSummaryOut(ReaderAttention, TaskOut):
     @extend_schema_field(serializers.BooleanField())
     def get_active(self, task: QueueTask) -> bool:
         return task.state in TASK_ACTIVE
+
+
+# One instance renders every row's cursor: a serializer per row would copy its fields each time.
+_READ_CURSOR = TaskReadCursorOut()
 
 
 class StatsOut(RecordSerializer):

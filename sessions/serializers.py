@@ -147,7 +147,7 @@ class SessionOut(ReaderAttention, RecordSerializer):
         version = self._cursor_version(session)
         if version is None:
             return None
-        return ReadCursorOut().to_representation(
+        return _READ_CURSOR.to_representation(
             {
                 "session_id": session.session_id,
                 "reader_id": self.context["reader_id"],
@@ -159,6 +159,10 @@ class SessionOut(ReaderAttention, RecordSerializer):
     @extend_schema_field(serializers.BooleanField())
     def get_active(self, session: Session) -> bool:
         return session.active
+
+
+# One instance renders every row's cursor: a serializer per row would copy its fields each time.
+_READ_CURSOR = ReadCursorOut()
 
 
 class SessionListFiltersOut(RecordSerializer):
