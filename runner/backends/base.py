@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from typing import IO
 
 from runner.records import JsonObject
 
+# The environment variable that marks every process a turn's agent starts, however detached.
+AGENT_MARK = "AGENTRUN_AGENT_MARK"
 Emit = Callable[[str, JsonObject], None]  # (event type, payload): one event for the run
 AgentEvent = tuple[str, JsonObject]  # (event type, payload), as a parser maps an agent's line
 Outcome = tuple[str, str | None, str | None]  # (terminal status, failure kind, message)
@@ -92,10 +95,11 @@ class AgentProcess:
         self.parser, self.emit, self.steerable = parser, emit, steerable
         self.cancelled = threading.Event()
         self._stderr: deque[str] = deque(maxlen=20)
+        self.mark = uuid.uuid4().hex  # in the environment of the agent and of all it starts
         self.process = subprocess.Popen(
             argv,
             cwd=cwd,
-            env={**os.environ, **env},
+            env={**os.environ, **env, AGENT_MARK: self.mark},
             stdin=subprocess.PIPE if steerable else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -156,9 +160,10 @@ class AgentProcess:
         """SIGINT to the agent's process group (the CLIs then write their cancel result); after
         the grace period, SIGKILL to whatever is left."""
         self.cancelled.set()
-        # An agent may start its tools in sessions of their own (codex does), out of reach of
-        # its process group: they are found by parentage first, while the agent still lives.
-        descendants = _descendants(self.process.pid)
+        # An agent may start its tools in sessions of their own, orphaned on purpose (codex's
+        # sandbox forks twice and calls setsid), out of reach of its process group: they are
+        # found by the mark they inherited, and by parentage while the agent still lives.
+        descendants = _descendants(self.process.pid, self.mark)
         try:
             for signum, wait in ((signal.SIGINT, grace_seconds), (signal.SIGKILL, 5.0)):
                 try:
@@ -168,31 +173,43 @@ class AgentProcess:
                 try:
                     self.process.wait(timeout=wait)
                 except subprocess.TimeoutExpired:
-                    descendants |= _descendants(self.process.pid)
+                    descendants |= _descendants(self.process.pid, self.mark)
                     continue
                 with contextlib.suppress(ProcessLookupError):  # the leader is gone; its children may not be
                     os.killpg(self.process.pid, signal.SIGKILL)
                 return
         finally:
-            for pid in descendants:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+            # Again after the agent is gone: a tool may have started a process since the first
+            # look. The mark still finds what parentage no longer can.
+            for _ in range(3):
+                descendants |= _descendants(self.process.pid, self.mark)
+                if not descendants:
+                    break
+                for pid in descendants:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                descendants = set()
 
 
-def _descendants(root: int) -> set[int]:
-    """Every live process below `root`, read from /proc (empty where there is no /proc)."""
+def _descendants(root: int, mark: str) -> set[int]:
+    """Every live process below `root`, or carrying `mark` in its environment, read from /proc
+    (empty without /proc)."""
+    marked = f"{AGENT_MARK}={mark}".encode()
     children: dict[int, list[int]] = {}
+    found: set[int] = set()
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == root:
             continue
+        pid = int(entry)
         try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/stat") as stat:
+                children.setdefault(int(stat.read().rsplit(")", 1)[1].split()[1]), []).append(pid)
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if marked in environ.read().split(b"\0"):
+                    found.add(pid)
         except (OSError, ValueError, IndexError):
             continue
-        children.setdefault(parent, []).append(int(entry))
-    found: set[int] = set()
-    todo = [root]
+    todo = [root, *found]
     while todo:
         for child in children.get(todo.pop(), []):
             if child not in found:
