@@ -14,7 +14,7 @@ from runner.client import AgentRunClient
 from runner.runner import Runner
 from runs import services
 from runs.models import Command, Run, RunEvent
-from tests.helpers import make_run, start_runner, wait_for
+from tests.helpers import make_run, start_runner, usurp, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -101,8 +101,7 @@ def test_a_runner_whose_lease_is_taken_over_stops_and_writes_nothing_more(live_s
     runner, runner_thread = start_runner(live_server.url, keys[1], run.id, tmp_path, lease_ms=1000, grace_seconds=1)
     assert wait_for(lambda: runner.turn is not None)
     pid = runner.turn.process.pid
-    Run.objects.filter(pk=run.id).update(lease_expires_at=None)  # the lease lapsed
-    services.run_claim(run_id=run.id, runner_id="usurper", lease_ms=60_000)
+    assert usurp(run.id)
     assert runner_thread.join(20) == [3]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

@@ -28,7 +28,7 @@ from runner.payloads import MAX_PAYLOAD_BYTES, json_bytes, utf8_length
 from runner.sink import MAX_BATCH_EVENTS, MAX_BODY_BYTES, EventSink
 from runs import services
 from runs.models import Run, RunEvent
-from tests.helpers import make_run, start_runner, wait_for
+from tests.helpers import make_run, start_runner, usurp, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 RUNNER_ID = "runner-under-test"
@@ -305,8 +305,7 @@ def test_a_runner_that_loses_its_lease_during_an_outage_stops(live_server, keys,
     )
     try:
         assert wait_for(lambda: len(wire.sent) >= 3, 30)
-        Run.objects.filter(pk=run.id).update(lease_expires_at=None)  # the lease lapsed
-        services.run_claim(run_id=run.id, runner_id="usurper", lease_ms=60_000)
+        assert usurp(run.id)
         taken_over = time.monotonic()
         assert runner_thread.join(30) == [3]
         assert time.monotonic() - taken_over < 5  # not after the backoff: losing the lease cuts it short

@@ -7,7 +7,18 @@ from another test module.
 
 from tests.helpers.agent_clis import Anthropic, Responses, ScriptedModel, install
 from tests.helpers.api import KeyClient, assert_error, make_key, raw_key
-from tests.helpers.data import PROJECT, TENANT, claim, events_of, finish_run, make_run, make_task, phases, settle_all
+from tests.helpers.data import (
+    PROJECT,
+    TENANT,
+    claim,
+    events_of,
+    finish_run,
+    make_run,
+    make_task,
+    phases,
+    settle_all,
+    usurp,
+)
 from tests.helpers.kube import TOKEN, FakeCluster, FakeKube, schema_errors, write_kubeconfig
 from tests.helpers.live_server import free_port, gunicorn, live_database_url, start_runner
 from tests.helpers.threads import Threads, in_threads, wait_for
@@ -40,6 +51,7 @@ __all__ = [
     "schema_errors",
     "settle_all",
     "start_runner",
+    "usurp",
     "wait_for",
     "write_kubeconfig",
 ]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from agentrun.errors import AgentRunError
 from queues import services as queue_services
 from runs import services
-from runs.models import RunEvent
+from runs.models import Run, RunEvent
 
 TENANT = "acme"
 PROJECT = "web"
@@ -60,3 +61,20 @@ def settle_all():
     for attempt_id, task_id in queue_services.ended_attempts():
         settled += queue_services.settle(attempt_id=attempt_id, task_id=task_id) is not None
     return settled
+
+
+def usurp(run_id, runner_id="usurper", tries=50):
+    """Let the run's lease lapse and claim it for another runner; False if it never could.
+
+    A live runner's heartbeat may renew the lease between the two writes: then lapse it again.
+    """
+    for _ in range(tries):
+        Run.objects.filter(pk=run_id).update(lease_expires_at=None)
+        try:
+            services.run_claim(run_id=run_id, runner_id=runner_id, lease_ms=60_000)
+        except AgentRunError as error:
+            if error.kind != "runner-lease-conflict":
+                raise
+        else:
+            return True
+    return False
