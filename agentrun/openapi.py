@@ -86,15 +86,21 @@ class ReaderAttention:
     def get_readerId(self, record: Any) -> str | None:
         return self.context.get("reader_id")
 
+    def _changed_since_read(self, record: Any) -> bool:
+        """Changed since the reader's cursor (every record without one)."""
+        version = self._cursor_version(record)
+        return version is None or version < record.version
+
     @extend_schema_field(serializers.ChoiceField(choices=["active", "unread", "read"]))
     def get_attentionState(self, record: Any) -> str:
-        return "active" if self.get_active(record) else "unread" if self.get_unread(record) else "read"
+        if self.get_active(record):
+            return "active"
+        return "unread" if self._changed_since_read(record) else "read"
 
     @extend_schema_field(serializers.BooleanField())
     def get_unread(self, record: Any) -> bool:
         """Not active and changed since the reader's cursor (every inactive record without one)."""
-        version = self._cursor_version(record)
-        return not self.get_active(record) and (version is None or version < record.version)
+        return not self.get_active(record) and self._changed_since_read(record)
 
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):

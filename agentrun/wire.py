@@ -109,10 +109,11 @@ Encoder = Callable[[serializers.Serializer, Any], dict[str, Any]]
 def _compile(serializer: serializers.Serializer) -> Encoder:
     """A RecordSerializer class's encoder, written from its declarations as the dict display one
     would write by hand (as `dataclasses` writes `__init__`): each field's source read, a
-    timestamp through `iso`, a nested record through `_nested`, a field that is not verbatim
-    through its `to_representation` (a null stays null), a computed field through its method."""
+    timestamp through `iso`, a nested record through its own encoder (`_record`; any other
+    nested serializer through its bound field), a field that is not verbatim through its
+    `to_representation` (a null stays null), a computed field through its method."""
     cls = type(serializer)
-    namespace: dict[str, Any] = {"_iso": iso, "_nested": _nested}
+    namespace: dict[str, Any] = {"_iso": iso, "_record": _record, "_bound": _bound}
     by_attribute, by_key = [], []
     for index, (name, field) in enumerate(serializer.fields.items()):
         if field.write_only:
@@ -132,9 +133,13 @@ def _compile(serializer: serializers.Serializer) -> Encoder:
             f"instance[{source!r}]",
         ]
         for read, entries in zip(reads, (by_attribute, by_key), strict=True):
-            if isinstance(field, serializers.BaseSerializer):
-                # Bound per serializer: a nested record may read the context.
-                value = f"None if (_v := {read}) is None else _nested(serializer.fields[{name!r}], _v)"
+            record_class, many = _record_class(field)
+            if record_class is not None:
+                namespace[f"_c{index}"] = record_class
+                value = f"None if (_v := {read}) is None else _record(serializer, _c{index}, {many}, _v)"
+            elif isinstance(field, serializers.BaseSerializer):
+                # Bound per serializer: a nested serializer may read the context.
+                value = f"None if (_v := {read}) is None else _bound(serializer, {name!r}, _v)"
             elif isinstance(field, TimestampField):
                 value = f"_iso({read})"
             elif type(field).to_representation not in _VERBATIM or getattr(field, "binary", False):
@@ -174,14 +179,33 @@ def _encoder(cls: type[serializers.Serializer]) -> Encoder:
     return encode
 
 
-def _nested(field: serializers.BaseSerializer, value: Any) -> Any:
-    """A nested field's value; a list of records goes straight to its child's encoder (a page
-    of 500 events is one call per event)."""
+def _record_class(field: serializers.Field) -> tuple[type[RecordSerializer] | None, bool]:
+    """The record class of a nested record field (`Out()` or `Out(many=True)`), and whether it
+    is a list; (None, False) for any other field."""
     if isinstance(field, serializers.ListSerializer) and isinstance(field.child, RecordSerializer):
-        child = field.child
-        encode = _encoder(type(child))
+        return type(field.child), True
+    if isinstance(field, RecordSerializer):
+        return type(field), False
+    return None, False
+
+
+def _record(serializer: serializers.Serializer, record_class: type[RecordSerializer], many: bool, value: Any) -> Any:
+    """A nested record (or list of records), each through its class's encoder (a page of 500
+    events is one call per event). The records are rendered by one instance of their class per
+    rendering serializer, holding its context as DRF's nested fields see it (the root's), so a
+    page renders without copying its fields."""
+    children = serializer.__dict__.setdefault("_records", {})
+    child = children.get(record_class)
+    if child is None:
+        child = children[record_class] = record_class(context=serializer.context)
+    encode = _encoder(record_class)
+    if many:
         return [encode(child, item) for item in value]
-    return field.to_representation(value)
+    return encode(child, value)
+
+
+def _bound(serializer: serializers.Serializer, name: str, value: Any) -> Any:
+    return serializer.fields[name].to_representation(value)
 
 
 # An output serializer: its declared fields are the record, on the wire and in the schema. (A

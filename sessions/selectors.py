@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -126,34 +127,25 @@ def session_with_cursor(*, session_id: str, reader_id: str | None, scope: Scope)
 
 
 class _Query:
-    """The FROM and WHERE every list query shares (the key's scope, the backend, the reader),
-    and the conditions on the reader's cursor: without a reader there is no cursor to join, its
-    columns are NULL and every inactive session is unread."""
+    """The FROM and WHERE every list query of one shape shares (which of the key's scope, the
+    backend and the reader are given; their values are parameters), and the conditions on the
+    reader's cursor: without a reader there is no cursor to join, its columns are NULL and every
+    inactive session is unread. One instance per shape (`_query`), so each statement is composed
+    and rendered once per process (`_statement`), not per request."""
 
-    def __init__(self, *, scope: Scope, backend_profile: str | None, reader_id: str | None):
-        self.params: dict[str, Any] = {"reader": reader_id}
+    def __init__(self, *, filtered: tuple[str, ...], reader: bool):
         conditions: list[sql.Composable] = []
         ranges: list[sql.Composable] = []
         scoped: list[sql.Composable] = []
-        self.scope_fields = [
-            field
-            for field, value in (("tenant_id", scope.tenant_id), ("project_id", scope.project_id))
-            if value is not None
-        ]
-        for field, value in (
-            ("tenant_id", scope.tenant_id),
-            ("project_id", scope.project_id),
-            ("backend_profile", backend_profile),
-        ):
-            if value is not None:
-                placeholder = sql.Placeholder(field)
-                conditions.append(sql.SQL("{} = {}").format(_s(field), placeholder))
-                self.params[field] = value
-                if field != "backend_profile":
-                    scoped.append(_s(field))
-                    ranges.append(sql.SQL("{0} BETWEEN {1} AND {1}").format(_s(field), placeholder))
-                else:
-                    ranges.append(conditions[-1])
+        self.scope_fields = [field for field in filtered if field != "backend_profile"]
+        for field in filtered:
+            placeholder = sql.Placeholder(field)
+            conditions.append(sql.SQL("{} = {}").format(_s(field), placeholder))
+            if field != "backend_profile":
+                scoped.append(_s(field))
+                ranges.append(sql.SQL("{0} BETWEEN {1} AND {1}").format(_s(field), placeholder))
+            else:
+                ranges.append(conditions[-1])
         self.where = _and(conditions)
         # Version order, led by the scope's columns. Written as ranges, the scope's columns stay
         # in the sort (an equality would make the planner drop them), so only the scope's own
@@ -164,7 +156,7 @@ class _Query:
         self.version_order_desc = sql.SQL(", ").join(
             sql.SQL("{} DESC").format(name) for name in [*scoped, _s("version")]
         )
-        self.join_free = reader_id is None
+        self.join_free = not reader
         if self.join_free:
             self.source: sql.Composable = sql.SQL("{} s").format(table(Session))
             self.cursor_version: sql.Composable = NULL_BIGINT
@@ -236,10 +228,35 @@ class _Query:
         where = self.version_where if version_ordered else self.where
         return sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(selected, self.source, where, condition)
 
-    def run(self, statement: sql.Composable, params: dict[str, Any]) -> list[Session]:
-        # Raw: a page is one index-ordered statement (see above); a queryset's raw() takes it
-        # composed (the manager's is typed for text only).
-        return list(Session.objects.all().raw(statement, {**self.params, **params}))
+
+@functools.cache
+def _query(filtered: tuple[str, ...], reader: bool) -> _Query:
+    return _Query(filtered=filtered, reader=reader)
+
+
+@functools.cache
+def _statement(build: Callable[..., sql.Composable], query: _Query, *shape: str | int | bool | None) -> str:
+    """The text of `build(query, *shape)`, composed once per shape: a statement's text depends
+    on the list's shape alone, never on a value (those are parameters)."""
+    return build(query, *shape).as_string(None)
+
+
+@dataclass(frozen=True)
+class _List:
+    """One listing: its query's shape and the values of its parameters."""
+
+    query: _Query
+    params: dict[str, Any]
+
+    @classmethod
+    def of(cls, *, scope: Scope, backend_profile: str | None, reader_id: str | None) -> _List:
+        values = {"tenant_id": scope.tenant_id, "project_id": scope.project_id, "backend_profile": backend_profile}
+        params = {field: value for field, value in values.items() if value is not None}
+        return cls(_query(tuple(params), reader_id is not None), {"reader": reader_id, **params})
+
+    def run(self, statement: str, params: dict[str, Any]) -> list[Session]:
+        # Raw: a page is one index-ordered statement (see above).
+        return list(Session.objects.raw(statement, {**self.params, **params}))
 
 
 def _keyset() -> sql.Composed:
@@ -250,36 +267,43 @@ def _keyset() -> sql.Composed:
     ).format(activity=_ACTIVITY, updated=_s("updated_at"), session=_s("session_id"))
 
 
-def _main_page(query: _Query, *, state: str, position: dict[str, Any] | None, edge: int, limit: int) -> list[Session]:
-    """The walk's snapshot part: the sessions unchanged since its edge, after `position`."""
+def _groups_from(state: str, position_group: int | None) -> list[int]:
+    """The state's attention groups a walk has still to read: from the position's group on."""
+    return [group for group in GROUPS[state] if position_group is None or group >= position_group]
+
+
+def _main_statement(query: _Query, state: str, position_group: int | None) -> sql.Composed:
+    """The walk's snapshot part: the sessions unchanged since its edge, from the position's
+    group on (after its keyset position in that group)."""
     branches: list[sql.Composable] = []
-    params: dict[str, Any] = {"limit": limit, "edge": edge}
-    for group in GROUPS[state]:
-        if position is not None and group < position["g"]:
-            continue
+    for group in _groups_from(state, position_group):
         conditions: list[sql.Composable] = [query.group_condition[group], query.unchanged]
         if state in ("terminal", "idle"):
             conditions.append(query.state_condition[state])
-        if position is not None and group == position["g"]:
+        if group == position_group:
             conditions.append(_keyset())
-            params.update(k_a=position["a"], k_u=position["u"], k_i=position["i"])
         branch = query.select(_and(conditions), first=sql.SQL("{} AS attention_group").format(sql.Literal(group)))
         branches.append(sql.SQL("({} ORDER BY {} LIMIT %(limit)s)").format(branch, _ORDER))
-    if not branches:
-        return []
-    statement = sql.SQL("SELECT * FROM ({}) page ORDER BY attention_group, {} LIMIT %(limit)s").format(
+    return sql.SQL("SELECT * FROM ({}) page ORDER BY attention_group, {} LIMIT %(limit)s").format(
         sql.SQL(" UNION ALL ").join(branches), _inbox_order(None)
     )
-    return query.run(statement, params)
 
 
-def _tail_page(query: _Query, *, state: str, edge: int, position: dict[str, Any] | None, limit: int) -> list[Session]:
+def _main_page(listing: _List, *, state: str, position: dict[str, Any] | None, edge: int, limit: int) -> list[Session]:
+    position_group = position["g"] if position is not None else None
+    if not _groups_from(state, position_group):
+        return []
+    params: dict[str, Any] = {"limit": limit, "edge": edge}
+    if position is not None:
+        params.update(k_a=position["a"], k_u=position["u"], k_i=position["i"])
+    return listing.run(_statement(_main_statement, listing.query, state, position_group), params)
+
+
+def _tail_statement(query: _Query, state: str, positioned: bool) -> sql.Composed:
     """The walk's tail: the sessions changed after its edge, in the order of their last change,
-    after `position`. They are found from the stamps' indexes, so a page reads about as many
-    rows as changed since the walk began, not the inbox."""
+    after the position if `positioned`. They are found from the stamps' indexes, so a page reads
+    about as many rows as changed since the walk began, not the inbox."""
     # A stamp at or above the position's: the session's own, or this reader's read of it.
-    low = position["c"] if position is not None else edge + 1
-    params: dict[str, Any] = {"edge": edge, "low": low, "limit": limit}
     changed: sql.Composable
     if query.join_free:
         changed = sql.SQL("{} >= %(low)s").format(_s("inbox_version"))
@@ -299,31 +323,47 @@ def _tail_page(query: _Query, *, state: str, edge: int, position: dict[str, Any]
             r_stamp=column(SessionReadCursor, "read_version", "r"),
         )
     conditions = [query.state_condition[state], changed, sql.SQL("{} > %(edge)s").format(query.changed)]
-    if position is not None:
+    if positioned:
         conditions.append(sql.SQL("({}, {}) > (%(t_c)s, %(t_i)s)").format(query.changed, _s("session_id")))
-        params.update(t_c=position["c"], t_i=position["i"])
-    statement = sql.SQL("{} ORDER BY {}, {} LIMIT %(limit)s").format(
+    return sql.SQL("{} ORDER BY {}, {} LIMIT %(limit)s").format(
         query.select(_and(conditions), first=sql.SQL("{} AS changed_version").format(query.changed)),
         query.changed,
         _s("session_id"),
     )
-    return query.run(statement, params)
 
 
-def _edge_and_watermark(query: _Query, state: str) -> tuple[int, str | None]:
+def _tail_page(listing: _List, *, state: str, edge: int, position: dict[str, Any] | None, limit: int) -> list[Session]:
+    low = position["c"] if position is not None else edge + 1
+    params: dict[str, Any] = {"edge": edge, "low": low, "limit": limit}
+    if position is not None:
+        params.update(t_c=position["c"], t_i=position["i"])
+    return listing.run(_statement(_tail_statement, listing.query, state, position is not None), params)
+
+
+def _edge_and_watermark_statement(query: _Query, state: str) -> sql.Composed:
     """The session counter's value (a walk's edge) and the highest version among the matching
     sessions, in one statement, so in one snapshot with each other."""
     watermark = sql.SQL("{} ORDER BY {} LIMIT 1").format(
         query.select(query.state_condition[state], columns=_s("version"), version_ordered=True),
         query.version_order_desc,
     )
+    return sql.SQL("SELECT ({}), ({})").format(counters.value_sql(counters.SESSIONS), watermark)
+
+
+def _edge_and_watermark(listing: _List, state: str) -> tuple[int, str | None]:
     with connection.cursor() as cursor:
         # Raw: the counter and the watermark in one statement, so in one snapshot; the ORM would take two.
-        cursor.execute(
-            sql.SQL("SELECT ({}), ({})").format(counters.value_sql(counters.SESSIONS), watermark), query.params
-        )
+        cursor.execute(_statement(_edge_and_watermark_statement, listing.query, state), listing.params)
         edge, version = cursor.fetchone()
     return edge or 0, (str(version) if version is not None else None)
+
+
+def _feed_statement(query: _Query, state: str) -> sql.Composed:
+    """The change feed: the matching sessions above the cursor's version, in version order."""
+    condition = sql.SQL("{} AND {} > %(cursor)s").format(query.state_condition[state], _s("version"))
+    return sql.SQL("{} ORDER BY {} LIMIT %(limit)s").format(
+        query.select(condition, version_ordered=True), query.version_order
+    )
 
 
 def _filters_key(state: str, backend_profile: str | None, reader_id: str | None) -> list[str | None]:
@@ -387,15 +427,9 @@ def session_list(
         raise invalid(f"state must be one of {', '.join(STATES)}", parameter="state")
     if cursor is not None and page_token is not None:
         raise invalid("give either cursor (the change feed) or pageToken (the inbox), not both", parameter="pageToken")
-    query = _Query(scope=scope, backend_profile=backend_profile, reader_id=reader_id)
+    listing = _List.of(scope=scope, backend_profile=backend_profile, reader_id=reader_id)
     if cursor is not None:
-        condition = sql.SQL("{} AND {} > %(cursor)s").format(query.state_condition[state], _s("version"))
-        sessions = query.run(
-            sql.SQL("{} ORDER BY {} LIMIT %(limit)s").format(
-                query.select(condition, version_ordered=True), query.version_order
-            ),
-            {"cursor": cursor, "limit": limit},
-        )
+        sessions = listing.run(_statement(_feed_statement, listing.query, state), {"cursor": cursor, "limit": limit})
         return SessionPage(sessions, str(sessions[-1].version) if sessions else str(cursor), None)
     filters = _filters_key(state, backend_profile, reader_id)
     token = _decode_token(page_token, filters) if page_token is not None else None
@@ -405,7 +439,7 @@ def session_list(
             with connection.cursor() as db:
                 # Raw: Django has no API for a transaction's isolation level.
                 db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        counter_value, watermark = _edge_and_watermark(query, state)
+        counter_value, watermark = _edge_and_watermark(listing, state)
         # A first page takes the counter as the walk's edge. Its own page is filtered by that
         # edge too, so it is the walk's snapshot even where it shares no snapshot with the
         # counter's read (inside a caller's transaction, READ COMMITTED).
@@ -416,7 +450,7 @@ def session_list(
         main: list[Session] = []
         next_token: dict[str, Any] | None
         if phase == "main":
-            main = _main_page(query, state=state, position=position, edge=edge, limit=limit + 1)
+            main = _main_page(listing, state=state, position=position, edge=edge, limit=limit + 1)
         # One row more than the page tells whether there is a next page.
         if len(main) > limit:
             sessions = main[:limit]
@@ -425,7 +459,7 @@ def session_list(
             sessions = main
             remaining = limit - len(sessions)
             tail = _tail_page(
-                query, state=state, edge=edge, position=position if phase == "tail" else None, limit=remaining + 1
+                listing, state=state, edge=edge, position=position if phase == "tail" else None, limit=remaining + 1
             )
             sessions += tail[:remaining]
             if len(tail) <= remaining:
