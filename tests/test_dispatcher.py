@@ -9,6 +9,7 @@ import pytest
 from agentrun.clock import db_now
 from queues import services
 from queues.models import Queue, QueueAttempt, QueueTask, TenantLimit
+from queues.services import dispatch
 from runs.models import Command, Run
 from sessions.models import Session
 from tests.helpers import PROJECT, TENANT, finish_run, make_run, make_task, settle_all
@@ -196,7 +197,7 @@ def test_worker_once_runs_one_dispatcher_pass():
 
 
 def test_the_settle_pass_reads_past_a_batch_of_attempts_still_running(monkeypatch):
-    monkeypatch.setattr(services, "SETTLE_SCAN", 2)
+    monkeypatch.setattr(dispatch, "SETTLE_SCAN", 2)
     for _ in range(5):
         make_task()
     started = dispatch_all()
