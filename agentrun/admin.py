@@ -1,9 +1,8 @@
 """Django admin for API keys: create one (shown once), revoke with an action."""
 
 from django.contrib import admin, messages
-from django.utils import timezone
 
-from agentrun.auth import api_key_create
+from agentrun.auth import api_key_create, api_key_revoke
 from agentrun.models import ApiKey
 
 
@@ -33,5 +32,5 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request, queryset):
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        count = api_key_revoke(key_ids=queryset.values_list("pk", flat=True))
         self.message_user(request, f"Revoked {count} keys.")

@@ -6,6 +6,7 @@ import hashlib
 import secrets
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -52,9 +53,9 @@ def api_key_create(
     return key, raw
 
 
-def api_key_revoke(*, key_id: int) -> None:
-    """The key stops working (within the per-process cache time)."""
-    ApiKey.objects.filter(pk=key_id, revoked_at__isnull=True).update(revoked_at=Now())
+def api_key_revoke(*, key_ids: Iterable[int]) -> int:
+    """The keys stop working (within the per-process cache time); how many were live."""
+    return ApiKey.objects.filter(pk__in=list(key_ids), revoked_at__isnull=True).update(revoked_at=Now())
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,7 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
             raise RuntimeError(f"the {launcher.name} launcher started no runner")
     except Exception as exc:
         logger.exception("launching a runner for run %s failed", run_id)
-        api_key_revoke(key_id=key.pk)  # no runner will use it
+        api_key_revoke(key_ids=[key.pk])  # no runner will use it
         services.runner_job_update(
             job_id=job.id, result={**job.result, "failed": True, "error": str(exc)[:500]}, stopped_at=db_now()
         )
@@ -175,6 +175,6 @@ def stop_finished(launcher: Launcher, *, limit: int = 100) -> int:
                 continue
             stopped += 1
         if (job.result or {}).get("keyId"):
-            api_key_revoke(key_id=job.result["keyId"])
+            api_key_revoke(key_ids=[job.result["keyId"]])
         services.runner_job_update(job_id=job.id, stopped_at=db_now())
     return stopped
