@@ -11,6 +11,38 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class SecretEnv:
+    """An environment variable whose value is one key of a secret: a Kubernetes Secret's key
+    (`secretKeyRef`), or locally the file `var/secrets/<secret>/<key>`, else the worker's own
+    environment variable `name`. Only the reference travels; the value never leaves the secret
+    store but into the runner's environment."""
+
+    name: str
+    secret: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """The operator's resource bundle a run starts with (runs.models.ResourceBundle): what the
+    runner's environment and sandbox get. Empty fields take the launcher's defaults."""
+
+    name: str
+    env: tuple[SecretEnv, ...] = ()
+    # Secrets whose every key becomes an environment variable (`envFrom`; locally, the files
+    # of `var/secrets/<secret>/`).
+    env_from: tuple[str, ...] = ()
+    image: str = ""
+    cpu: str = ""
+    memory: str = ""
+    runtime_class_name: str = ""
+    node_selector: tuple[tuple[str, str], ...] = ()
+    # Where the runner may connect besides the manager and DNS: CIDRs, each with an optional
+    # port (`10.0.0.0/8`, `203.0.113.7/32:443`).
+    egress_allowlist: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     run_id: str
     attempt: int
@@ -25,6 +57,9 @@ class LaunchSpec:
     pvc_name: str | None = None
     pvc_namespace: str | None = None
     needs_storage: bool = False
+    bundle: Bundle | None = None
+    # executionPolicy.timeoutSeconds: the runner's sandbox is ended after it plus a grace.
+    timeout_seconds: float | None = None
 
     def runner_args(self, workdir: str) -> list[str]:
         """`python` then these: the reference runner for this run, whichever launcher starts it."""
