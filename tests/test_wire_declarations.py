@@ -347,16 +347,17 @@ def test_every_nullable_field_is_seen_null_and_set(records):
 
 
 def test_a_queue_attempts_start_is_sent_with_milliseconds(records):
-    """The dispatcher stores `startedAt` with microseconds in the task's JSON: the wire has
-    milliseconds, as every timestamp."""
-    attempts = [
-        queues.serializers.TaskOut().to_representation(task)["latestAttempt"]
-        for cls, task, _ in records
-        if cls is queues.serializers.TaskOut and task.latest_attempt
-    ]
-    assert attempts
-    for attempt in attempts:
-        assert TIMESTAMP.match(attempt["startedAt"]), attempt
+    """The dispatcher stores `startedAt` in the task's JSON as the wire writes it, and the wire
+    sends milliseconds even for a row stored with microseconds (before the dispatcher wrote them
+    so)."""
+    tasks = [task for cls, task, _ in records if cls is queues.serializers.TaskOut and task.latest_attempt]
+    assert tasks
+    for task in tasks:
+        assert TIMESTAMP.match(task.latest_attempt["startedAt"]), task.latest_attempt
+        assert TIMESTAMP.match(queues.serializers.TaskOut().to_representation(task)["latestAttempt"]["startedAt"])
+        task.latest_attempt = {**task.latest_attempt, "startedAt": "2026-12-02T10:00:00.123456+00:00"}
+        sent = queues.serializers.TaskOut().to_representation(task)["latestAttempt"]["startedAt"]
+        assert sent == "2026-12-02T10:00:00.123Z"
 
 
 def test_iso_writes_utc_milliseconds_and_z():

@@ -19,6 +19,7 @@ from agentrun.errors import AgentRunError
 from agentrun.ids import new_id
 from agentrun.sqlnames import column, table
 from agentrun.transactions import write_transaction
+from agentrun.wire import iso
 from queues.models import Queue, QueueAttempt, QueueTask, TaskState, TenantLimit
 from queues.services.tasks import (
     DEFAULT_BACKOFF_SECONDS,
@@ -182,7 +183,7 @@ def _attempt_ref(attempt: QueueAttempt) -> dict[str, Any]:
         "runId": attempt.run_id,
         "commandId": attempt.command_id,
         "state": attempt.state,
-        "startedAt": attempt.started_at.isoformat().replace("+00:00", "Z"),
+        "startedAt": iso(attempt.started_at),
     }
     if attempt.failure_kind:
         ref.update(failureKind=attempt.failure_kind, failureMessage=attempt.failure_message)
