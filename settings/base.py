@@ -144,6 +144,10 @@ AGENTRUN_RUNNER_IMAGE = os.environ.get("AGENTRUN_RUNNER_IMAGE", "")
 AGENTRUN_RUNNER_SERVICE_ACCOUNT = os.environ.get("AGENTRUN_RUNNER_SERVICE_ACCOUNT", "agentrun-runner")
 AGENTRUN_RUNNER_CPU = os.environ.get("AGENTRUN_RUNNER_CPU", "500m")
 AGENTRUN_RUNNER_MEMORY = os.environ.get("AGENTRUN_RUNNER_MEMORY", "1Gi")
+# A runner Job is ended by Kubernetes this long after its run's executionPolicy.timeoutSeconds.
+AGENTRUN_RUNNER_DEADLINE_GRACE_SECONDS = int(os.environ.get("AGENTRUN_RUNNER_DEADLINE_GRACE_SECONDS", "300"))
+# The reconciler fails a run whose runner pod stayed unschedulable this long (infra-failed).
+AGENTRUN_UNSCHEDULABLE_GRACE_SECONDS = float(os.environ.get("AGENTRUN_UNSCHEDULABLE_GRACE_SECONDS", "300"))
 AGENTRUN_SESSION_PVC_SIZE = os.environ.get("AGENTRUN_SESSION_PVC_SIZE", "5Gi")
 AGENTRUN_SESSION_STORAGE_CLASS = os.environ.get("AGENTRUN_SESSION_STORAGE_CLASS") or None
 AGENTRUN_RECONCILE_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_RECONCILE_INTERVAL_SECONDS", "30"))
