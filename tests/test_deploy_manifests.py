@@ -50,15 +50,22 @@ def test_the_cluster_gets_everything_it_needs():
 
 def test_the_launcher_role_allows_what_the_launcher_and_gc_do():
     role = next(doc for _, doc in documents() if doc["kind"] == "Role")
-    allowed = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
-    for resource, verbs in {
-        "jobs": ["create", "get", "list", "delete"],
-        "secrets": ["create"],
-        "persistentvolumeclaims": ["create", "delete"],
-        "pods": ["get", "list"],
-    }.items():
+    allowed = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    for group, resource, verbs in [
+        ("batch", "jobs", ["create", "get", "list", "delete"]),
+        ("", "secrets", ["create"]),
+        ("", "persistentvolumeclaims", ["create", "delete"]),
+        ("", "pods", ["get", "list"]),
+        ("networking.k8s.io", "networkpolicies", ["create", "update"]),  # a bundle's egress
+    ]:
         for verb in verbs:
-            assert (resource, verb) in allowed, (resource, verb)
+            assert (group, resource, verb) in allowed, (group, resource, verb)
 
 
 def test_config_names_only_settings_the_code_reads():

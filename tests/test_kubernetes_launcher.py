@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import re
 
 import pytest
 from django.core.management import call_command
 
-from agentrun.launcher import LaunchSpec
-from agentrun.launcher.kubernetes import KubernetesLauncher, job_name, session_pvc_name
+from agentrun.launcher import Bundle, LaunchSpec, SecretEnv
+from agentrun.launcher.kubernetes import (
+    KubernetesLauncher,
+    bundle_label,
+    bundle_policy_name,
+    job_name,
+    session_pvc_name,
+)
 from runs import launching, reconciling, services
 from runs.models import Run, RunnerJob
 from sessions.models import Session
@@ -82,6 +90,158 @@ def test_a_backend_that_resumes_gets_a_session_volume(k8s, fake_cluster):
     assert second.details["pvcCreated"] is False  # the session's volume already exists
     existing = k8s.launch(spec(run_id="run_x", session_id="s2", pvc_name="their-pvc", pvc_namespace="other"))
     assert existing.namespace == "other" and existing.details["pvc"] == "their-pvc"
+
+
+HARDENED = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "readOnlyRootFilesystem": True,
+}
+BUNDLE = Bundle(
+    name="gpu-sandbox",
+    env=(SecretEnv("OPENAI_API_KEY", "llm-keys", "openai"), SecretEnv("GITHUB_TOKEN", "forge", "token")),
+    env_from=("agent-extra",),
+    image="registry.example.com/agentrun-gpu:2.0",
+    cpu="2",
+    memory="4Gi",
+    runtime_class_name="gvisor",
+    node_selector=(("agentrun.io/pool", "sandbox"),),
+    egress_allowlist=("10.20.0.0/16", "203.0.113.7/32:443"),
+)
+
+
+def _pod(fake_cluster, name):
+    return fake_cluster.of("jobs")[name]["spec"]["template"]["spec"]
+
+
+def _writable(pod):
+    """Mount path -> the volume behind it: what the runner may write (the root is read-only)."""
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    return {mount["mountPath"]: volumes[mount["name"]] for mount in pod["containers"][0]["volumeMounts"]}
+
+
+def test_the_runner_pod_is_hardened_and_writes_only_its_workspace_home_and_tmp(k8s, fake_cluster):
+    launched = k8s.launch(spec())
+    job = fake_cluster.of("jobs")[launched.job_name]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"] == HARDENED
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["automountServiceAccountToken"] is False
+    assert _writable(pod) == {
+        "/tmp": {"name": "tmp", "emptyDir": {}},
+        "/workspace": {"name": "workspace", "emptyDir": {}},
+        "/home/agentrun": {"name": "home", "emptyDir": {}},
+    }
+    assert container["args"][-2:] == ["--workdir", "/workspace"]
+    assert {"name": "HOME", "value": "/home/agentrun"} in container["env"]
+    assert container["resources"]["limits"] == {"cpu": "500m", "memory": "1Gi"}
+    for absent in ("runtimeClassName", "nodeSelector"):
+        assert absent not in pod
+    assert "envFrom" not in container and "activeDeadlineSeconds" not in job["spec"]
+    assert "agentrun.io/bundle" not in job["metadata"]["labels"]
+    assert not fake_cluster.of("networkpolicies")
+
+
+def test_with_a_session_volume_home_and_the_workspace_are_on_it(k8s, fake_cluster):
+    launched = k8s.launch(spec(session_id="s1", pvc_name="agentrun-session-s1", pvc_namespace=NS))
+    pod = _pod(fake_cluster, launched.job_name)
+    assert _writable(pod) == {
+        "/tmp": {"name": "tmp", "emptyDir": {}},
+        "/var/lib/agentrun/session": {
+            "name": "session",
+            "persistentVolumeClaim": {"claimName": "agentrun-session-s1"},
+        },
+    }  # nothing at /workspace: a session's later runs find the tree on the volume
+    container = pod["containers"][0]
+    assert container["args"][-2:] == ["--workdir", "/var/lib/agentrun/session/workspace"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["HOME"] == "/var/lib/agentrun/session" and env["CODEX_HOME"] == "/var/lib/agentrun/session/codex"
+
+
+def test_a_bundle_and_a_timeout_shape_the_job_by_reference(k8s, fake_cluster):
+    launched = k8s.launch(spec(session_id="s1", pvc_name="agentrun-session-s1", bundle=BUNDLE, timeout_seconds=600))
+    assert launched.image == "registry.example.com/agentrun-gpu:2.0"  # the RunnerJob records it
+    job = fake_cluster.of("jobs")[launched.job_name]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert job["spec"]["activeDeadlineSeconds"] == 600 + 300
+    assert container["image"] == "registry.example.com/agentrun-gpu:2.0"
+    assert container["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"cpu": "2", "memory": "4Gi"},
+    }
+    assert pod["runtimeClassName"] == "gvisor" and pod["nodeSelector"] == {"agentrun.io/pool": "sandbox"}
+    assert container["envFrom"] == [{"secretRef": {"name": "agent-extra"}}]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["OPENAI_API_KEY"] == {
+        "name": "OPENAI_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "llm-keys", "key": "openai"}},
+    }
+    assert env["GITHUB_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "forge", "key": "token"}}
+    assert container["securityContext"] == HARDENED
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert labels["agentrun.io/bundle"] == "gpu-sandbox"
+    assert "ar_secret" not in json.dumps(job)  # the runner key is in its Secret, by reference
+
+    policy = fake_cluster.of("networkpolicies")[bundle_policy_name("gpu-sandbox")]
+    assert policy["metadata"]["namespace"] == NS
+    assert policy["spec"] == {
+        "podSelector": {
+            "matchLabels": {"app.kubernetes.io/name": "agentrun-runner", "agentrun.io/bundle": "gpu-sandbox"}
+        },
+        "policyTypes": ["Egress"],
+        "egress": [
+            {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]},
+            {"to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}], "ports": [{"protocol": "TCP", "port": 443}]},
+        ],
+    }
+    # The bundle's allowlist changed: the next launch replaces its policy.
+    narrower = Bundle(name="gpu-sandbox", egress_allowlist=("2001:db8::/32:8443",))
+    k8s.launch(spec(run_id="run_2", bundle=narrower, timeout_seconds=0.5))
+    assert ("PUT", "networkpolicies") in {(verb, plural) for verb, plural, _ in fake_cluster.requests}
+    assert fake_cluster.of("networkpolicies")[bundle_policy_name("gpu-sandbox")]["spec"]["egress"] == [
+        {"to": [{"ipBlock": {"cidr": "2001:db8::/32"}}], "ports": [{"protocol": "TCP", "port": 8443}]}
+    ]
+    second = fake_cluster.of("jobs")[job_name(spec(run_id="run_2"))]
+    assert second["spec"]["activeDeadlineSeconds"] == 1 + 300  # a part second is a second
+    assert second["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example.com/agentrun:1.0"
+
+
+def test_a_bundle_cannot_take_the_launchers_variables(k8s, fake_cluster):
+    bundle = Bundle(name="b", env=(SecretEnv("HOME", "s", "k"), SecretEnv("AGENTRUN_RUNNER_KEY", "s", "k")))
+    launched = k8s.launch(spec(bundle=bundle))
+    env = _pod(fake_cluster, launched.job_name)["containers"][0]["env"]
+    names = [item["name"] for item in env]
+    assert len(names) == len(set(names))
+    assert {"name": "HOME", "value": "/home/agentrun"} in env
+
+
+def test_bundle_names_become_distinct_labels_and_policy_names():
+    names = ["gpu-sandbox", "GPU Sandbox!", "GPU-Sandbox-", "x" * 80, "日本"]
+    labels = [bundle_label(name) for name in names]
+    assert len(set(labels)) == len(names) and labels[0] == "gpu-sandbox"
+    for label in labels:
+        assert re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?", label), label
+    for name in names:
+        assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", bundle_policy_name(name))
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0", "10.0.0.0/33", "10.0.0.0/8:0", "10.0.0.0/8:99999", "example.com/8"])
+def test_a_bad_allowlist_starts_no_runner(k8s, fake_cluster, entry):
+    with pytest.raises(ValueError, match="allowlist"):
+        k8s.launch(spec(bundle=Bundle(name="b", egress_allowlist=(entry,))))
+    assert not fake_cluster.requests
 
 
 def test_alive_and_stop(k8s, fake_cluster):

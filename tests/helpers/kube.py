@@ -101,15 +101,23 @@ def write_kubeconfig(path: Path, server_url: str) -> None:
 
 
 class FakeCluster:
-    """A stateful fake of the API server for Jobs, Secrets and PVCs in any namespace: creates
-    are validated against the Kubernetes schema (kubernetes-validate, strict: unknown fields are
-    errors), stored, and answered as the server would (201, 409 AlreadyExists, 404 NotFound)."""
+    """A stateful fake of the API server for Jobs, Secrets, PVCs, NetworkPolicies and pods in
+    any namespace: creates and replaces are validated against the Kubernetes schema
+    (kubernetes-validate, strict: unknown fields are errors), stored, and answered as the server
+    would (201, 409 AlreadyExists, 404 NotFound). Pods are made by the test, as the Job
+    controller would (`start_pod`), and validated the same way."""
 
     KUBERNETES_VERSION = "1.33"
     ROUTES = {
         "jobs": ("/apis/batch/v1/namespaces/{ns}/jobs", "Job", "batch/v1"),
         "secrets": ("/api/v1/namespaces/{ns}/secrets", "Secret", "v1"),
         "persistentvolumeclaims": ("/api/v1/namespaces/{ns}/persistentvolumeclaims", "PersistentVolumeClaim", "v1"),
+        "networkpolicies": (
+            "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+            "NetworkPolicy",
+            "networking.k8s.io/v1",
+        ),
+        "pods": ("/api/v1/namespaces/{ns}/pods", "Pod", "v1"),
     }
 
     def __init__(self, fake: FakeKube):
@@ -131,6 +139,9 @@ class FakeCluster:
             fake.server.expect_request(item, method="DELETE").respond_with_handler(
                 lambda request, p=plural, i=item: self._delete(request, p, i)
             )
+            fake.server.expect_request(item, method="PUT").respond_with_handler(
+                lambda request, p=plural, k=kind, a=api_version, i=item: self._replace(request, p, k, a, i)
+            )
 
     @staticmethod
     def _json(body, status=200):
@@ -150,23 +161,30 @@ class FakeCluster:
             code,
         )
 
-    def _create(self, request, plural, kind, api_version, pattern):
-        import uuid
-
+    def _valid(self, request, verb, plural, kind, api_version) -> tuple[dict, str | None]:
+        """The request's body, and why the API server would refuse it (None: it would not)."""
         import kubernetes_validate
 
-        namespace = pattern.match(request.path).group("ns")
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             self.fake.problems.append(f"{request.path}: no bearer token")
         body = json.loads(request.data)
-        self.requests.append(("POST", plural, body))
+        self.requests.append((verb, plural, body))
         if body.get("kind") != kind or body.get("apiVersion") != api_version:
             self.fake.problems.append(f"{request.path}: a {body.get('kind')} {body.get('apiVersion')} body")
         try:
             kubernetes_validate.validate(body, self.KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as error:
             self.fake.problems.append(f"{kind} fails the schema: {error.message} at {list(error.path)}")
-            return self._status(422, "Invalid", error.message)
+            return body, error.message
+        return body, None
+
+    def _create(self, request, plural, kind, api_version, pattern):
+        import uuid
+
+        namespace = pattern.match(request.path).group("ns")
+        body, invalid = self._valid(request, "POST", plural, kind, api_version)
+        if invalid is not None:
+            return self._status(422, "Invalid", invalid)
         name = body["metadata"]["name"]
         if (plural, namespace, name) in self.objects:
             return self._status(409, "AlreadyExists", f'{plural} "{name}" already exists')
@@ -190,6 +208,25 @@ class FakeCluster:
         ]
         return self._json({"apiVersion": api_version, "kind": f"{kind}List", "metadata": {}, "items": items})
 
+    def _replace(self, request, plural, kind, api_version, pattern):
+        match = pattern.match(request.path)
+        key = (plural, match.group("ns"), match.group("name"))
+        body, invalid = self._valid(request, "PUT", plural, kind, api_version)
+        if invalid is not None:
+            return self._status(422, "Invalid", invalid)
+        if body["metadata"].get("name") != key[2]:
+            return self._status(400, "BadRequest", "the name in the body does not match the URL")
+        found = self.objects.get(key)
+        if found is None:
+            return self._status(404, "NotFound", "not found")
+        stored = {
+            **body,
+            "metadata": {**body["metadata"], "namespace": key[1], "uid": found["metadata"]["uid"]},
+            "status": found.get("status", {}),
+        }
+        self.objects[key] = stored
+        return self._json(stored)
+
     def _read(self, request, plural, pattern):
         match = pattern.match(request.path)
         found = self.objects.get((plural, match.group("ns"), match.group("name")))
@@ -210,6 +247,43 @@ class FakeCluster:
 
     def set_job_status(self, namespace, name, status):
         self.objects[("jobs", namespace, name)]["status"] = status
+
+    def start_pod(self, namespace, job_name, status, *, created="2025-01-01T00:00:00Z", suffix="x1"):
+        """What the Job controller makes: a pod from the Job's template, with the Job's
+        `job-name` labels and an owner reference, in `status` (a PodStatus as the kubelet and the
+        scheduler report it). Validated against the schema like every body; returns its name."""
+        import uuid
+
+        import kubernetes_validate
+
+        job = self.objects[("jobs", namespace, job_name)]
+        template = job["spec"]["template"]
+        name = f"{job_name}-{suffix}"
+        labels = {
+            **template["metadata"]["labels"],
+            "job-name": job_name,
+            "batch.kubernetes.io/job-name": job_name,
+            "controller-uid": job["metadata"]["uid"],
+        }
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": created,
+                "labels": labels,
+                "ownerReferences": [
+                    {"apiVersion": "batch/v1", "kind": "Job", "name": job_name, "uid": job["metadata"]["uid"]}
+                ],
+            },
+            "spec": template["spec"],
+            "status": status,
+        }
+        kubernetes_validate.validate(pod, self.KUBERNETES_VERSION, strict=True)
+        self.objects[("pods", namespace, name)] = pod
+        return name
 
     def of(self, plural):
         return {name: obj for (p, _, name), obj in self.objects.items() if p == plural}
