@@ -1,5 +1,5 @@
 """deploy/: every Kubernetes manifest validates against the Kubernetes schema, and the pieces
-fit together (settings the code reads, the RBAC the launcher needs, one image)."""
+fit together (settings the code reads, the RBAC the launcher needs, one image, the runners' network)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def test_the_cluster_gets_everything_it_needs():
         ("ServiceAccount", "agentrun-manager"),
         ("ServiceAccount", "agentrun-runner"),
         ("ConfigMap", "agentrun"),
+        ("NetworkPolicy", "agentrun-runner"),
     }
     assert needed <= kinds()
     listed = set(yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())["resources"])
@@ -66,6 +67,56 @@ def test_the_launcher_role_allows_what_the_launcher_and_gc_do():
     ]:
         for verb in verbs:
             assert (group, resource, verb) in allowed, (group, resource, verb)
+
+
+def _document(kind, name):
+    return next(doc for _, doc in documents() if doc["kind"] == kind and doc["metadata"]["name"] == name)
+
+
+def test_runners_reach_only_the_manager_and_dns_besides_their_bundles_allowlist(fake_cluster):
+    from agentrun.launcher import Bundle, LaunchSpec
+    from agentrun.launcher.kubernetes import KubernetesLauncher, bundle_policy_name
+
+    config = _document("ConfigMap", "agentrun")["data"]
+    policy = _document("NetworkPolicy", "agentrun-runner")
+    assert policy["metadata"]["namespace"] == config["AGENTRUN_NAMESPACE"]  # where the runner Jobs run
+    # The labels the launcher gives a runner pod, from the Job it creates.
+    launcher = KubernetesLauncher(namespace=config["AGENTRUN_NAMESPACE"], image=config["AGENTRUN_RUNNER_IMAGE"])
+    bundle = Bundle(name="sandbox", egress_allowlist=("192.0.2.0/24:443",))
+    spec = LaunchSpec(
+        run_id="run_1",
+        attempt=1,
+        runner_id="r",
+        runner_key="k",
+        manager_url=config["AGENTRUN_URL"],
+        backend_profile="echo",
+        tenant_id="t",
+        project_id="p",
+        bundle=bundle,
+    )
+    launched = launcher.launch(spec)
+    runner_labels = fake_cluster.of("jobs")[launched.job_name]["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= runner_labels.items()
+    bundle_policy = fake_cluster.of("networkpolicies")[bundle_policy_name("sandbox")]
+    assert bundle_policy["spec"]["podSelector"]["matchLabels"].items() <= runner_labels.items()
+    # No ingress; egress to the manager's pods on their port, and DNS.
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in policy["spec"]
+    to_manager, to_dns = policy["spec"]["egress"]
+    manager = _document("Deployment", "agentrun-manager")["spec"]["template"]
+    (peer,) = to_manager["to"]
+    assert peer.keys() == {"podSelector"}  # the manager's pods in the runners' namespace
+    assert peer["podSelector"]["matchLabels"].items() <= manager["metadata"]["labels"].items()
+    manager_ports = {port["containerPort"] for port in manager["spec"]["containers"][0]["ports"]}
+    assert {(port["protocol"], port["port"]) for port in to_manager["ports"]} == {("TCP", p) for p in manager_ports}
+    service = _document("Service", "agentrun-manager")
+    assert config["AGENTRUN_URL"].endswith(f":{service['spec']['ports'][0]['port']}")
+    assert to_dns["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+    assert {(port["protocol"], port["port"]) for port in to_dns["ports"]} == {("UDP", 53), ("TCP", 53)}
 
 
 def test_config_names_only_settings_the_code_reads():
