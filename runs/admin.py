@@ -7,7 +7,7 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from runs import services
-from runs.models import Command, Run, RunEvent, RunnerJob
+from runs.models import Command, ResourceBundle, Run, RunEvent, RunnerJob
 from sessions.admin import SessionAdmin
 from sessions.models import Session
 
@@ -135,3 +135,27 @@ class SessionWithRunsAdmin(SessionAdmin):
 
 admin.site.unregister(Session)
 admin.site.register(Session, SessionWithRunsAdmin)
+
+
+@admin.register(ResourceBundle)
+class ResourceBundleAdmin(admin.ModelAdmin):
+    """Operators manage the bundles here. A bundle names secrets and their keys; the values stay
+    in the secret store (a Kubernetes Secret, or `var/secrets/` for the local launcher)."""
+
+    list_display = ("name", "tenant_id", "is_default", "variables", "image", "cpu", "memory", "runtime_class_name")
+    list_filter = ("is_default",)
+    search_fields = ("name", "tenant_id")
+    ordering = ("tenant_id", "name")
+    readonly_fields = ("created_at", "updated_at")
+    fieldsets = (
+        (None, {"fields": ("tenant_id", "name", "is_default")}),
+        ("Environment (secret references only)", {"fields": ("env", "env_from")}),
+        ("Sandbox", {"fields": ("image", "cpu", "memory", "runtime_class_name", "node_selector", "egress_allowlist")}),
+        (None, {"fields": ("created_at", "updated_at")}),
+    )
+
+    @admin.display(description="variables")
+    def variables(self, bundle):
+        names = [item.get("name", "?") for item in bundle.env if isinstance(item, dict)]
+        names += [f"{secret}/*" for secret in bundle.env_from]
+        return ", ".join(names) or "none"

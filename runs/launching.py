@@ -17,9 +17,9 @@ from agentrun.backends import can
 from agentrun.clock import db_now
 from agentrun.errors import INFRA_FAILED, AgentRunError
 from agentrun.ids import stable_hash
-from agentrun.launcher import Launcher, LaunchSpec
+from agentrun.launcher import Bundle, Launcher, LaunchSpec, SecretEnv
 from runs import services
-from runs.models import RUN_TERMINAL, Run, RunnerJob, RunStatus
+from runs.models import RUN_TERMINAL, ResourceBundle, Run, RunnerJob, RunStatus
 from sessions import services as session_services
 from sessions.models import Session, StorageKind
 
@@ -67,7 +67,8 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
                 run_id=run.id,
                 terminal_status="failed",
                 failure_kind=INFRA_FAILED,
-                message=f"no runner started after {len(jobs)} launches",
+                message=f"no runner started after {len(jobs)} launches"
+                + (f": {jobs[-1].result['error']}" if (jobs[-1].result or {}).get("error") else ""),
             )
             return False
         attempt = len(jobs) + 1
@@ -79,6 +80,13 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
             run_id=run.id,
             name=f"runner for {run.id}",
         )
+        try:
+            bundle = _launch_bundle(run)
+        except LookupError as exc:
+            services.run_expire_in_transaction(
+                run_id=run.id, terminal_status="failed", failure_kind=INFRA_FAILED, message=str(exc)
+            )
+            return False
         session = _session_storage(run)
         spec = LaunchSpec(
             run_id=run.id,
@@ -90,7 +98,11 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
             tenant_id=run.tenant_id,
             project_id=run.project_id,
             session_id=run.session_id,
-            needs_storage=can(run.backend_profile, "resume"),
+            # A backend that resumes its thread keeps it on the session's volume, and a git
+            # workspace of a session lives there so the session's next run continues on it.
+            needs_storage=can(run.backend_profile, "resume") or (run.session_id is not None and _git_workspace(run)),
+            bundle=bundle,
+            timeout_seconds=_timeout_seconds(run),
             **session,
         )
         fields = {
@@ -144,6 +156,36 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
             )
     logger.info("started runner %s for run %s (%s/%s)", runner_id, run_id, launched.namespace, launched.job_name)
     return True
+
+
+def _launch_bundle(run: Run) -> Bundle | None:
+    """The run's resource bundle as the launcher takes it; LookupError when it was deleted since
+    the run was created."""
+    if run.resource_bundle is None:
+        return None
+    bundle = ResourceBundle.objects.filter(tenant_id=run.tenant_id, name=run.resource_bundle).first()
+    if bundle is None:
+        raise LookupError(f"resource bundle {run.resource_bundle!r} no longer exists")
+    return Bundle(
+        name=bundle.name,
+        env=tuple(SecretEnv(name=item["name"], secret=item["secret"], key=item["key"]) for item in bundle.env),
+        env_from=tuple(bundle.env_from),
+        image=bundle.image,
+        cpu=bundle.cpu,
+        memory=bundle.memory,
+        runtime_class_name=bundle.runtime_class_name,
+        node_selector=tuple(sorted(bundle.node_selector.items())),
+        egress_allowlist=tuple(bundle.egress_allowlist),
+    )
+
+
+def _git_workspace(run: Run) -> bool:
+    return isinstance(run.workspace_ref, dict) and run.workspace_ref.get("kind") == "git"
+
+
+def _timeout_seconds(run: Run) -> float | None:
+    timeout = (run.execution_policy or {}).get("timeoutSeconds") if isinstance(run.execution_policy, dict) else None
+    return float(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None
 
 
 def _session_storage(run: Run) -> dict:

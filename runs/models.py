@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from django.core.exceptions import ValidationError
 from django.db import models
+
+from runs.validation import bundle_problems
 
 
 class RunStatus(models.TextChoices):
@@ -41,6 +44,9 @@ class Run(models.Model):
     # The session the run belongs to (its sessionRef's id), for the session's trace and runs.
     session_id = models.CharField(max_length=255, null=True, blank=True, db_collation="C")
     resource_bundle_ref = models.JSONField(null=True, blank=True)
+    # The name of the operator's resource bundle the run starts with (its ref's, else the
+    # tenant's default at create), or None.
+    resource_bundle = models.CharField(max_length=200, null=True, blank=True, db_collation="C")
     provider_id = models.CharField(max_length=200, null=True, blank=True)
     workspace_ref = models.JSONField(null=True, blank=True)
     execution_policy = models.JSONField(null=True, blank=True)
@@ -163,6 +169,63 @@ class EventBatch(models.Model):
 
     def __str__(self) -> str:
         return f"{self.run_id}/{self.batch_key}"
+
+
+class ResourceBundle(models.Model):
+    """What an operator gives a tenant's runs (SPEC has no such entity; issue-level design in
+    README "Resource bundles"): environment from secret references (provider keys, git tokens),
+    the runner's image, CPU and memory, an optional runtime class and node selector, and an
+    egress allowlist. A run picks one with `resourceBundleRef: {kind: "bundle", name}`, or gets
+    its tenant's default. It holds references only: no secret value is stored here."""
+
+    tenant_id = models.CharField(max_length=200)
+    name = models.CharField(max_length=200, db_collation="C")
+    is_default = models.BooleanField(default=False, help_text="The bundle of the tenant's runs that name none.")
+    env = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Variables from secret keys: [{"name": "OPENAI_API_KEY", "secret": "openai", "key": "api-key"}].',
+    )
+    env_from = models.JSONField(
+        default=list, blank=True, help_text='Secrets whose every key becomes a variable: ["git-tokens"].'
+    )
+    image = models.CharField(max_length=1000, blank=True, help_text="The runner image; empty: the default.")
+    cpu = models.CharField(max_length=32, blank=True, help_text="A Kubernetes quantity (500m, 2); empty: default.")
+    memory = models.CharField(max_length=32, blank=True, help_text="A Kubernetes quantity (1Gi); empty: default.")
+    runtime_class_name = models.CharField(max_length=253, blank=True, help_text="gvisor, kata...; empty: none.")
+    node_selector = models.JSONField(default=dict, blank=True, help_text='Node labels: {"pool": "agents"}.')
+    egress_allowlist = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Where runners may connect besides agentrun and DNS: ["203.0.113.0/24", "198.51.100.7/32:443"].',
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant_id", "name"], name="resource_bundle_name"),
+            models.UniqueConstraint(
+                fields=["tenant_id"], name="resource_bundle_default", condition=models.Q(is_default=True)
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.name}"
+
+    def clean(self) -> None:
+        problems = bundle_problems(
+            name=self.name,
+            env=self.env,
+            env_from=self.env_from,
+            cpu=self.cpu,
+            memory=self.memory,
+            runtime_class_name=self.runtime_class_name,
+            node_selector=self.node_selector,
+            egress_allowlist=self.egress_allowlist,
+        )
+        if problems:
+            raise ValidationError(problems)
 
 
 class Runner(models.Model):

@@ -6,9 +6,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from agentrun.auth import Scope
-from agentrun.errors import SCHEMA_INVALID, AgentRunError, not_found
+from agentrun.errors import SCHEMA_INVALID, AgentRunError, invalid, not_found
 from agentrun.vocabulary import OUTPUT_EVENT_TYPES
-from runs.models import RUN_TERMINAL, Command, Run, RunEvent, RunnerJob
+from runs.models import RUN_TERMINAL, Command, ResourceBundle, Run, RunEvent, RunnerJob
+from runs.validation import bundle_name
 from sessions import selectors as session_selectors
 
 UNRESTRICTED = Scope.unrestricted()
@@ -96,3 +97,31 @@ def runner_job_list(*, run_id: str, command_id: str | None = None) -> list[Runne
     if command_id:
         jobs = jobs.filter(command_id=command_id)
     return list(jobs.order_by("created_at", "id"))
+
+
+def resource_bundle_for(*, tenant_id: str, resource_bundle_ref: dict | None) -> ResourceBundle | None:
+    """The operator's resource bundle a run of the tenant starts with: the one its (validated)
+    ref names, else the tenant's default, else None. 400 naming the bundle when the tenant has
+    none of that name (another tenant's bundle is as unknown as a missing one)."""
+    name = bundle_name(resource_bundle_ref)
+    if name is None:
+        return ResourceBundle.objects.filter(tenant_id=tenant_id, is_default=True).first()
+    bundle = ResourceBundle.objects.filter(tenant_id=tenant_id, name=name).first()
+    if bundle is None:
+        raise invalid(f"unknown resource bundle {name!r}", field="resourceBundleRef.name")
+    return bundle
+
+
+def check_workspace_credentials(workspace_ref: object, bundle: ResourceBundle | None) -> None:
+    """A git workspace's `credentialsRef` must be a variable the run's bundle provides, when
+    the bundle's variables are all known (a secret's keys taken whole, `env_from`, are not)."""
+    if not isinstance(workspace_ref, dict) or workspace_ref.get("kind") != "git":
+        return
+    name = workspace_ref.get("credentialsRef")
+    if name is None or bundle is None or bundle.env_from:
+        return
+    if name not in {item["name"] for item in bundle.env}:
+        raise invalid(
+            f"workspaceRef.credentialsRef {name!r} is no variable of resource bundle {bundle.name!r}",
+            field="workspaceRef.credentialsRef",
+        )

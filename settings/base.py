@@ -153,3 +153,6 @@ AGENTRUN_SESSION_STORAGE_CLASS = os.environ.get("AGENTRUN_SESSION_STORAGE_CLASS"
 AGENTRUN_RECONCILE_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_RECONCILE_INTERVAL_SECONDS", "30"))
 # Who starts runners for pending runs: local (a subprocess per run), kubernetes (a Job per run) or none.
 AGENTRUN_LAUNCHER = os.environ.get("AGENTRUN_LAUNCHER", "none")
+# The local launcher's secret store, laid out as Kubernetes mounts a Secret: the value of key K
+# of secret S is the file <dir>/S/K (a resource bundle's references are read from it).
+AGENTRUN_SECRETS_DIR = Path(os.environ.get("AGENTRUN_SECRETS_DIR", VAR_DIR / "secrets"))

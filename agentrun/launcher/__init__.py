@@ -7,7 +7,11 @@ it returns (a `Launched`) as the run's RunnerJob.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+# An environment variable's name, as a bundle's references and a secret's keys name them.
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
 @dataclass(frozen=True)

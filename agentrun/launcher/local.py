@@ -12,7 +12,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from agentrun.launcher import Launched, Launcher, LaunchSpec
+from agentrun.launcher import ENV_NAME, Bundle, Launched, Launcher, LaunchSpec
 
 
 def _cmdline(pid: int) -> str:
@@ -20,6 +20,38 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def bundle_environment(bundle: Bundle, secrets_dir: Path) -> dict[str, str]:
+    """The variables a bundle gives the runner, read from the local secret store: each key of
+    an `env_from` secret (a file of `<secrets_dir>/<secret>/`), then each `env` reference (the
+    file `<secrets_dir>/<secret>/<key>`, else the worker's own variable of that name). A value's
+    one trailing newline is dropped. LookupError naming what is missing (never a value)."""
+    values: dict[str, str] = {}
+    for secret in bundle.env_from:
+        folder = secrets_dir / secret
+        if not folder.is_dir():
+            raise LookupError(f"resource bundle {bundle.name!r}: secret {secret!r} is not in {secrets_dir}")
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and ENV_NAME.match(path.name):
+                values[path.name] = _secret_text(path)
+    for ref in bundle.env:
+        path = secrets_dir / ref.secret / ref.key
+        if path.is_file():
+            values[ref.name] = _secret_text(path)
+        elif ref.name in os.environ:
+            values[ref.name] = os.environ[ref.name]
+        else:
+            raise LookupError(
+                f"resource bundle {bundle.name!r}: {ref.name} needs {path} (key {ref.key!r} of secret "
+                f"{ref.secret!r}) or {ref.name} in the worker's environment"
+            )
+    return values
+
+
+def _secret_text(path: Path) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return text[:-1] if text.endswith("\n") else text
 
 
 class LocalLauncher(Launcher):
@@ -44,6 +76,8 @@ class LocalLauncher(Launcher):
             ),
         }
         env.pop("DATABASE_URL", None)  # a runner talks HTTP only
+        if spec.bundle is not None:
+            env.update(bundle_environment(spec.bundle, Path(settings.AGENTRUN_SECRETS_DIR)))
         try:
             child = subprocess.Popen(
                 argv,

@@ -97,7 +97,11 @@ def task_create(*, idempotency_key: str | None = None, **fields: Any) -> tuple[Q
     one key make one task. Errors: 400 for an unknown backend or a malformed ref."""
     backends.require_profile(fields["backend_profile"])
     run_services.validate_session_ref(fields.get("session_ref"))
-    run_services.validate_resource_bundle_ref(fields.get("resource_bundle_ref"))
+    bundle_ref = run_services.validate_resource_bundle_ref(fields.get("resource_bundle_ref"))
+    workspace_ref = run_services.validate_workspace_ref(fields.get("workspace_ref"))
+    # Checked now as its run will be, so a task that names an unknown bundle is refused, not failed later.
+    bundle = run_selectors.resource_bundle_for(tenant_id=fields["tenant_id"], resource_bundle_ref=bundle_ref)
+    run_selectors.check_workspace_credentials(workspace_ref, bundle)
     values = {name: fields.get(name) for name in HASHED_FIELDS}
     payload_hash = stable_hash({WIRE_NAMES.get(name, name): value for name, value in values.items()})
     idempotency_key = idempotency_key or None

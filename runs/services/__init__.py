@@ -44,6 +44,7 @@ from runs.validation import (
     validate_event,
     validate_resource_bundle_ref,
     validate_session_ref,
+    validate_workspace_ref,
 )
 
 __all__ = [
@@ -75,4 +76,5 @@ __all__ = [
     "validate_event",
     "validate_resource_bundle_ref",
     "validate_session_ref",
+    "validate_workspace_ref",
 ]

@@ -18,6 +18,7 @@ from agentrun.clock import db_now
 from agentrun.errors import CANCELLED, RUNNER_LEASE_CONFLICT, SCHEMA_INVALID, conflict
 from agentrun.ids import new_id, stable_hash
 from agentrun.transactions import durable_service, in_transaction, write_transaction
+from runs import selectors
 from runs.models import Run, RunStatus
 from runs.services._write import (
     DEFAULT_CANCEL_REASON,
@@ -28,7 +29,12 @@ from runs.services._write import (
     _RunWrite,
     _terminal_run_error,
 )
-from runs.validation import summarize_resource_bundle_ref, validate_resource_bundle_ref, validate_session_ref
+from runs.validation import (
+    summarize_resource_bundle_ref,
+    validate_resource_bundle_ref,
+    validate_session_ref,
+    validate_workspace_ref,
+)
 from sessions import services as session_services
 
 
@@ -58,6 +64,9 @@ def run_create_in_transaction(
     backends.require_profile(backend_profile)
     session_ref = validate_session_ref(session_ref)
     resource_bundle_ref = validate_resource_bundle_ref(resource_bundle_ref)
+    workspace_ref = validate_workspace_ref(workspace_ref)
+    bundle = selectors.resource_bundle_for(tenant_id=tenant_id, resource_bundle_ref=resource_bundle_ref)
+    selectors.check_workspace_credentials(workspace_ref, bundle)
     idempotency_key = idempotency_key or None
     fields = {
         "tenant_id": tenant_id,
@@ -79,6 +88,8 @@ def run_create_in_transaction(
     try:
         # A savepoint: losing the key's race undoes the insert, not the caller's transaction.
         with transaction.atomic():
+            # The bundle is not in the hash: a replay is the same input, whatever the default now is.
+            fields["resource_bundle"] = bundle.name if bundle is not None else None
             return _run_insert(fields, idempotency_key=idempotency_key, payload_hash=payload_hash), True
     except IntegrityError:
         # A concurrent create with the same key won the unique index: replay its run.
