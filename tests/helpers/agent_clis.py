@@ -45,6 +45,7 @@ class ScriptedModel:
 
     def __init__(self, script: list[dict]):
         self.script, self.requests, self.lock = list(script), [], threading.Lock()
+        self.keys: list[str | None] = []  # each request's API key header, as the CLI sent it
         model = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +56,7 @@ class ScriptedModel:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 with model.lock:
                     model.requests.append((self.path, body))
+                    model.keys.append(self.headers.get("authorization") or self.headers.get("x-api-key"))
                 model.answer(self, body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
