@@ -7,12 +7,16 @@ from __future__ import annotations
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from agentrun.errors import AgentRunError
 from agentrun.launcher import Bundle, Launched, Launcher, SecretEnv
 from agentrun.launcher.local import bundle_environment
 from queues.models import QueueTask
 from runs import launching, services
 from runs.models import ResourceBundle, Run, RunEvent
+from runs.validation import validate_resource_bundle_ref, validate_workspace_ref
 from tests.helpers import PROJECT, TENANT, assert_error, make_run
 
 pytestmark = pytest.mark.django_db
@@ -366,3 +370,41 @@ def test_the_run_admin_shows_the_runs_bundle(staff):
     page = staff.get(f"/admin/runs/run/{run.id}/change/").content.decode()
     assert "agents" in page
     assert "api-key" not in page  # the bundle's references are on its own page, not the run's
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+GIT_LIKE = st.fixed_dictionaries(
+    {"kind": st.just("git")},
+    optional={
+        "url": st.one_of(st.text(), st.sampled_from(["https://h/x", "file:///x", "git@h:x", "https://[::1", "ssh://"])),
+        "ref": JSON,
+        "path": JSON,
+        "depth": JSON,
+        "credentialsRef": JSON,
+        "commit": JSON,
+        "push": JSON,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ref=st.one_of(GIT_LIKE, JSON))
+def test_any_workspace_ref_is_taken_or_refused_with_a_400(ref):
+    try:
+        assert validate_workspace_ref(ref) is ref
+    except AgentRunError as error:
+        assert error.status == 400 and error.kind == "schema-invalid"
+        assert error.details["field"].startswith("workspaceRef.")
+
+
+@settings(max_examples=200, deadline=None)
+@given(ref=st.one_of(st.fixed_dictionaries({"kind": st.just("bundle")}, optional={"name": JSON, "x": JSON}), JSON))
+def test_any_resource_bundle_ref_is_taken_or_refused_with_a_400(ref):
+    try:
+        validate_resource_bundle_ref(ref)
+    except AgentRunError as error:
+        assert error.status == 400 and error.kind == "schema-invalid"
