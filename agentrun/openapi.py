@@ -82,6 +82,24 @@ class ReaderAttention:
         version = getattr(record, "cursor_version", None)
         return version if version is not None and self.context.get("reader_id") is not None else None
 
+    def _read_cursor(
+        self, record: Any, cursor: serializers.Serializer, *, record_id: tuple[str, str], version_source: str
+    ) -> dict | None:
+        """The reader's cursor on `record` rendered by `cursor` (one instance renders every row),
+        None without one; `record_id` is the cursor's (source, value) of the record's id, and
+        `version_source` the source of its version."""
+        version = self._cursor_version(record)
+        if version is None:
+            return None
+        return cursor.to_representation(
+            {
+                record_id[0]: record_id[1],
+                "reader_id": self.context["reader_id"],
+                version_source: version,
+                "read_at": getattr(record, "cursor_read_at", None),
+            }
+        )
+
     @extend_schema_field(READER_ID_SCHEMA)
     def get_readerId(self, record: Any) -> str | None:
         return self.context.get("reader_id")

@@ -128,17 +128,7 @@ class TaskSummaryOut(ReaderAttention, TaskOut):
 
     @extend_schema_field(TaskReadCursorOut(allow_null=True))
     def get_readCursor(self, task: QueueTask) -> dict | None:
-        version = self._cursor_version(task)
-        if version is None:
-            return None
-        return _READ_CURSOR.to_representation(
-            {
-                "task_id": task.id,
-                "reader_id": self.context["reader_id"],
-                "task_version": version,
-                "read_at": getattr(task, "cursor_read_at", None),
-            }
-        )
+        return self._read_cursor(task, _READ_CURSOR, record_id=("task_id", task.id), version_source="task_version")
 
     @extend_schema_field(serializers.BooleanField())
     def get_active(self, task: QueueTask) -> bool:

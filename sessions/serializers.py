@@ -144,16 +144,8 @@ class SessionOut(ReaderAttention, RecordSerializer):
 
     @extend_schema_field(ReadCursorOut(allow_null=True))
     def get_readCursor(self, session: Session) -> dict | None:
-        version = self._cursor_version(session)
-        if version is None:
-            return None
-        return _READ_CURSOR.to_representation(
-            {
-                "session_id": session.session_id,
-                "reader_id": self.context["reader_id"],
-                "session_version": version,
-                "read_at": getattr(session, "cursor_read_at", None),
-            }
+        return self._read_cursor(
+            session, _READ_CURSOR, record_id=("session_id", session.session_id), version_source="session_version"
         )
 
     @extend_schema_field(serializers.BooleanField())
