@@ -1,4 +1,5 @@
-"""Compare runner jobs with Kubernetes: fail runs whose Job failed or vanished, delete Jobs of ended runs."""
+"""Compare runner jobs with Kubernetes: fail runs whose Job failed or vanished or whose pod cannot go on,
+delete Jobs of ended runs."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from runs import reconciling
 
 class Command(BaseCommand):
     help = (
-        "Fail claimed runs whose runner Job failed or vanished (runner-lost), and delete runner Jobs whose "
-        "runs have ended or do not exist. Needs the kubernetes launcher's settings."
+        "Fail claimed runs whose runner Job failed or vanished (runner-lost); fail pending and claimed runs "
+        "whose runner pod cannot go on (unschedulable past the grace, an image that cannot be pulled, a "
+        "container that cannot be configured: infra-failed; OOMKilled: agent-failed; evicted, disrupted or "
+        "node lost: runner-lost); delete runner Jobs whose runs have ended or do not exist. Needs the "
+        "kubernetes launcher's settings."
     )
 
     def add_arguments(self, parser):
@@ -28,6 +32,8 @@ class Command(BaseCommand):
                 "fail-run": "would fail run" if dry_run else "failed run",
                 "delete-job": "would delete Job" if dry_run else "deleted Job",
             }[item.action]
-            target = item.run_id if item.action == "fail-run" else item.job
-            self.stdout.write(f"{verb} {target}: {item.detail}")
+            if item.action == "fail-run":
+                self.stdout.write(f"{verb} {item.run_id} ({item.kind}, {item.reason}): {item.detail}")
+            else:
+                self.stdout.write(f"{verb} {item.job}: {item.detail}")
         self.stdout.write(f"{'dry run: ' if dry_run else ''}{len(findings)} finding(s)")
