@@ -63,7 +63,7 @@ def test_the_launcher_role_allows_what_the_launcher_and_gc_do():
         ("", "secrets", ["create"]),
         ("", "persistentvolumeclaims", ["create", "delete"]),
         ("", "pods", ["get", "list"]),
-        ("networking.k8s.io", "networkpolicies", ["create", "update"]),  # a bundle's egress
+        ("networking.k8s.io", "networkpolicies", ["create", "update", "delete"]),  # a bundle's egress
     ]:
         for verb in verbs:
             assert (group, resource, verb) in allowed, (group, resource, verb)

@@ -213,6 +213,9 @@ def test_a_bundle_and_a_timeout_shape_the_job_by_reference(k8s, fake_cluster):
     assert fake_cluster.of("networkpolicies")[bundle_policy_name("gpu-sandbox")]["spec"]["egress"] == [
         {"to": [{"ipBlock": {"cidr": "2001:db8::/32"}}], "ports": [{"protocol": "TCP", "port": 8443}]}
     ]
+    # Emptied: its policy goes, and the runners keep only the manager and DNS (deploy/).
+    k8s.launch(spec(run_id="run_3", bundle=Bundle(name="gpu-sandbox")))
+    assert not fake_cluster.of("networkpolicies")
     second = fake_cluster.of("jobs")[job_name(spec(run_id="run_2"))]
     assert second["spec"]["activeDeadlineSeconds"] == 1 + 300  # a part second is a second
     assert second["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example.com/agentrun:1.0"

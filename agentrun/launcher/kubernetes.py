@@ -130,8 +130,8 @@ class KubernetesLauncher(Launcher):
             raise ValueError("the kubernetes launcher needs AGENTRUN_RUNNER_IMAGE (the runner's container image)")
         name = job_name(spec)
         namespace = spec.pvc_namespace or self.namespace
-        if spec.bundle is not None and spec.bundle.egress_allowlist:
-            # Before the Job: its pod starts with its egress allowed.
+        if spec.bundle is not None:
+            # Before the Job: its pod starts with its egress allowed, and only that.
             self._apply_bundle_policy(spec.bundle, namespace)
         pvc, created_pvc = spec.pvc_name, False
         if pvc is None and spec.needs_storage and spec.session_id:
@@ -161,9 +161,24 @@ class KubernetesLauncher(Launcher):
 
     def _apply_bundle_policy(self, bundle: Bundle, namespace: str) -> None:
         """The bundle's NetworkPolicy: its runner pods may also reach exactly its allowlist.
-        Created, or replaced when it exists (the bundle's allowlist may have changed)."""
+        Created, or replaced when it exists (the bundle's allowlist may have changed); deleted
+        when the allowlist is empty (it may have been emptied)."""
         name = bundle_policy_name(bundle.name)
         label = bundle_label(bundle.name)
+        timeout = kube.REQUEST_TIMEOUT_SECONDS
+        if not bundle.egress_allowlist:
+            try:
+                self.networking.delete_namespaced_network_policy(
+                    name,
+                    namespace,
+                    body=client.V1DeleteOptions(),
+                    _headers={"Content-Type": "application/json"},
+                    _request_timeout=timeout,
+                )
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise kube.KubeError(f"deleting NetworkPolicy {namespace}/{name}: HTTP {exc.status}") from None
+            return
         body = client.V1NetworkPolicy(
             api_version="networking.k8s.io/v1",
             kind="NetworkPolicy",
@@ -178,7 +193,6 @@ class KubernetesLauncher(Launcher):
                 egress=egress_rules(bundle.egress_allowlist),
             ),
         )
-        timeout = kube.REQUEST_TIMEOUT_SECONDS
         try:
             self.networking.create_namespaced_network_policy(namespace, body, _request_timeout=timeout)
         except ApiException as exc:
