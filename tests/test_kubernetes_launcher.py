@@ -17,11 +17,13 @@ from agentrun.launcher.kubernetes import (
     KubernetesLauncher,
     bundle_label,
     bundle_policy_name,
+    egress_target,
     job_name,
     session_pvc_name,
 )
 from runs import launching, reconciling, services
 from runs.models import Run, RunnerJob
+from runs.validation import egress_entry
 from sessions.models import Session
 from tests.helpers import claim, make_run
 
@@ -207,11 +209,13 @@ def test_a_bundle_and_a_timeout_shape_the_job_by_reference(k8s, fake_cluster):
         ],
     }
     # The bundle's allowlist changed: the next launch replaces its policy.
-    narrower = Bundle(name="gpu-sandbox", egress_allowlist=("2001:db8::/32:8443",))
+    narrower = Bundle(name="gpu-sandbox", egress_allowlist=("[2001:db8::/32]:8443", "192.0.2.9", "2001:db8:1::/48"))
     k8s.launch(spec(run_id="run_2", bundle=narrower, timeout_seconds=0.5))
     assert ("PUT", "networkpolicies") in {(verb, plural) for verb, plural, _ in fake_cluster.requests}
     assert fake_cluster.of("networkpolicies")[bundle_policy_name("gpu-sandbox")]["spec"]["egress"] == [
-        {"to": [{"ipBlock": {"cidr": "2001:db8::/32"}}], "ports": [{"protocol": "TCP", "port": 8443}]}
+        {"to": [{"ipBlock": {"cidr": "2001:db8::/32"}}], "ports": [{"protocol": "TCP", "port": 8443}]},
+        {"to": [{"ipBlock": {"cidr": "192.0.2.9/32"}}]},
+        {"to": [{"ipBlock": {"cidr": "2001:db8:1::/48"}}]},
     ]
     # Emptied: its policy goes, and the runners keep only the manager and DNS (deploy/).
     k8s.launch(spec(run_id="run_3", bundle=Bundle(name="gpu-sandbox")))
@@ -240,7 +244,19 @@ def test_bundle_names_become_distinct_labels_and_policy_names():
         assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", bundle_policy_name(name))
 
 
-@pytest.mark.parametrize("entry", ["10.0.0.0", "10.0.0.0/33", "10.0.0.0/8:0", "10.0.0.0/8:99999", "example.com/8"])
+def test_the_launcher_reads_every_allowlist_entry_the_bundle_validation_takes():
+    entries = ["10.0.0.0/8", "203.0.113.7/32:443", "203.0.113.7", "203.0.113.7:22", "::/0", "[2001:db8::/32]:443"]
+    entries += ["[2001:db8::1]:8443", "10.0.0.0/33", "10.0.0.0/8:0", "10.0.0.0/8:99999", "2001:db8::/32:443", "x/8"]
+    for entry in entries:
+        expected = egress_entry(entry)
+        if expected is None:
+            with pytest.raises(ValueError):
+                egress_target(entry)
+        else:
+            assert egress_target(entry) == expected, entry
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "10.0.0.0/8:0", "10.0.0.0/8:99999", "example.com/8"])
 def test_a_bad_allowlist_starts_no_runner(k8s, fake_cluster, entry):
     with pytest.raises(ValueError, match="allowlist"):
         k8s.launch(spec(bundle=Bundle(name="b", egress_allowlist=(entry,))))

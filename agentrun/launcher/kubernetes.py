@@ -70,22 +70,27 @@ def bundle_policy_name(name: str) -> str:
     return _dns_name("agentrun-bundle", name)
 
 
+def egress_target(entry: str) -> tuple[str, int | None]:
+    """An allowlist entry as (CIDR, port or None), in the syntax runs.validation.egress_entry
+    takes: a CIDR or an address (`10.0.0.0/8`, `203.0.113.7`), with `:port` after an IPv4 one or
+    after a bracketed IPv6 one (`[2001:db8::/32]:443`). A ValueError when it is neither."""
+    ipv4_port = entry.count(":") == 1
+    address, _, port_text = entry.rpartition(":") if ipv4_port or "]:" in entry else (entry, "", "")
+    try:
+        cidr = str(ipaddress.ip_network(address.strip("[]"), strict=False))
+        if port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
+            raise ValueError(f"port {port_text!r}")
+    except ValueError as exc:
+        raise ValueError(f"egress allowlist entry {entry!r} is not a CIDR with an optional port ({exc})") from None
+    return cidr, int(port_text) if port_text else None
+
+
 def egress_rules(allowlist: tuple[str, ...]) -> list[client.V1NetworkPolicyEgressRule]:
-    """One egress rule per allowlist entry: `CIDR` (any port) or `CIDR:port` (TCP to that port).
-    An entry that is neither is a ValueError: a bad allowlist starts no runner."""
+    """One egress rule per allowlist entry: to its CIDR on any port, or TCP to its port. A bad
+    entry is a ValueError: a bad allowlist starts no runner."""
     rules = []
     for entry in allowlist:
-        address, slash, rest = entry.partition("/")
-        prefix, colon, port_text = rest.partition(":")  # IPv6 has colons, but never after the prefix
-        try:
-            if not slash:
-                raise ValueError("no /prefix")
-            cidr = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
-            port = int(port_text) if colon else None
-            if port is not None and not 0 < port < 65536:
-                raise ValueError("port out of range")
-        except ValueError as exc:
-            raise ValueError(f"egress allowlist entry {entry!r} is not CIDR or CIDR:port ({exc})") from None
+        cidr, port = egress_target(entry)
         rules.append(
             client.V1NetworkPolicyEgressRule(
                 to=[client.V1NetworkPolicyPeer(ip_block=client.V1IPBlock(cidr=cidr))],
