@@ -8,14 +8,13 @@ writes a table.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 from agentrun.errors import invalid
 from agentrun.fields import SESSION_ID_MAX_LENGTH, check_identifier
-from agentrun.launcher import ENV_NAME
+from agentrun.launcher import ENV_NAME, egress_target
 from agentrun.text import is_unstorable
 from agentrun.vocabulary import EVENT_TYPES
 from agentrun.wire import parse_iso
@@ -312,17 +311,10 @@ def bundle_problems(
 
 
 def egress_entry(value: object) -> tuple[str, int | None] | None:
-    """An allowlist entry as (CIDR, port or None); None when it is not one."""
+    """An allowlist entry as (CIDR, port or None), as the launchers read it; None when it is not one."""
     if not isinstance(value, str) or len(value) > 64:
         return None
-    cidr, _, port_text = value.rpartition(":") if value.count(":") == 1 or "]:" in value else (value, "", "")
-    cidr = cidr.strip("[]")
     try:
-        network = ipaddress.ip_network(cidr, strict=False)
+        return egress_target(value)
     except ValueError:
         return None
-    if not port_text:
-        return str(network), None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        return None
-    return str(network), int(port_text)

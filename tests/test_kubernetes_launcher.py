@@ -12,12 +12,11 @@ import re
 import pytest
 from django.core.management import call_command
 
-from agentrun.launcher import Bundle, LaunchSpec, SecretEnv
+from agentrun.launcher import Bundle, LaunchSpec, SecretEnv, egress_target
 from agentrun.launcher.kubernetes import (
     KubernetesLauncher,
     bundle_label,
     bundle_policy_name,
-    egress_target,
     job_name,
     session_pvc_name,
 )
@@ -244,16 +243,32 @@ def test_bundle_names_become_distinct_labels_and_policy_names():
         assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", bundle_policy_name(name))
 
 
-def test_the_launcher_reads_every_allowlist_entry_the_bundle_validation_takes():
-    entries = ["10.0.0.0/8", "203.0.113.7/32:443", "203.0.113.7", "203.0.113.7:22", "::/0", "[2001:db8::/32]:443"]
-    entries += ["[2001:db8::1]:8443", "10.0.0.0/33", "10.0.0.0/8:0", "10.0.0.0/8:99999", "2001:db8::/32:443", "x/8"]
-    for entry in entries:
-        expected = egress_entry(entry)
-        if expected is None:
-            with pytest.raises(ValueError):
-                egress_target(entry)
-        else:
-            assert egress_target(entry) == expected, entry
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("10.0.0.0/8", ("10.0.0.0/8", None)),
+        ("203.0.113.7/32:443", ("203.0.113.7/32", 443)),
+        ("203.0.113.7", ("203.0.113.7/32", None)),
+        ("203.0.113.7:22", ("203.0.113.7/32", 22)),
+        ("10.1.2.3/8", ("10.0.0.0/8", None)),
+        ("::/0", ("::/0", None)),
+        ("[2001:db8::/32]:443", ("2001:db8::/32", 443)),
+        ("[2001:db8::1]:8443", ("2001:db8::1/128", 8443)),
+        ("10.0.0.0/33", None),
+        ("10.0.0.0/8:0", None),
+        ("10.0.0.0/8:99999", None),
+        ("2001:db8::/32:443", None),
+        ("x/8", None),
+    ],
+)
+def test_allowlist_entries_as_the_bundle_validation_and_the_launcher_read_them(entry, expected):
+    """One parser (agentrun.launcher.egress_target) for the admin's validation and the launch."""
+    assert egress_entry(entry) == expected
+    if expected is None:
+        with pytest.raises(ValueError):
+            egress_target(entry)
+    else:
+        assert egress_target(entry) == expected
 
 
 @pytest.mark.parametrize("entry", ["10.0.0.0/33", "10.0.0.0/8:0", "10.0.0.0/8:99999", "example.com/8"])

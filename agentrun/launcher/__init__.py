@@ -7,11 +7,27 @@ it returns (a `Launched`) as the run's RunnerJob.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
 # An environment variable's name, as a bundle's references and a secret's keys name them.
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def egress_target(entry: str) -> tuple[str, int | None]:
+    """A bundle's egress allowlist entry as (CIDR, port or None): a CIDR or an address
+    (`10.0.0.0/8`, `203.0.113.7`), with `:port` after an IPv4 one or after a bracketed IPv6 one
+    (`[2001:db8::/32]:443`). A ValueError when it is neither."""
+    ipv4_port = entry.count(":") == 1
+    address, _, port_text = entry.rpartition(":") if ipv4_port or "]:" in entry else (entry, "", "")
+    try:
+        cidr = str(ipaddress.ip_network(address.strip("[]"), strict=False))
+        if port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
+            raise ValueError(f"port {port_text!r}")
+    except ValueError as exc:
+        raise ValueError(f"egress allowlist entry {entry!r} is not a CIDR with an optional port ({exc})") from None
+    return cidr, int(port_text) if port_text else None
 
 
 @dataclass(frozen=True)

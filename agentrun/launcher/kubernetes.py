@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import math
 import re
 
@@ -30,7 +29,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from agentrun import kube
-from agentrun.launcher import Bundle, Launched, Launcher, LaunchSpec
+from agentrun.launcher import Bundle, Launched, Launcher, LaunchSpec, egress_target
 
 APP_LABEL = "agentrun-runner"
 RUN_LABEL = "agentrun.io/run-id"
@@ -68,21 +67,6 @@ def bundle_label(name: str) -> str:
 
 def bundle_policy_name(name: str) -> str:
     return _dns_name("agentrun-bundle", name)
-
-
-def egress_target(entry: str) -> tuple[str, int | None]:
-    """An allowlist entry as (CIDR, port or None), in the syntax runs.validation.egress_entry
-    takes: a CIDR or an address (`10.0.0.0/8`, `203.0.113.7`), with `:port` after an IPv4 one or
-    after a bracketed IPv6 one (`[2001:db8::/32]:443`). A ValueError when it is neither."""
-    ipv4_port = entry.count(":") == 1
-    address, _, port_text = entry.rpartition(":") if ipv4_port or "]:" in entry else (entry, "", "")
-    try:
-        cidr = str(ipaddress.ip_network(address.strip("[]"), strict=False))
-        if port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
-            raise ValueError(f"port {port_text!r}")
-    except ValueError as exc:
-        raise ValueError(f"egress allowlist entry {entry!r} is not a CIDR with an optional port ({exc})") from None
-    return cidr, int(port_text) if port_text else None
 
 
 def egress_rules(allowlist: tuple[str, ...]) -> list[client.V1NetworkPolicyEgressRule]:
