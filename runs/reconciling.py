@@ -30,6 +30,7 @@ from runs.models import RUN_TERMINAL, Run, RunnerJob, RunStatus
 
 RUNNER_LOST = "runner-lost"
 AGENT_FAILED = "agent-failed"
+TIMEOUT = "timeout"
 # Waiting reasons that mean the image will not come: the run cannot start.
 IMAGE_FAILURES = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
 # A pod's reasons (status.reason, a condition's reason) that mean its node went away.
@@ -157,12 +158,19 @@ def reconcile(launcher: KubernetesLauncher, *, dry_run: bool = False) -> list[Fi
             kind, reason = failure.kind, failure.reason
             message = f"runner pod {job['namespace']}/{pod_name}: {failure.message}"[:MESSAGE_LIMIT]
         elif job_reason is not None:
-            kind, reason = RUNNER_LOST, _job_reason(found)
+            reason = _job_reason(found)
+            # The Job's deadline is the run's timeoutSeconds plus a grace: the run timed out.
+            kind = TIMEOUT if reason == "DeadlineExceeded" else RUNNER_LOST
             message = f"runner Job {where}: {job_reason}"[:MESSAGE_LIMIT]
         else:
             continue
         if not dry_run:
-            ended = services.run_expire(run_id=run_id, terminal_status="failed", failure_kind=kind, message=message)
+            ended = services.run_expire(
+                run_id=run_id,
+                terminal_status=TIMEOUT if kind == TIMEOUT else "failed",
+                failure_kind=kind,
+                message=message,
+            )
             if ended is None:
                 continue  # it ended meanwhile: nothing was done
         findings.append(Finding("fail-run", run_id, where, message, kind=kind, reason=reason))

@@ -393,3 +393,30 @@ def test_the_fake_refuses_what_the_schema_refuses(k8s, fake_cluster, fake_kube):
     assert response.status_code == 422 and not fake_cluster.of("jobs")
     assert fake_kube.problems and "schema" in fake_kube.problems[0]
     fake_kube.problems.clear()
+
+
+def test_a_job_past_its_deadline_times_its_run_out(k8s, fake_cluster):
+    run = make_run(execution_policy={"timeoutSeconds": 60})
+    launching.launch_pending(k8s)
+    claim(run)
+    job = RunnerJob.objects.get(run_id=run.id)
+    fake_cluster.set_job_status(
+        NS,
+        job.job_name,
+        {
+            "failed": 1,
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "DeadlineExceeded",
+                    "message": "Job was active longer than specified deadline",
+                }
+            ],
+        },
+    )
+    [finding, _] = reconciling.reconcile(k8s)
+    assert (finding.kind, finding.reason) == ("timeout", "DeadlineExceeded")
+    stored = Run.objects.get(pk=run.id)
+    assert (stored.status, stored.terminal_status, stored.failure_kind) == ("failed", "timeout", "timeout")
+    assert "longer than specified deadline" in stored.failure_message
