@@ -12,6 +12,8 @@ import re
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
+from django.conf import settings
+
 from agentrun.errors import invalid
 from agentrun.fields import SESSION_ID_MAX_LENGTH, check_identifier
 from agentrun.launcher import ENV_NAME, egress_target
@@ -226,6 +228,11 @@ def _check_git_url(url: object) -> None:
         raise invalid(message, field="workspaceRef.url")
     if parts.scheme == "file" and (parts.netloc or not parts.path.startswith("/")):
         raise invalid("workspaceRef.url: a file URL is file:///absolute/path", field="workspaceRef.url")
+    if parts.scheme == "file" and not settings.AGENTRUN_GIT_FILE_URLS:
+        raise invalid(
+            "workspaceRef.url: file:// repositories are not allowed here (AGENTRUN_GIT_FILE_URLS)",
+            field="workspaceRef.url",
+        )
     if parts.password is not None or (parts.username is not None and parts.scheme in ("https", "http")):
         raise invalid(
             "workspaceRef.url must not carry credentials: name them with credentialsRef", field="workspaceRef.url"

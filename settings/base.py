@@ -153,6 +153,10 @@ AGENTRUN_SESSION_STORAGE_CLASS = os.environ.get("AGENTRUN_SESSION_STORAGE_CLASS"
 AGENTRUN_RECONCILE_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_RECONCILE_INTERVAL_SECONDS", "30"))
 # Who starts runners for pending runs: local (a subprocess per run), kubernetes (a Job per run) or none.
 AGENTRUN_LAUNCHER = os.environ.get("AGENTRUN_LAUNCHER", "none")
+# Whether a git workspaceRef may be a file:// URL: a path on the runner's own machine, which with
+# the local launcher is the worker's (another session's workspace too). Development and tests
+# allow it; a deployment enables it only on purpose.
+AGENTRUN_GIT_FILE_URLS = os.environ.get("AGENTRUN_GIT_FILE_URLS", "").lower() in ("1", "true", "yes")
 # The local launcher's secret store, laid out as Kubernetes mounts a Secret: the value of key K
 # of secret S is the file <dir>/S/K (a resource bundle's references are read from it).
 AGENTRUN_SECRETS_DIR = Path(os.environ.get("AGENTRUN_SECRETS_DIR", VAR_DIR / "secrets"))

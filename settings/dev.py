@@ -13,6 +13,9 @@ from agentrun.database import (
 from .base import *  # noqa: F403
 from .base import VAR_DIR
 
+# A workspaceRef may clone a repository on this machine (file://).
+AGENTRUN_GIT_FILE_URLS = True
+
 DEBUG = True
 
 _url = database_url_from_env()

@@ -13,6 +13,9 @@ from agentrun.database import (
 from .base import *  # noqa: F403
 from .base import VAR_DIR
 
+# A workspaceRef may clone a repository on this machine (file://).
+AGENTRUN_GIT_FILE_URLS = True
+
 _url = database_url_from_env()
 _adapter = os.environ.get("AGENTRUN_DATABASE_ADAPTER") or (POSTGRES_ADAPTER if _url else EMBEDDED_ADAPTER)
 DATABASES = {"default": django_database(_url or start_embedded(VAR_DIR), pool=False, adapter=_adapter)}

@@ -408,3 +408,12 @@ def test_any_resource_bundle_ref_is_taken_or_refused_with_a_400(ref):
         validate_resource_bundle_ref(ref)
     except AgentRunError as error:
         assert error.status == 400 and error.kind == "schema-invalid"
+
+
+def test_file_repositories_only_where_allowed(client_api, settings):
+    settings.AGENTRUN_GIT_FILE_URLS = False
+    status, body = create(client_api, workspaceRef={**GIT, "url": "file:///srv/git/other-tenant.git"})
+    assert_error(status, body, 400, "schema-invalid")
+    assert "AGENTRUN_GIT_FILE_URLS" in body["error"]["message"]
+    status, _ = create(client_api, workspaceRef=GIT)
+    assert status == 201
