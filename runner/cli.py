@@ -1,6 +1,8 @@
 """`python -m runner.cli`: the agentrun client on the command line.
 
   python -m runner.cli run --backend echo --session hello "write a haiku" --follow
+  python -m runner.cli run --repo https://github.com/o/r --ref main --commit "fix the typo" --follow
+  python -m runner.cli diff RUN
   python -m runner.cli turn RUN "and another" --follow
   python -m runner.cli events RUN --follow
   python -m runner.cli cancel RUN
@@ -28,9 +30,9 @@ COLOURS = {"dim": "2", "bold": "1", "red": "31", "green": "32", "yellow": "33", 
 
 
 class Out:
-    def __init__(self, as_json: bool, stream: TextIO = sys.stdout):
-        self.as_json, self.stream = as_json, stream
-        self.colour = stream.isatty() and not os.environ.get("NO_COLOR")
+    def __init__(self, as_json: bool, stream: TextIO | None = None):
+        self.as_json, self.stream = as_json, stream or sys.stdout  # sys.stdout as it is now, not at import
+        self.colour = self.stream.isatty() and not os.environ.get("NO_COLOR")
 
     def paint(self, text: str, style: str) -> str:
         return f"\033[{COLOURS[style]}m{text}\033[0m" if self.colour else text
@@ -61,7 +63,11 @@ class Out:
             for text in str(payload.get("output") or "").rstrip("\n").splitlines():
                 self.line(f"     {text}")
         elif kind == "diff":
-            self.line(f"{seq} {self.paint('diff ' + str(payload.get('path') or ''), 'blue')}")
+            if payload.get("scope") == "workspace":
+                title = f"workspace diff {short(payload.get('base'))}..{short(payload.get('head'))}"
+            else:
+                title = "diff " + str(payload.get("path") or "")
+            self.line(f"{seq} {self.paint(title, 'blue')}")
             for text in str(payload.get("patch") or "").rstrip("\n").splitlines():
                 style = "green" if text.startswith("+") else "red" if text.startswith("-") else "dim"
                 self.line(f"     {self.paint(text, style)}")
@@ -84,10 +90,56 @@ class Out:
             self.line(f"{seq} " + self.paint(f"event rejected: {what} ({payload.get('errorKind')})", "yellow"))
             if payload.get("message"):
                 self.line("     " + self.paint(f"HTTP {payload.get('status')}: {payload['message']}", "dim"))
+        elif kind == "backend_status" and payload.get("phase") == "workspace-ready":
+            ref = payload.get("ref") or "default branch"
+            where = f" ({payload['path']})" if payload.get("path") else ""
+            fresh = "checked out" if payload.get("fresh") else "fetched, kept"
+            self.line(
+                f"{seq} "
+                + self.paint(f"workspace {payload.get('url')} @ {ref}: {short(payload.get('commit'))}{where}", "cyan")
+                + " "
+                + self.paint(f"({fresh})", "dim")
+            )
+        elif kind == "backend_status" and payload.get("phase") == "workspace-summary":
+            self.line(f"{seq} {self.paint(summary_text(payload), 'cyan')}")
+            for key in ("commitError", "pushError"):
+                if payload.get(key):
+                    self.line("     " + self.paint(str(payload[key]), "yellow"))
+        elif kind == "backend_status" and payload.get("phase") == "workspace-report-failed":
+            self.line(f"{seq} " + self.paint(f"workspace report failed: {payload.get('message')}", "yellow"))
         else:
             self.line(f"{seq} {self.paint(str(payload.get('phase') or kind), 'dim')}")
         for note in notes(payload):
             self.line(f"     {self.paint(note, 'yellow')}")
+
+
+def short(sha: object) -> str:
+    return str(sha)[:12] if sha else "?"
+
+
+def summary_text(payload: JsonObject) -> str:
+    """`2 files changed, +3 -1, head 0123456789ab[, committed 0123456789ab][, pushed]`."""
+    count = payload.get("filesChanged")
+    text = f"{count} file{'' if count == 1 else 's'} changed, +{payload.get('insertions')} -{payload.get('deletions')}"
+    text += f", head {short(payload.get('head'))}"
+    if payload.get("committed"):
+        text += f", committed {short(payload['committed'])}"
+    if payload.get("pushed"):
+        text += ", pushed"
+    return text
+
+
+def workspace_patch(client: AgentRunClient, run_id: str) -> Event | None:
+    """The run's last `diff` event of scope workspace (None when it has none)."""
+    latest, after_seq = None, 0
+    while True:
+        page = client.events(run_id, after_seq=after_seq)
+        for event in page["items"]:
+            if event["type"] == "diff" and (event.get("payload") or {}).get("scope") == "workspace":
+                latest = event
+        if not page["items"]:
+            return latest
+        after_seq = int(page["cursor"])
 
 
 def size_text(size: int) -> str:
@@ -115,10 +167,19 @@ def notes(payload: JsonObject) -> list[str]:
     return said
 
 
-def follow(client: AgentRunClient, out: Out, run_id: str, after_seq: int = 0, command_id: str | None = None) -> int:
+def follow(
+    client: AgentRunClient,
+    out: Out,
+    run_id: str,
+    after_seq: int = 0,
+    command_id: str | None = None,
+    *,
+    from_start: bool = False,
+) -> int:
     """Print the run's events as they come, until the run ends (or, given `command_id`, until
-    that command ends: printing starts at its creation). Exit status 0 when it completed."""
-    printing = command_id is None
+    that command ends: printing starts at its creation, or at once `from_start`). Exit status 0
+    when it completed."""
+    printing = command_id is None or from_start
     for event in client.follow_events(run_id, after_seq=after_seq):
         payload = event.get("payload") or {}
         mine = command_id is not None and payload.get("commandId") == command_id
@@ -144,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--backend", default="echo")
     run.add_argument("--session", help="the session (created if new)")
     run.add_argument("--follow", action="store_true", help="print the events until the run ends")
+    run.add_argument("--repo", metavar="URL", help="check this git repository out for the agent to work in")
+    run.add_argument("--ref", help="the branch, tag or commit to check out (default: the remote's HEAD)")
+    run.add_argument("--path", help="the agent works in this directory of the repository")
+    run.add_argument("--depth", type=int, help="commits of history to fetch (default 1; 0: all)")
+    run.add_argument(
+        "--credentials-ref", metavar="NAME", help="the environment variable (of the runner) holding a git token"
+    )
+    run.add_argument("--commit", action="store_true", help="commit each turn's changes on the run's branch")
+    run.add_argument("--push", action="store_true", help="push the run's branch after each turn")
 
     turn = commands.add_parser("turn", help="send a turn to a run")
     turn.add_argument("run")
@@ -154,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     events.add_argument("run")
     events.add_argument("--after", type=int, default=0)
     events.add_argument("--follow", action="store_true", help="keep printing until the run ends")
+
+    diff = commands.add_parser("diff", help="print a run's latest workspace patch")
+    diff.add_argument("run")
 
     cancel = commands.add_parser("cancel", help="cancel a run")
     cancel.add_argument("run")
@@ -178,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     task.add_argument("--max-attempts", type=int)
 
     args = parser.parse_args(argv)
+    if args.command == "run" and not args.repo:
+        given = [
+            f"--{name.replace('_', '-')}" for name in WORKSPACE_OPTIONS if getattr(args, name) not in (None, False)
+        ]
+        if given:
+            parser.error(f"{', '.join(given)} need --repo")
+    if args.command == "run" and args.push and not args.commit:
+        parser.error("--push needs --commit (it pushes the turns' commits)")
     if not args.key:
         parser.error("set AGENTRUN_KEY (or pass --key) to a client key")
     out = Out(args.json)
@@ -191,15 +272,32 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
 
+WORKSPACE_OPTIONS = ("ref", "path", "depth", "credentials_ref", "commit", "push")
+
+
+def workspace_ref(args: argparse.Namespace) -> JsonObject | None:
+    """The run's `workspaceRef` from `run --repo URL` and its options (None without --repo)."""
+    if not args.repo:
+        return None
+    ref: JsonObject = {"kind": "git", "url": args.repo}
+    for name, key in zip(WORKSPACE_OPTIONS, ("ref", "path", "depth", "credentialsRef", "commit", "push"), strict=True):
+        value = getattr(args, name)
+        if value is not None and value is not False:
+            ref[key] = value
+    return ref
+
+
 def _dispatch(client: AgentRunClient, out: Out, args: argparse.Namespace) -> int:
     if args.command == "run":
-        run = client.create_run(backend_profile=args.backend, session_id=args.session)
+        fields: JsonObject = {"workspaceRef": workspace} if (workspace := workspace_ref(args)) else {}
+        run = client.create_run(backend_profile=args.backend, session_id=args.session, **fields)
         command = client.send_turn(run["id"], args.prompt)
         if args.json and not args.follow:
             out.record({"run": run, "command": command})
         elif not args.json:
             out.line(f"run {out.paint(run['id'], 'bold')}, turn {command['id']}")
-        return follow(client, out, run["id"], command_id=command["id"]) if args.follow else 0
+        # A new run: its first events (the workspace prepared) may come before the turn's.
+        return follow(client, out, run["id"], command_id=command["id"], from_start=True) if args.follow else 0
     if args.command == "turn":
         command = client.send_turn(args.run, args.prompt)
         if not args.follow:
@@ -215,6 +313,19 @@ def _dispatch(client: AgentRunClient, out: Out, args: argparse.Namespace) -> int
         else:
             for event in page["items"]:
                 out.event(event)
+        return 0
+    if args.command == "diff":
+        latest = workspace_patch(client, args.run)
+        if latest is None:
+            print(f"run {args.run} has no workspace diff (yet)", file=sys.stderr)
+            return 1
+        if args.json:
+            out.record(latest)
+        else:
+            out.stream.write(str(latest["payload"].get("patch") or ""))
+            out.stream.flush()
+            for note in notes(latest["payload"]):
+                print(note, file=sys.stderr)
         return 0
     if args.command == "cancel":
         run = client.cancel_run(args.run, args.reason)

@@ -13,6 +13,11 @@ events back, and finishes the run.
   an outage is waited out: the runner's calls, and the lease renewal, retry until it ends.
 - After its last turn the runner waits `idle_seconds` for another command, then finishes the
   run with the last turn's result.
+- A run whose `workspaceRef` is a git one (runner.workspace) has it prepared before the first
+  turn: checked out, or fetched on a session's later run; the agent works in it (in its `path`).
+  A workspace that cannot be prepared fails the run (`infra-failed`) before any turn. After each
+  turn the workspace is reported against its base (a `diff` and a `workspace-summary`),
+  committed and pushed first when the run asks; a report that fails never fails the turn.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import httpx
 
 from runner.backends import AgentProcess, Backend, TurnResult, backend_for
 from runner.client import AgentRunClient, ApiError, Backoff
-from runner.records import Command, Event
+from runner.records import Command, Event, Run
 from runner.sink import SERVER_ERROR_ATTEMPTS, EventSink, LeaseLost
+from runner.workspace import GitWorkspace, Workspace, WorkspaceError, branch_name
 
 logger = logging.getLogger("agentrun.runner")
 OPEN = ("pending", "acknowledged")
@@ -78,6 +84,8 @@ class Runner:
         self.client, self.run_id = client, run_id
         self.runner_id = runner_id or f"runner-{uuid.uuid4().hex[:12]}"
         self.lease_ms, self.workdir = lease_ms, workdir
+        self.agent_workdir = workdir  # the workspace's `path` in it, once prepared
+        self.workspace: Workspace | None = None
         self.idle_seconds, self.first_command_seconds, self.grace_seconds = (
             idle_seconds,
             first_command_seconds,
@@ -154,7 +162,8 @@ class Runner:
         heartbeat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         heartbeat.start()
         try:
-            self._loop()
+            if self._prepare_workspace(run):
+                self._loop()
         except LeaseLost:
             self.lose_lease()
         except (ApiError, httpx.TransportError):
@@ -174,6 +183,25 @@ class Runner:
         if self.lost.is_set():
             return 3
         return 143 if self.shut_down else 0
+
+    def _prepare_workspace(self, run: Run) -> bool:
+        """Prepare the run's git workspace, if it has one, and say so (`workspace-ready`). False
+        when it could not be: the run is then finished `infra-failed`, and no turn runs."""
+        try:
+            spec = GitWorkspace.from_ref(run.get("workspaceRef"))
+            if spec is None:
+                return True
+            owner = (run.get("sessionRef") or {}).get("sessionId") or self.run_id
+            workspace = Workspace(spec, self.workdir, branch=branch_name(str(owner)), run_id=self.run_id)
+            ready = workspace.prepare()
+        except WorkspaceError as error:
+            logger.error("run %s: the workspace could not be prepared: %s", self.run_id, error)
+            self._finish_run(TurnResult("failed", "infra-failed", str(error)))
+            return False
+        self.workspace, self.agent_workdir = workspace, str(ready.cwd)
+        self._claimed()[1].emit("backend_status", ready.payload)
+        logger.info("run %s: workspace ready at %s", self.run_id, ready.payload["commit"])
+        return True
 
     def _heartbeats(self) -> None:
         """Renew the lease every third of it, whatever else is going on: this thread shares no
@@ -285,7 +313,7 @@ class Runner:
         self._ack(command)
         backend, events = self._claimed()
         prompt = (command.get("payload") or {}).get("prompt") or ""
-        process = backend.start(prompt=prompt, thread_id=self.thread_id, workdir=self.workdir, emit=events.emit)
+        process = backend.start(prompt=prompt, thread_id=self.thread_id, workdir=self.agent_workdir, emit=events.emit)
         turn = Turn(command=command, process=process)
         self.turn = turn
         turn.thread.start()
@@ -301,10 +329,28 @@ class Runner:
             raise RuntimeError(f"turn {turn.command['id']} ended without a result")
         if result.thread_id:
             self.thread_id = result.thread_id
+        if self.workspace is not None and self.holding():
+            self._report_workspace(self.workspace, turn.command)
         if not self._claimed()[1].flush():
             return  # the lease is lost or we are leaving: the turn's end is not ours to record
         self._finish_command(turn.command, result)
         self.last_result = result
+
+    def _report_workspace(self, workspace: Workspace, command: Command) -> None:
+        """The turn's workspace report; a failure of its own is said, and the turn goes on."""
+        events = self._claimed()[1]
+        try:
+            reported = workspace.report(message=f"agentrun: turn {command['seq']} of run {self.run_id}")
+        except Exception as error:  # noqa: BLE001 - said below: a report that fails never fails the turn
+            said = str(error) if isinstance(error, WorkspaceError) else f"{type(error).__name__}: {error}"
+            message = workspace.redact(said)
+            logger.warning("run %s: the workspace report failed: %s", self.run_id, message)
+            events.emit(
+                "backend_status", {"phase": "workspace-report-failed", "commandId": command["id"], "message": message}
+            )
+            return
+        for event_type, payload in reported:
+            events.emit(event_type, {**payload, "commandId": command["id"]})
 
     def _finish_command(self, command: Command, result: TurnResult) -> None:
         try:
@@ -322,14 +368,15 @@ class Runner:
                 raise LeaseLost from None
             raise
 
-    def _finish_run(self) -> None:
+    def _finish_run(self, result: TurnResult | None = None) -> None:
+        """Finish the run with `result`, else the last turn's."""
         if not self._claimed()[1].flush():
             return
-        if self.last_result is not None:
+        if result is None and self.last_result is not None:
             result = self.last_result
-        elif self.turns_seen:
+        elif result is None and self.turns_seen:
             result = TurnResult("cancelled", "cancelled", "every turn was cancelled before it started")
-        else:
+        elif result is None:
             result = TurnResult("failed", "agent-failed", "no command arrived")
         try:
             self.client.finish_run(
