@@ -192,9 +192,12 @@ class Runner:
             if spec is None:
                 return True
             owner = (run.get("sessionRef") or {}).get("sessionId") or self.run_id
-            workspace = Workspace(spec, self.workdir, branch=branch_name(str(owner)), run_id=self.run_id)
+            branch = branch_name(str(owner))
+            workspace = Workspace(spec, self.workdir, branch=branch, run_id=self.run_id, stop=self.stop)
             ready = workspace.prepare()
         except WorkspaceError as error:
+            if self.stop.is_set():
+                return False  # the run ended, the lease was lost or we are leaving: not ours to finish
             logger.error("run %s: the workspace could not be prepared: %s", self.run_id, error)
             self._finish_run(TurnResult("failed", "infra-failed", str(error)))
             return False

@@ -26,7 +26,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +44,7 @@ LOCAL_TIMEOUT_SECONDS = 120.0  # git on the workspace alone
 NETWORK_TIMEOUT_SECONDS = 600.0  # fetch and push
 MAX_FILES = 1000  # files listed in a summary; the counts cover them all
 MESSAGE_LINES = 8  # of git's stderr, in an error
+STOP_POLL_SECONDS = 0.2  # how soon a git call notices that it is to stop
 AUTHOR = {"NAME": "agentrun", "EMAIL": "agentrun@localhost"}
 REDACTED = "[REDACTED]"
 # A scheme starts where no scheme character precedes it and is short: the search stays linear
@@ -125,6 +129,7 @@ class Git:
     root: Path
     env: dict[str, str]
     secrets: list[str] = field(default_factory=list)
+    stop: threading.Event | None = None
 
     def redact(self, text: str) -> str:
         text = strip_userinfo(text)
@@ -140,22 +145,40 @@ class Git:
         check: bool = True,
     ) -> subprocess.CompletedProcess[bytes]:
         """`git <args>` in the workspace root. Raises WorkspaceError when it fails (with `check`),
-        cannot start or times out; the message names the subcommand, never the whole argv."""
-        what = f"git {args[0]}"
+        cannot start, times out or is stopped (`stop`: the run ended or the runner is leaving);
+        the message names the subcommand, never the whole argv. A git stopped takes the helpers
+        it started (git-remote-https, ssh) with it: it runs in a process group of its own."""
+        what = "git " + next(
+            arg for index, arg in enumerate(args) if not arg.startswith("-") and args[index - 1 : index] != ("-c",)
+        )
+        deadline = time.monotonic() + timeout
         try:
-            done = subprocess.run(  # noqa: S603 - an argument list of our own, never a shell
+            process = subprocess.Popen(  # noqa: S603 - an argument list of our own, never a shell
                 ["git", *args],  # noqa: S607 - git as the PATH finds it, like the agent CLIs
                 cwd=self.root,
                 env={**self.env, **(env or {})},
                 stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=timeout,
-                check=False,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
             )
-        except subprocess.TimeoutExpired:
-            raise WorkspaceError(f"{what} timed out after {timeout:.0f} s") from None
         except OSError as error:
             raise WorkspaceError(self.redact(f"{what} could not run: {error}")) from None
+        while True:
+            try:
+                stdout, stderr = process.communicate(timeout=STOP_POLL_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                stopped = self.stop is not None and self.stop.is_set()
+                if not stopped and time.monotonic() < deadline:
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                raise WorkspaceError(
+                    f"{what} was stopped: the run ended" if stopped else f"{what} timed out after {timeout:.0f} s"
+                ) from None
+        done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
         if check and done.returncode != 0:
             raise WorkspaceError(self.failure(what, done))
         return done
@@ -212,6 +235,7 @@ class Workspace:
         branch: str,
         run_id: str,
         environ: Mapping[str, str] | None = None,
+        stop: threading.Event | None = None,
     ):
         environ = os.environ if environ is None else environ
         self.spec, self.root, self.branch, self.run_id = spec, Path(root), branch, run_id
@@ -222,7 +246,7 @@ class Workspace:
         # git never looks above the workspace for a repository: one whose .git is gone must not
         # be taken for an enclosing one (the local launcher's workspaces are inside a checkout).
         env["GIT_CEILING_DIRECTORIES"] = str(self.root.resolve().parent)
-        self.git = Git(self.root, env, secrets)
+        self.git = Git(self.root, env, secrets, stop)
 
     def redact(self, text: str) -> str:
         return self.git.redact(text)
@@ -265,6 +289,13 @@ class Workspace:
             # makes it fail, and the file stays.
             git.run("checkout", "--quiet", "-B", self.branch, upstream)
             git.run("config", "agentrun.base", upstream)
+            # A volume's own directory (ext4 makes one at its root) is not the agent's work.
+            try:
+                (self.root / ".git" / "info").mkdir(exist_ok=True)
+                with open(self.root / ".git" / "info" / "exclude", "a") as exclude:
+                    exclude.write("/lost+found/\n")
+            except OSError as error:
+                raise WorkspaceError(f"the checkout's exclude file could not be written: {error}") from None
         except WorkspaceError:
             shutil.rmtree(self.root / ".git", ignore_errors=True)  # made here: the directory is as it was
             raise

@@ -10,8 +10,10 @@ import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +24,7 @@ from django.forms.models import model_to_dict
 from runner.cli import Out, follow, main
 from runner.client import AgentRunClient
 from runner.payloads import MAX_PAYLOAD_BYTES, json_bytes
-from runner.workspace import GitWorkspace, WorkspaceError, branch_name, git_environment, strip_userinfo
+from runner.workspace import GitWorkspace, Workspace, WorkspaceError, branch_name, git_environment, strip_userinfo
 from runs import services
 from runs.models import Command, Run
 from tests.helpers import Threads, events_of, make_run, start_runner, wait_for
@@ -278,8 +280,11 @@ def test_files_already_in_the_directory_are_never_overwritten(live_server, keys,
     other = tmp_path / "ws-other"
     other.mkdir()
     (other / "lost+found").mkdir()
+    (other / "lost+found" / "#123").write_text("a volume's, not the agent's\n")
     kept = run_turns(live_server, keys, other, ["hello"], workspace_ref={"kind": "git", "url": origin.url})
-    assert kept.status == "completed" and (other / "lost+found").is_dir() and (other / "README.md").exists()
+    assert kept.status == "completed" and (other / "lost+found" / "#123").exists() and (other / "README.md").exists()
+    [summary] = phase_payloads(kept.id, "workspace-summary")
+    assert summary["filesChanged"] == 0 and summary["files"] == []
 
 
 def test_the_agent_works_in_the_workspaces_path(live_server, keys, tmp_path, origin):
@@ -474,6 +479,23 @@ def test_a_token_reaches_git_only_through_the_environment(
     for where, text in places.items():
         for secret in (token, basic, wrong, wrong_basic):
             assert secret not in text, where
+
+
+def test_a_git_call_that_hangs_stops_when_the_run_ends(tmp_path):
+    """A remote that accepts the connection and never answers: the fetch stops once `stop` is set
+    (the run ended, the lease was lost), its helpers with it, well before its timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        stop = threading.Event()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/r.git"
+        workspace = Workspace(GitWorkspace(url), tmp_path / "ws", branch="agentrun/x", run_id="r", stop=stop)
+        threading.Timer(1.0, stop.set).start()
+        started = time.monotonic()
+        with pytest.raises(WorkspaceError, match=r"^git fetch was stopped: the run ended$"):
+            workspace.prepare()
+        assert time.monotonic() - started < 10
+    assert not (tmp_path / "ws" / ".git").exists()
 
 
 def test_messages_are_redacted_and_ids_make_valid_branches():
