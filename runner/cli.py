@@ -187,6 +187,8 @@ def follow(
         if printing:
             out.event(event)
         if mine and payload.get("phase") == "command-terminal":
+            if payload.get("terminalStatus") != "completed" and payload.get("message") == "run finished":
+                continue  # the run ended before the turn (a checkout that failed): its end says why
             return 0 if payload.get("terminalStatus") == "completed" else 1
         if event["type"] == "terminal_status":
             return 0 if payload.get("terminalStatus") == "completed" else 1

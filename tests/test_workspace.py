@@ -553,3 +553,15 @@ def test_the_cli_builds_the_workspace_and_prints_it(live_server, keys, tmp_path,
     with pytest.raises(SystemExit):
         main([*cli, "run", "--commit", "hello"])  # a workspace option without --repo
     assert "--commit need --repo" in capsys.readouterr().err
+
+
+def test_the_cli_follows_a_run_whose_checkout_failed_to_its_end_and_says_why(live_server, keys, tmp_path, capsys):
+    cli = ["--url", live_server.url, "--key", keys[0]]
+    missing = f"file://{tmp_path}/missing.git"
+    following = Threads(1, lambda _: main([*cli, "run", "--repo", missing, "--session", "ws-bad", "--follow", "hi"]))
+    assert wait_for(lambda: Run.objects.filter(session_id="ws-bad").exists())
+    run = Run.objects.get(session_id="ws-bad")
+    _, runner_thread = start_runner(live_server.url, keys[1], run.id, tmp_path / "ws")
+    assert runner_thread.join(60) == [0] and following.join(60) == [1]  # the run failed
+    printed = capsys.readouterr().out
+    assert "== failed (infra-failed: git fetch failed: " in printed and "missing.git" in printed
