@@ -21,10 +21,10 @@ from agentrun.launcher.kubernetes import (
     session_pvc_name,
 )
 from runs import launching, reconciling, services
-from runs.models import Run, RunnerJob
+from runs.models import ResourceBundle, Run, RunnerJob
 from runs.validation import egress_entry
 from sessions.models import Session
-from tests.helpers import claim, make_run
+from tests.helpers import PROJECT, TENANT, claim, make_run
 
 pytestmark = pytest.mark.django_db
 NS = "agents"
@@ -420,3 +420,48 @@ def test_a_job_past_its_deadline_times_its_run_out(k8s, fake_cluster):
     stored = Run.objects.get(pk=run.id)
     assert (stored.status, stored.terminal_status, stored.failure_kind) == ("failed", "timeout", "timeout")
     assert "longer than specified deadline" in stored.failure_message
+
+
+def test_a_git_run_with_a_bundle_through_the_worker_becomes_a_hardened_job(k8s, fake_cluster, client_api):
+    """A client's run, as the API takes it, through the worker's launch pass: the Job checks the
+    repository out onto the session's volume, with the bundle's secrets by reference only."""
+    ResourceBundle.objects.create(
+        tenant_id=TENANT,
+        name="agents",
+        env=[
+            {"name": "OPENAI_API_KEY", "secret": "llm-keys", "key": "openai"},
+            {"name": "GIT_TOKEN", "secret": "forge", "key": "token"},
+        ],
+        runtime_class_name="gvisor",
+        egress_allowlist=["140.82.112.0/20:443"],
+    )
+    status, run = client_api.post(
+        "runs",
+        {
+            "tenantId": TENANT,
+            "projectId": PROJECT,
+            "backendProfile": "codex",
+            "sessionRef": {"sessionId": "fix-1"},
+            "resourceBundleRef": {"kind": "bundle", "name": "agents"},
+            "workspaceRef": {"kind": "git", "url": "https://github.com/team/app.git", "credentialsRef": "GIT_TOKEN"},
+            "executionPolicy": {"timeoutSeconds": 600},
+        },
+    )
+    assert status == 201, run
+    assert launching.launch_pending(k8s) == 1
+    job = RunnerJob.objects.get(run_id=run["id"])
+    body = fake_cluster.of("jobs")[job.job_name]
+    pod = body["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][-2:] == ["--workdir", "/var/lib/agentrun/session/workspace"]
+    assert {"name": "session", "persistentVolumeClaim": {"claimName": session_pvc_name("fix-1")}} in pod["volumes"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["GIT_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "forge", "key": "token"}}
+    assert env["OPENAI_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "llm-keys", "key": "openai"}}
+    assert body["spec"]["activeDeadlineSeconds"] == 900 and pod["runtimeClassName"] == "gvisor"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert body["spec"]["template"]["metadata"]["labels"]["agentrun.io/bundle"] == "agents"
+    (policy,) = fake_cluster.of("networkpolicies").values()
+    assert policy["spec"]["egress"] == [
+        {"to": [{"ipBlock": {"cidr": "140.82.112.0/20"}}], "ports": [{"protocol": "TCP", "port": 443}]}
+    ]
