@@ -28,14 +28,17 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import IO
 from urllib.parse import urlsplit
 
+from runner.payloads import cut_marker
 from runner.records import JsonObject
 
 logger = logging.getLogger("agentrun.runner")
@@ -43,6 +46,9 @@ logger = logging.getLogger("agentrun.runner")
 LOCAL_TIMEOUT_SECONDS = 120.0  # git on the workspace alone
 NETWORK_TIMEOUT_SECONDS = 600.0  # fetch and push
 MAX_FILES = 1000  # files listed in a summary; the counts cover them all
+# Bytes of a patch read from git, its head and tail (the event sink shortens it further): an agent
+# that wrote a gigabyte of text costs the runner no more memory than this.
+MAX_PATCH_READ = 4 << 20
 MESSAGE_LINES = 8  # of git's stderr, in an error
 STOP_POLL_SECONDS = 0.2  # how soon a git call notices that it is to stop
 AUTHOR = {"NAME": "agentrun", "EMAIL": "agentrun@localhost"}
@@ -143,6 +149,7 @@ class Git:
         timeout: float = LOCAL_TIMEOUT_SECONDS,
         env: Mapping[str, str] | None = None,
         check: bool = True,
+        stdout: IO[bytes] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         """`git <args>` in the workspace root. Raises WorkspaceError when it fails (with `check`),
         cannot start, times out or is stopped (`stop`: the run ended or the runner is leaving);
@@ -158,7 +165,7 @@ class Git:
                 cwd=self.root,
                 env={**self.env, **(env or {})},
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdout=stdout if stdout is not None else subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
             )
@@ -166,7 +173,7 @@ class Git:
             raise WorkspaceError(self.redact(f"{what} could not run: {error}")) from None
         while True:
             try:
-                stdout, stderr = process.communicate(timeout=STOP_POLL_SECONDS)
+                output, stderr = process.communicate(timeout=STOP_POLL_SECONDS)
                 break
             except subprocess.TimeoutExpired:
                 stopped = self.stop is not None and self.stop.is_set()
@@ -178,7 +185,7 @@ class Git:
                 raise WorkspaceError(
                     f"{what} was stopped: the run ended" if stopped else f"{what} timed out after {timeout:.0f} s"
                 ) from None
-        done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        done = subprocess.CompletedProcess(process.args, process.returncode, output or b"", stderr)
         if check and done.returncode != 0:
             raise WorkspaceError(self.failure(what, done))
         return done
@@ -343,7 +350,9 @@ class Workspace:
         head = git.text("rev-parse", "HEAD")
         with self._index() as index:
             options = ("--cached", "--no-color", "--no-ext-diff", "--no-renames", "--no-textconv")
-            patch = git.run("diff", *options, "--src-prefix=a/", "--dst-prefix=b/", base, env=index).stdout
+            with tempfile.TemporaryFile() as written:
+                git.run("diff", *options, "--src-prefix=a/", "--dst-prefix=b/", base, env=index, stdout=written)
+                patch, cut = _head_and_tail(written, MAX_PATCH_READ)
             numstat = git.run("diff", *options, "--numstat", "-z", base, env=index).stdout
         files, insertions, deletions = _numstat(numstat)
         summary: JsonObject = {
@@ -362,8 +371,10 @@ class Workspace:
             "scope": "workspace",
             "base": base,
             "head": head,
-            "patch": self.redact(patch.decode("utf-8", "replace")),
+            "patch": self.redact(patch),
         }
+        if cut:
+            diff["truncatedBytes"] = cut
         return [("diff", diff), ("backend_status", summary)]
 
     @contextlib.contextmanager
@@ -410,6 +421,21 @@ class Workspace:
             logger.warning("run %s: %s", self.run_id, error)
             return {"pushError": str(error)}
         return {"pushed": True}
+
+
+def _head_and_tail(written: IO[bytes], limit: int) -> tuple[str, int]:
+    """What a file holds as text, or when it is over `limit` bytes its head and tail around the
+    sink's cut marker; and the bytes cut (a character split at a cut is replaced)."""
+    size = written.seek(0, os.SEEK_END)
+    written.seek(0)
+    if size <= limit:
+        return written.read().decode("utf-8", "replace"), 0
+    half = limit // 2
+    head = written.read(half)
+    written.seek(size - half)
+    tail = written.read(half)
+    cut = size - 2 * half
+    return head.decode("utf-8", "replace") + cut_marker(cut) + tail.decode("utf-8", "replace"), cut
 
 
 def _numstat(output: bytes) -> tuple[list[JsonObject], int, int]:

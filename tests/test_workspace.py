@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from django.forms.models import model_to_dict
 
+from runner import workspace
 from runner.cli import Out, follow, main
 from runner.client import AgentRunClient
 from runner.payloads import MAX_PAYLOAD_BYTES, json_bytes
@@ -565,3 +566,27 @@ def test_the_cli_follows_a_run_whose_checkout_failed_to_its_end_and_says_why(liv
     assert runner_thread.join(60) == [0] and following.join(60) == [1]  # the run failed
     printed = capsys.readouterr().out
     assert "== failed (infra-failed: git fetch failed: " in printed and "missing.git" in printed
+
+
+def test_a_patch_is_read_from_git_no_larger_than_its_bound(live_server, keys, tmp_path, origin, monkeypatch):
+    """The runner reads a patch's head and tail alone (MAX_PATCH_READ): what the agent wrote never
+    sits in the runner's memory whole. The cut is counted with the sink's own."""
+    monkeypatch.setattr(workspace, "MAX_PATCH_READ", 64 * 1024)
+    run = run_turns(
+        live_server,
+        keys,
+        tmp_path / "ws",
+        ["run: (head -c 3000000 /dev/zero | tr '\\0' x; echo; echo THE-END) > big.txt"],
+        workspace_ref={"kind": "git", "url": origin.url},
+    )
+    [diff] = workspace_diffs(run.id)
+    assert diff["patch"].startswith("diff --git a/big.txt b/big.txt\n") and diff["patch"].endswith("+THE-END\n")
+    assert diff["truncatedBytes"] > 3_000_000 - 64 * 1024
+
+
+def test_head_and_tail(tmp_path):
+    with (tmp_path / "f").open("w+b") as written:
+        written.write(b"a" * 10 + "é".encode() + b"b" * 10)
+        assert workspace._head_and_tail(written, 100) == ("a" * 10 + "é" + "b" * 10, 0)
+        text, cut = workspace._head_and_tail(written, 10)
+        assert (text, cut) == ("aaaaa…[12 bytes cut]…bbbbb", 12)
