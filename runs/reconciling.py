@@ -24,9 +24,9 @@ from django.utils import timezone
 from kubernetes import client
 
 from agentrun.errors import INFRA_FAILED
-from agentrun.launcher.kubernetes import RUN_LABEL, KubernetesLauncher, job_failed
+from agentrun.launcher.kubernetes import BUNDLE_LABEL, RUN_LABEL, KubernetesLauncher, bundle_label, job_failed
 from runs import services
-from runs.models import RUN_TERMINAL, Run, RunnerJob, RunStatus
+from runs.models import RUN_TERMINAL, ResourceBundle, Run, RunnerJob, RunStatus
 
 RUNNER_LOST = "runner-lost"
 AGENT_FAILED = "agent-failed"
@@ -40,9 +40,9 @@ MESSAGE_LIMIT = 1000
 
 @dataclass(frozen=True)
 class Finding:
-    action: str  # fail-run or delete-job
-    run_id: str
-    job: str  # namespace/name
+    action: str  # fail-run, delete-job or delete-policy
+    run_id: str  # empty for a policy
+    job: str  # namespace/name (of the Job, or of the policy)
     detail: str
     kind: str = ""  # fail-run: the run's failure kind
     reason: str = ""  # fail-run: Kubernetes' word for it (Unschedulable, OOMKilled, Evicted, BackoffLimitExceeded, ...)
@@ -191,4 +191,26 @@ def reconcile(launcher: KubernetesLauncher, *, dry_run: bool = False) -> list[Fi
         findings.append(Finding("delete-job", run_id, f"{metadata.namespace}/{metadata.name}", detail))
         if not dry_run:
             launcher.stop({"namespace": metadata.namespace, "jobName": metadata.name})
+    findings += _stale_bundle_policies(launcher, dry_run=dry_run)
+    return findings
+
+
+def _stale_bundle_policies(launcher: KubernetesLauncher, *, dry_run: bool) -> list[Finding]:
+    """Delete the NetworkPolicies of bundles that were deleted or lost their allowlist (a launch
+    deletes an emptied one too, but a deleted bundle launches nothing)."""
+    live = {
+        bundle_label(tenant_id, name)
+        for tenant_id, name in ResourceBundle.objects.exclude(egress_allowlist=[]).values_list("tenant_id", "name")
+    }
+    findings = []
+    for policy in launcher.list_bundle_policies():
+        metadata = policy.metadata
+        if metadata is None or not metadata.name or not metadata.namespace:
+            continue
+        label = (metadata.labels or {}).get(BUNDLE_LABEL)
+        if label in live:
+            continue
+        findings.append(Finding("delete-policy", "", f"{metadata.namespace}/{metadata.name}", "its bundle is gone"))
+        if not dry_run:
+            launcher.delete_policy(metadata.namespace, metadata.name)
     return findings

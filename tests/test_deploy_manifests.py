@@ -97,7 +97,7 @@ def test_runners_reach_only_the_manager_and_dns_besides_their_bundles_allowlist(
     launched = launcher.launch(spec)
     runner_labels = fake_cluster.of("jobs")[launched.job_name]["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= runner_labels.items()
-    bundle_policy = fake_cluster.of("networkpolicies")[bundle_policy_name("sandbox")]
+    bundle_policy = fake_cluster.of("networkpolicies")[bundle_policy_name("t", "sandbox")]
     assert bundle_policy["spec"]["podSelector"]["matchLabels"].items() <= runner_labels.items()
     # No ingress; egress to the manager's pods on their port, and DNS.
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in policy["spec"]

@@ -40,12 +40,12 @@ def k8s(fake_cluster, settings):
 def spec(**fields):
     fields.setdefault("run_id", "run_abc")
     fields.setdefault("attempt", 1)
+    fields.setdefault("tenant_id", "acme")
     return LaunchSpec(
         runner_id="kubernetes-run_abc-1",
         runner_key="ar_secret",
         manager_url="http://m:8000",
         backend_profile="echo",
-        tenant_id="acme",
         project_id="web",
         **fields,
     )
@@ -192,14 +192,17 @@ def test_a_bundle_and_a_timeout_shape_the_job_by_reference(k8s, fake_cluster):
     assert env["GITHUB_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "forge", "key": "token"}}
     assert container["securityContext"] == HARDENED
     for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
-        assert labels["agentrun.io/bundle"] == "gpu-sandbox"
+        assert labels["agentrun.io/bundle"] == bundle_label("acme", "gpu-sandbox")
     assert "ar_secret" not in json.dumps(job)  # the runner key is in its Secret, by reference
 
-    policy = fake_cluster.of("networkpolicies")[bundle_policy_name("gpu-sandbox")]
+    policy = fake_cluster.of("networkpolicies")[bundle_policy_name("acme", "gpu-sandbox")]
     assert policy["metadata"]["namespace"] == NS
     assert policy["spec"] == {
         "podSelector": {
-            "matchLabels": {"app.kubernetes.io/name": "agentrun-runner", "agentrun.io/bundle": "gpu-sandbox"}
+            "matchLabels": {
+                "app.kubernetes.io/name": "agentrun-runner",
+                "agentrun.io/bundle": bundle_label("acme", "gpu-sandbox"),
+            }
         },
         "policyTypes": ["Egress"],
         "egress": [
@@ -211,7 +214,7 @@ def test_a_bundle_and_a_timeout_shape_the_job_by_reference(k8s, fake_cluster):
     narrower = Bundle(name="gpu-sandbox", egress_allowlist=("[2001:db8::/32]:8443", "192.0.2.9", "2001:db8:1::/48"))
     k8s.launch(spec(run_id="run_2", bundle=narrower, timeout_seconds=0.5))
     assert ("PUT", "networkpolicies") in {(verb, plural) for verb, plural, _ in fake_cluster.requests}
-    assert fake_cluster.of("networkpolicies")[bundle_policy_name("gpu-sandbox")]["spec"]["egress"] == [
+    assert fake_cluster.of("networkpolicies")[bundle_policy_name("acme", "gpu-sandbox")]["spec"]["egress"] == [
         {"to": [{"ipBlock": {"cidr": "2001:db8::/32"}}], "ports": [{"protocol": "TCP", "port": 8443}]},
         {"to": [{"ipBlock": {"cidr": "192.0.2.9/32"}}]},
         {"to": [{"ipBlock": {"cidr": "2001:db8:1::/48"}}]},
@@ -234,13 +237,33 @@ def test_a_bundle_cannot_take_the_launchers_variables(k8s, fake_cluster):
 
 
 def test_bundle_names_become_distinct_labels_and_policy_names():
-    names = ["gpu-sandbox", "GPU Sandbox!", "GPU-Sandbox-", "x" * 80, "日本"]
-    labels = [bundle_label(name) for name in names]
-    assert len(set(labels)) == len(names) and labels[0] == "gpu-sandbox"
+    """A bundle's name is its tenant's: the same name in two tenants is two labels and two
+    policies, so neither tenant's runners get the other's egress."""
+    keys = [("acme", "gpu-sandbox"), ("other", "gpu-sandbox"), ("acme", "GPU Sandbox!"), ("acme", "GPU-Sandbox-")]
+    keys += [("acme", "x" * 80), ("acme", "日本"), ("acme/x", "y"), ("acme", "x/y")]
+    labels = [bundle_label(*key) for key in keys]
+    assert len(set(labels)) == len(keys) and labels[0].startswith("acme-gpu-sandbox-")
     for label in labels:
         assert re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?", label), label
-    for name in names:
-        assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", bundle_policy_name(name))
+    policies = [bundle_policy_name(*key) for key in keys]
+    assert len(set(policies)) == len(keys)
+    for name in policies:
+        assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name)
+
+
+def test_two_tenants_bundles_of_one_name_keep_their_own_egress(k8s, fake_cluster):
+    ours = Bundle(name="agents", egress_allowlist=("10.1.0.0/16",))
+    theirs = Bundle(name="agents", egress_allowlist=("10.2.0.0/16",))
+    launched = [
+        k8s.launch(spec(run_id="run_a", bundle=ours)),
+        k8s.launch(spec(run_id="run_b", bundle=theirs, tenant_id="other")),
+    ]
+    policies = fake_cluster.of("networkpolicies")
+    assert len(policies) == 2
+    for job, bundle in zip(launched, (ours, theirs), strict=True):
+        labels = fake_cluster.of("jobs")[job.job_name]["spec"]["template"]["metadata"]["labels"]
+        [policy] = [p for p in policies.values() if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+        assert policy["spec"]["egress"] == [{"to": [{"ipBlock": {"cidr": bundle.egress_allowlist[0]}}]}]
 
 
 @pytest.mark.parametrize(
@@ -460,8 +483,27 @@ def test_a_git_run_with_a_bundle_through_the_worker_becomes_a_hardened_job(k8s, 
     assert env["OPENAI_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "llm-keys", "key": "openai"}}
     assert body["spec"]["activeDeadlineSeconds"] == 900 and pod["runtimeClassName"] == "gvisor"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert body["spec"]["template"]["metadata"]["labels"]["agentrun.io/bundle"] == "agents"
+    assert body["spec"]["template"]["metadata"]["labels"]["agentrun.io/bundle"] == bundle_label(TENANT, "agents")
     (policy,) = fake_cluster.of("networkpolicies").values()
     assert policy["spec"]["egress"] == [
         {"to": [{"ipBlock": {"cidr": "140.82.112.0/20"}}], "ports": [{"protocol": "TCP", "port": 443}]}
     ]
+
+
+def test_the_reconciler_deletes_the_policies_of_bundles_that_are_gone(k8s, fake_cluster):
+    kept = ResourceBundle.objects.create(tenant_id=TENANT, name="kept", egress_allowlist=["10.1.0.0/16"])
+    gone = ResourceBundle.objects.create(tenant_id=TENANT, name="gone", egress_allowlist=["10.2.0.0/16"])
+    for bundle in (kept, gone):
+        make_run(resource_bundle_ref={"kind": "bundle", "name": bundle.name})
+        assert launching.launch_pending(k8s) == 1
+    assert len(fake_cluster.of("networkpolicies")) == 2
+    assert [f for f in reconciling.reconcile(k8s) if f.action == "delete-policy"] == []
+    gone.delete()
+    out = io.StringIO()
+    call_command("reconcile", "--dry-run", stdout=out)
+    stale = f"{NS}/{bundle_policy_name(TENANT, 'gone')}"
+    assert f"would delete NetworkPolicy {stale}: its bundle is gone" in out.getvalue()
+    assert len(fake_cluster.of("networkpolicies")) == 2
+    [finding] = [f for f in reconciling.reconcile(k8s) if f.action == "delete-policy"]
+    assert finding.job == stale
+    assert set(fake_cluster.of("networkpolicies")) == {bundle_policy_name(TENANT, "kept")}

@@ -200,7 +200,7 @@ def test_an_evicted_disrupted_or_node_lost_pod_loses_its_runner(k8s, fake_cluste
     assert_failed(run, "runner-lost", status.get("message") or status["conditions"][0]["message"])
 
 
-def test_healthy_pods_are_left_alone_in_two_queries_whatever_the_number_of_runs(
+def test_healthy_pods_are_left_alone_in_three_queries_whatever_the_number_of_runs(
     k8s, fake_cluster, django_assert_num_queries
 ):
     runs = [launched(k8s, claimed=index % 2 == 0) for index in range(4)]
@@ -208,7 +208,7 @@ def test_healthy_pods_are_left_alone_in_two_queries_whatever_the_number_of_runs(
     creating = waiting("ContainerCreating", "")
     for index, (_, job) in enumerate(runs):
         fake_cluster.start_pod(NS, job.job_name, running if index % 2 == 0 else creating)
-    with django_assert_num_queries(2):  # the runs' latest jobs, then the Jobs' runs
+    with django_assert_num_queries(3):  # the runs' latest jobs, the Jobs' runs, the bundles with policies
         assert reconciling.reconcile(k8s) == []
     assert {run.status for run in Run.objects.all()} == {"pending", "claimed"}
 

@@ -99,7 +99,8 @@ JOB_FIELDS = {
 
 
 class Cluster:
-    """What the reconciler asks of a launcher: the state of one Job, its pods, the list of Jobs, a delete."""
+    """What the reconciler asks of a launcher: the state of one Job, its pods, the list of Jobs and of
+    bundle policies, a delete."""
 
     def __init__(self):
         self.jobs = {}
@@ -116,6 +117,9 @@ class Cluster:
 
     def list_jobs(self):
         return list(self.jobs.values())
+
+    def list_bundle_policies(self):
+        return []
 
     def stop(self, view):
         self.jobs.pop(view["jobName"])
@@ -140,4 +144,4 @@ def reconcile_queries(cluster, count):
 
 def test_a_reconciler_pass_makes_the_same_queries_for_two_runs_or_twenty():
     cluster = Cluster()
-    assert reconcile_queries(cluster, 2) == reconcile_queries(cluster, 20) == 2
+    assert reconcile_queries(cluster, 2) == reconcile_queries(cluster, 20) == 3  # jobs, their runs, bundles

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 
@@ -40,7 +41,6 @@ SESSION_WORKSPACE = f"{SESSION_MOUNT}/workspace"
 WORKSPACE = "/workspace"
 HOME = "/home/agentrun"
 RUNNER_UID = 1000  # the image's user (deploy/Dockerfile: USER 1000)
-_LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)")
 
 
 def _dns_name(prefix: str, value: str, limit: int = 63) -> str:
@@ -55,18 +55,26 @@ def _label_value(value: str) -> str:
     return clean or "none"
 
 
-def bundle_label(name: str) -> str:
-    """The bundle's pod label: its name when that is a label value, else a cleaned prefix and a
-    hash (two bundles never share a label, so never each other's egress)."""
-    if _LABEL_VALUE.fullmatch(name):
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
-    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:52].strip("-_.")
+def _bundle_key(tenant_id: str, name: str) -> str:
+    # JSON, so that no two (tenant, name) pairs share a key, whatever characters they hold.
+    return json.dumps([tenant_id, name], ensure_ascii=False)
+
+
+def bundle_label(tenant_id: str, name: str) -> str:
+    """The pod label of the tenant's bundle: a cleaned `tenant-name` and a hash of both. Bundle
+    names are the tenant's own, so two tenants' bundles of one name, like any two bundles, never
+    share a label, and never each other's egress."""
+    key = _bundle_key(tenant_id, name)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{tenant_id}-{name}")[:52].strip("-_.")
     return f"{clean}-{digest}" if clean else digest
 
 
-def bundle_policy_name(name: str) -> str:
-    return _dns_name("agentrun-bundle", name)
+def bundle_policy_name(tenant_id: str, name: str) -> str:
+    """The bundle's NetworkPolicy: `agentrun-bundle-<tenant>-<name>-<hash of both>`."""
+    digest = hashlib.sha256(_bundle_key(tenant_id, name).encode()).hexdigest()[:10]
+    clean = re.sub(r"[^a-z0-9-]+", "-", f"{tenant_id}-{name}".lower()).strip("-")
+    return f"agentrun-bundle-{clean}"[:52].rstrip("-") + f"-{digest}"
 
 
 def egress_rules(allowlist: tuple[str, ...]) -> list[client.V1NetworkPolicyEgressRule]:
@@ -121,7 +129,7 @@ class KubernetesLauncher(Launcher):
         namespace = spec.pvc_namespace or self.namespace
         if spec.bundle is not None:
             # Before the Job: its pod starts with its egress allowed, and only that.
-            self._apply_bundle_policy(spec.bundle, namespace)
+            self._apply_bundle_policy(spec.tenant_id, spec.bundle, namespace)
         pvc, created_pvc = spec.pvc_name, False
         if pvc is None and spec.needs_storage and spec.session_id:
             pvc, created_pvc = session_pvc_name(spec.session_id), self._ensure_pvc(spec.session_id, namespace)
@@ -145,28 +153,18 @@ class KubernetesLauncher(Launcher):
             "agentrun.io/attempt": str(spec.attempt),
         }
         if spec.bundle is not None:
-            labels[BUNDLE_LABEL] = bundle_label(spec.bundle.name)
+            labels[BUNDLE_LABEL] = bundle_label(spec.tenant_id, spec.bundle.name)
         return labels
 
-    def _apply_bundle_policy(self, bundle: Bundle, namespace: str) -> None:
+    def _apply_bundle_policy(self, tenant_id: str, bundle: Bundle, namespace: str) -> None:
         """The bundle's NetworkPolicy: its runner pods may also reach exactly its allowlist.
         Created, or replaced when it exists (the bundle's allowlist may have changed); deleted
         when the allowlist is empty (it may have been emptied)."""
-        name = bundle_policy_name(bundle.name)
-        label = bundle_label(bundle.name)
+        name = bundle_policy_name(tenant_id, bundle.name)
+        label = bundle_label(tenant_id, bundle.name)
         timeout = kube.REQUEST_TIMEOUT_SECONDS
         if not bundle.egress_allowlist:
-            try:
-                self.networking.delete_namespaced_network_policy(
-                    name,
-                    namespace,
-                    body=client.V1DeleteOptions(),
-                    _headers={"Content-Type": "application/json"},
-                    _request_timeout=timeout,
-                )
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise kube.KubeError(f"deleting NetworkPolicy {namespace}/{name}: HTTP {exc.status}") from None
+            self.delete_policy(namespace, name)
             return
         body = client.V1NetworkPolicy(
             api_version="networking.k8s.io/v1",
@@ -389,6 +387,31 @@ class KubernetesLauncher(Launcher):
             raise kube.KubeError(
                 f"listing the pods of Job {job['namespace']}/{job['jobName']}: HTTP {exc.status}"
             ) from None
+
+    def delete_policy(self, namespace: str, name: str) -> None:
+        """Delete a bundle's NetworkPolicy (gone already is fine)."""
+        try:
+            self.networking.delete_namespaced_network_policy(
+                name,
+                namespace,
+                body=client.V1DeleteOptions(),
+                _headers={"Content-Type": "application/json"},
+                _request_timeout=kube.REQUEST_TIMEOUT_SECONDS,
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise kube.KubeError(f"deleting NetworkPolicy {namespace}/{name}: HTTP {exc.status}") from None
+
+    def list_bundle_policies(self) -> list[client.V1NetworkPolicy]:
+        """The bundles' NetworkPolicies the launcher made in its namespace."""
+        try:
+            return self.networking.list_namespaced_network_policy(
+                self.namespace,
+                label_selector=f"app.kubernetes.io/managed-by=agentrun,{BUNDLE_LABEL}",
+                _request_timeout=kube.REQUEST_TIMEOUT_SECONDS,
+            ).items
+        except ApiException as exc:
+            raise kube.KubeError(f"listing NetworkPolicies in {self.namespace}: HTTP {exc.status}") from None
 
     def list_jobs(self) -> list[client.V1Job]:
         return self.batch.list_namespaced_job(

@@ -198,13 +198,18 @@ class FakeCluster:
 
     def _list(self, request, plural, kind, api_version, pattern):
         namespace = pattern.match(request.path).group("ns")
-        selector = dict(part.split("=", 1) for part in request.args.get("labelSelector", "").split(",") if part)
+        # Equality (`key=value`) and existence (`key`) requirements, as the API server takes them.
+        parts = [part for part in request.args.get("labelSelector", "").split(",") if part]
+        equal = dict(part.split("=", 1) for part in parts if "=" in part)
+        present = [part for part in parts if "=" not in part]
+
+        def matches(labels):
+            return all(labels.get(k) == v for k, v in equal.items()) and all(k in labels for k in present)
+
         items = [
             obj
             for (p, ns, _), obj in self.objects.items()
-            if p == plural
-            and ns == namespace
-            and all((obj["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
+            if p == plural and ns == namespace and matches(obj["metadata"].get("labels") or {})
         ]
         return self._json({"apiVersion": api_version, "kind": f"{kind}List", "metadata": {}, "items": items})
 

@@ -31,6 +31,7 @@ class Command(BaseCommand):
             verb = {
                 "fail-run": "would fail run" if dry_run else "failed run",
                 "delete-job": "would delete Job" if dry_run else "deleted Job",
+                "delete-policy": "would delete NetworkPolicy" if dry_run else "deleted NetworkPolicy",
             }[item.action]
             if item.action == "fail-run":
                 self.stdout.write(f"{verb} {item.run_id} ({item.kind}, {item.reason}): {item.detail}")
