@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from agentrun.errors import AgentRunError
 from agentrun.launcher import Bundle, Launched, Launcher, SecretEnv
 from agentrun.launcher.local import bundle_environment
+from queues import services as queue_services
 from queues.models import QueueTask
 from runs import launching, services
 from runs.models import ResourceBundle, Run, RunEvent
@@ -417,3 +418,16 @@ def test_file_repositories_only_where_allowed(client_api, settings):
     assert "AGENTRUN_GIT_FILE_URLS" in body["error"]["message"]
     status, _ = create(client_api, workspaceRef=GIT)
     assert status == 201
+
+
+def test_a_task_whose_bundle_was_deleted_fails_at_dispatch_saying_so(client_api):
+    bundle("agents")
+    body = {"tenantId": TENANT, "projectId": PROJECT, "queue": "default", "backendProfile": "echo"}
+    status, task = client_api.post("queue-tasks", {**body, "resourceBundleRef": {"kind": "bundle", "name": "agents"}})
+    assert status == 201
+    ResourceBundle.objects.all().delete()
+    dispatched = queue_services.dispatch_one()
+    assert dispatched is not None and dispatched.run_id is None
+    stored = QueueTask.objects.get(pk=task["id"])
+    assert stored.state == "failed" and Run.objects.count() == 0
+    assert stored.latest_attempt["failureMessage"] == "unknown resource bundle 'agents'"
