@@ -133,6 +133,7 @@ def test_one_image_for_every_workload_and_a_recipe_for_it():
     assert images == {config["data"]["AGENTRUN_RUNNER_IMAGE"]}
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "requirements.txt" in dockerfile and "USER 1000" in dockerfile
+    assert " git " in dockerfile  # a run's git workspace is checked out in the runner's container
     for package in ("agentrun", "sessions", "runs", "queues", "runner", "settings"):
         assert f"COPY {package} {package}" in dockerfile
     for line in dockerfile.splitlines():
