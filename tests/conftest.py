@@ -4,6 +4,8 @@ lives in tests.helpers; data is built by small helpers, not fixture files."""
 from __future__ import annotations
 
 import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
 
 from agentrun import kube
 from tests.helpers import FakeCluster, FakeKube, KeyClient, make_key, raw_key, write_kubeconfig
@@ -63,3 +65,12 @@ def fake_kube(httpserver, tmp_path, monkeypatch):
 @pytest.fixture
 def fake_cluster(fake_kube):
     return FakeCluster(fake_kube)
+
+
+@pytest.fixture
+def staff(db):
+    """A Django test client logged in as a superuser: the admin as an operator sees it."""
+    user = get_user_model().objects.create_superuser("ops", "ops@example.com", "pw")
+    client = Client()
+    client.force_login(user)
+    return client

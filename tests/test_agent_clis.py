@@ -12,7 +12,7 @@ import pytest
 
 from runner.backends.claude import ClaudeBackend
 from runner.backends.codex import CodexBackend
-from tests.helpers import Anthropic, Responses, install, wait_for
+from tests.helpers import Anthropic, Responses, claude_environment, install, wait_for
 
 # Sleep lengths no other run of this suite on the machine uses, so pgrep finds only ours.
 UNIQUE = f"{os.getpid() % 100000:05d}"
@@ -147,15 +147,8 @@ def claude(clis, tmp_path, monkeypatch):
         home.mkdir(exist_ok=True)
         for name, value in {
             "HOME": str(home),
-            "ANTHROPIC_BASE_URL": model.url,
             "ANTHROPIC_API_KEY": "sk-ant-mock",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-            "DISABLE_AUTOUPDATER": "1",
-            "DISABLE_TELEMETRY": "1",
-            "DISABLE_ERROR_REPORTING": "1",
-            "CLAUDE_CODE_MAX_RETRIES": "0",
-            "AGENTRUN_CLAUDE_BIN": str(clis[1]),
-            "AGENTRUN_CLAUDE_ARGS": "--permission-mode acceptEdits --allowedTools Bash Read Edit",
+            **claude_environment(model.url, clis[1]),
         }.items():
             monkeypatch.setenv(name, value)
         return model

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from agentrun.launcher import Launched, Launcher, launcher_from_settings
+from agentrun.launcher import Launcher, launcher_from_settings
 from agentrun.launcher.local import LocalLauncher
 from agentrun.models import ApiKey
 from runs import launching, services
 from runs.models import Run, RunEvent, RunnerJob
-from tests.helpers import in_threads, make_run, wait_for
+from tests.helpers import RecordingLauncher, in_threads, make_run, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -52,24 +52,8 @@ def test_never_two_runners_for_one_run(local):
     assert wait_for(lambda: Run.objects.get(pk=run.id).status == "completed")
 
 
-class DeadOnArrival(Launcher):
-    """A launcher whose runners never run: what a crash-looping image looks like."""
-
-    name = "test"
-
-    def __init__(self):
-        self.specs = []
-
-    def launch(self, spec):
-        self.specs.append(spec)
-        return Launched(namespace="test", job_name=f"job-{spec.attempt}", image="none", details={})
-
-    def alive(self, job):
-        return False
-
-
 def test_dead_launches_are_retried_then_the_run_fails():
-    launcher = DeadOnArrival()
+    launcher = RecordingLauncher(alive=False)
     run = make_run()
     for _ in range(launching.MAX_LAUNCHES):
         assert launching.launch_pending(launcher) == 1
@@ -93,7 +77,7 @@ def test_a_launch_that_raises_is_recorded_and_retried():
     job = RunnerJob.objects.get(run_id=run.id)
     assert job.result["failed"] and "no cluster today" in job.result["error"]
     assert ApiKey.objects.get(pk=job.result["keyId"]).revoked_at is not None
-    launcher = DeadOnArrival()
+    launcher = RecordingLauncher(alive=False)
     assert launching.launch_pending(launcher) == 1 and launcher.specs[0].attempt == 2
 
 

@@ -5,20 +5,18 @@ the runner's environment. Secret values live in the secret store alone."""
 from __future__ import annotations
 
 import pytest
-from django.contrib.auth import get_user_model
-from django.test import Client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentrun.errors import AgentRunError
-from agentrun.launcher import Bundle, Launched, Launcher, SecretEnv
+from agentrun.launcher import Bundle, Launcher, SecretEnv
 from agentrun.launcher.local import bundle_environment
 from queues import services as queue_services
 from queues.models import QueueTask
 from runs import launching, services
 from runs.models import ResourceBundle, Run, RunEvent
 from runs.validation import validate_resource_bundle_ref, validate_workspace_ref
-from tests.helpers import PROJECT, TENANT, assert_error, make_run
+from tests.helpers import PROJECT, TENANT, RecordingLauncher, assert_error, make_run
 
 pytestmark = pytest.mark.django_db
 
@@ -198,20 +196,6 @@ def test_a_queue_task_is_checked_as_its_run_will_be(client_api):
 # --- the launcher's view -----------------------------------------------------------------------
 
 
-class Recording(Launcher):
-    name = "test"
-
-    def __init__(self):
-        self.specs = []
-
-    def launch(self, spec):
-        self.specs.append(spec)
-        return Launched(namespace="test", job_name=f"job-{spec.attempt}", image="none", details={})
-
-    def alive(self, job):
-        return True
-
-
 def test_the_launcher_gets_the_bundle_the_timeout_and_the_sessions_storage():
     bundle(
         "agents",
@@ -236,7 +220,7 @@ def test_the_launcher_gets_the_bundle_the_timeout_and_the_sessions_storage():
         workspace_ref=GIT,
         execution_policy={"timeoutSeconds": 600},
     )[0]
-    launcher = Recording()
+    launcher = RecordingLauncher(alive=True)
     assert launching.launch_pending(launcher) == 1
     (spec,) = launcher.specs
     assert spec.bundle == Bundle(
@@ -263,7 +247,7 @@ def test_a_run_whose_bundle_was_deleted_fails_at_launch_saying_so():
     bundle("agents", is_default=True)
     run = make_run()
     ResourceBundle.objects.all().delete()
-    launcher = Recording()
+    launcher = RecordingLauncher(alive=True)
     assert launching.launch_pending(launcher) == 0 and launcher.specs == []
     stored = Run.objects.get(pk=run.id)
     assert (stored.status, stored.failure_kind) == ("failed", "infra-failed")
@@ -320,14 +304,6 @@ def test_a_run_that_cannot_launch_says_why_in_its_failure():
 
 
 # --- admin -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def staff():
-    user = get_user_model().objects.create_superuser("ops", "ops@example.com", "pw")
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def form(**fields):

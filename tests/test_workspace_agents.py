@@ -15,7 +15,7 @@ import pytest
 from agentrun.launcher.local import LocalLauncher
 from runs import launching, services
 from runs.models import ResourceBundle, Run, RunEvent
-from tests.helpers import PROJECT, TENANT, Anthropic, Responses, install, wait_for
+from tests.helpers import PROJECT, TENANT, Anthropic, Responses, claude_environment, install, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -154,16 +154,7 @@ def test_claude_edits_a_cloned_repository_with_the_bundles_key(clis, worker, ori
             {"text": "Fixed greet."},
         ]
     )
-    for name, value in {
-        "ANTHROPIC_BASE_URL": model.url,
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "DISABLE_AUTOUPDATER": "1",
-        "DISABLE_TELEMETRY": "1",
-        "DISABLE_ERROR_REPORTING": "1",
-        "CLAUDE_CODE_MAX_RETRIES": "0",
-        "AGENTRUN_CLAUDE_BIN": str(clis[1]),
-        "AGENTRUN_CLAUDE_ARGS": "--permission-mode acceptEdits --allowedTools Bash Read Edit",
-    }.items():
+    for name, value in claude_environment(model.url, clis[1]).items():
         monkeypatch.setenv(name, value)
     try:
         run, log = run_task(worker, backend="claude-code", origin=origin, session_id="claude-ws", prompt="fix greet")

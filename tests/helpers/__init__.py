@@ -5,7 +5,7 @@ Tests import from here (`from tests.helpers import make_run, wait_for`), never f
 from another test module.
 """
 
-from tests.helpers.agent_clis import Anthropic, Responses, ScriptedModel, install
+from tests.helpers.agent_clis import Anthropic, Responses, ScriptedModel, claude_environment, install
 from tests.helpers.api import KeyClient, assert_error, make_key, raw_key
 from tests.helpers.data import (
     PROJECT,
@@ -20,6 +20,7 @@ from tests.helpers.data import (
     usurp,
 )
 from tests.helpers.kube import TOKEN, FakeCluster, FakeKube, schema_errors, write_kubeconfig
+from tests.helpers.launchers import RecordingLauncher
 from tests.helpers.live_server import free_port, gunicorn, live_database_url, start_runner
 from tests.helpers.threads import Threads, in_threads, wait_for
 
@@ -31,11 +32,13 @@ __all__ = [
     "FakeCluster",
     "FakeKube",
     "KeyClient",
+    "RecordingLauncher",
     "Responses",
     "ScriptedModel",
     "Threads",
     "assert_error",
     "claim",
+    "claude_environment",
     "events_of",
     "finish_run",
     "free_port",

@@ -38,6 +38,21 @@ def install() -> tuple[Path, Path]:
     return codex, claude
 
 
+def claude_environment(model_url: str, claude_bin: Path) -> dict[str, str]:
+    """What Claude Code needs to talk to a scripted model and nothing else (no update checks,
+    telemetry or retries), and the backend to run it (its API key is the caller's to give)."""
+    return {
+        "ANTHROPIC_BASE_URL": model_url,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+        "CLAUDE_CODE_MAX_RETRIES": "0",
+        "AGENTRUN_CLAUDE_BIN": str(claude_bin),
+        "AGENTRUN_CLAUDE_ARGS": "--permission-mode acceptEdits --allowedTools Bash Read Edit",
+    }
+
+
 class ScriptedModel:
     """A model API on a free loopback port answering each main-loop request with the next step
     of `script`: {"text": ...}, {"tool": (name, input)}, or {"status": code} (an API error;
