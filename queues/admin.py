@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import quote
 from django.urls import reverse
 from django.utils.html import format_html
 
@@ -39,7 +40,7 @@ class AttemptInline(admin.TabularInline):
         if not attempt.run_id:
             return "-"
         return format_html(
-            "<a href='{}'>{}</a>", reverse("admin:runs_run_change", args=[attempt.run_id]), attempt.run_id
+            "<a href='{}'>{}</a>", reverse("admin:runs_run_change", args=[quote(attempt.run_id)]), attempt.run_id
         )
 
 

@@ -3,6 +3,7 @@
 import json
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import quote
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
@@ -100,7 +101,7 @@ class SessionWithRunsAdmin(SessionAdmin):
             "<tr><td><a href='{}'>{}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>",
             (
                 (
-                    reverse("admin:runs_run_change", args=[run.id]),
+                    reverse("admin:runs_run_change", args=[quote(run.id)]),
                     run.id,
                     run.status,
                     run.claimed_by or "",

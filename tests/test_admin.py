@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from django.contrib.admin.utils import quote
 from django.test import Client
 
 from agentrun.auth import hash_key
@@ -32,7 +35,7 @@ def test_run_change_page_shows_commands_and_recent_events_read_only(staff):
     services.event_append(
         run_id=run.id, runner_id="r", lease_epoch=1, events=[("assistant_message", {"n": n}) for n in range(60)]
     )
-    response = staff.get(f"/admin/runs/run/{run.id}/change/")
+    response = staff.get(f"/admin/runs/run/{quote(run.id)}/change/")
     assert response.status_code == 200
     body = response.content.decode()
     assert command.id in body and "run-created" not in body  # only the last 50 events
@@ -121,7 +124,7 @@ def test_session_change_page_shows_runs_events_and_storage(staff):
     assert response.status_code == 200
     body = response.content.decode()
     assert run.id in body and "pvc-adm" in body and "assistant_message" in body
-    assert f"/admin/runs/run/{run.id}/change/" in body
+    assert f"/admin/runs/run/{quote(run.id)}/change/" in body
 
 
 def test_mark_read_for_me_action(staff):
@@ -162,10 +165,10 @@ def test_queue_task_admin_filters_shows_attempts_and_runs(staff):
     assert task.id in body and other.id not in body
     body = staff.get("/admin/queues/queuetask/", {"state__exact": "pending"}).content.decode()
     assert other.id in body and task.id not in body
-    response = staff.get(f"/admin/queues/queuetask/{task.id}/change/")
+    response = staff.get(f"/admin/queues/queuetask/{quote(task.id)}/change/")
     body = response.content.decode()
     assert response.status_code == 200, (response.status_code, response.get("Location"), started)
-    assert started.run_id in body and f"/admin/runs/run/{started.run_id}/change/" in body
+    assert started.run_id in body and f"/admin/runs/run/{quote(started.run_id)}/change/" in body
 
 
 def test_queue_task_cancel_and_retry_actions(staff):
@@ -194,3 +197,18 @@ def test_queue_limits_and_pause_are_edited_in_admin(staff):
     assert response.status_code == 302
     queue.refresh_from_db()
     assert (queue.max_running, queue.paused) == (4, True)
+
+
+def test_admin_links_reach_runs_whose_ids_look_like_admin_escapes(staff, monkeypatch):
+    """The admin reads `_22` in a URL as `"`: a run id such as `run_22…` must travel quoted, in
+    the session page's links and the queue task's, or its link lands on "doesn't exist"."""
+    from runs.services import runs as run_services
+
+    monkeypatch.setattr(run_services, "new_id", lambda prefix: f"{prefix}_22{'ab' * 15}")
+    run = make_run(session_id="adm-escape")
+    assert run.id == "run_22" + "ab" * 15
+    body = staff.get("/admin/agent_sessions/session/adm-escape/change/").content.decode()
+    [link] = re.findall(r"href='(/admin/runs/run/[^']+/change/)'", body)
+    response = staff.get(link)
+    assert response.status_code == 200, (response.status_code, response.get("Location"))
+    assert run.id in response.content.decode()

@@ -5,6 +5,7 @@ the runner's environment. Secret values live in the secret store alone."""
 from __future__ import annotations
 
 import pytest
+from django.contrib.admin.utils import quote
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -344,7 +345,9 @@ def test_operators_manage_bundles_in_admin_and_values_are_refused(staff):
 def test_the_run_admin_shows_the_runs_bundle(staff):
     bundle("agents", is_default=True)
     run = make_run()
-    page = staff.get(f"/admin/runs/run/{run.id}/change/").content.decode()
+    response = staff.get(f"/admin/runs/run/{quote(run.id)}/change/")
+    assert response.status_code == 200, (response.status_code, response.get("Location"))
+    page = response.content.decode()
     assert "agents" in page
     assert "api-key" not in page  # the bundle's references are on its own page, not the run's
 
