@@ -48,6 +48,11 @@ def run_topic(run_id: str) -> str:
     return f"run:{run_id}"
 
 
+def session_topic(session_id: str) -> str:
+    """Notified when a run of the session is created (a session's stream moves on to it)."""
+    return f"session:{session_id}"
+
+
 def conninfo(alias: str = "default") -> dict:
     settings_dict = connections[alias].settings_dict
     params = {

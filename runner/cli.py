@@ -180,7 +180,8 @@ def follow(
     that command ends: printing starts at its creation, or at once `from_start`). Exit status 0
     when it completed."""
     printing = command_id is None or from_start
-    for event in client.follow_events(run_id, after_seq=after_seq):
+    stream = client.stream_events(run_id, after_seq=after_seq)  # SSE, resumed by itself after a drop
+    for event in stream:
         payload = event.get("payload") or {}
         mine = command_id is not None and payload.get("commandId") == command_id
         printing = printing or (mine and payload.get("phase") == "command-created")
@@ -189,6 +190,7 @@ def follow(
         if mine and payload.get("phase") == "command-terminal":
             if payload.get("terminalStatus") != "completed" and payload.get("message") == "run finished":
                 continue  # the run ended before the turn (a checkout that failed): its end says why
+            stream.close()
             return 0 if payload.get("terminalStatus") == "completed" else 1
         if event["type"] == "terminal_status":
             return 0 if payload.get("terminalStatus") == "completed" else 1

@@ -12,14 +12,18 @@ agents can print) cannot be UTF-8, and httpx would fail on it rather than send i
 
 from __future__ import annotations
 
+import json as jsonlib
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, cast
+from urllib.parse import quote
 
 import httpx
+from httpx_sse import EventSource, SSEError
 
 from runner.payloads import json_bytes
 from runner.records import Command, Event, JsonObject, Listing, Page, Run
@@ -171,7 +175,8 @@ class AgentRunClient:
         return cast(Page[Event], self.request("GET", f"/runs/{run_id}/events", params=params))
 
     def follow_events(self, run_id: str, *, after_seq: int = 0, until_terminal: bool = True) -> Iterator[Event]:
-        """Every event from `after_seq` on, as it is appended; ends after `terminal_status`."""
+        """Every event from `after_seq` on, as it is appended, by long-polls; ends after
+        `terminal_status`. (`stream_events` does the same over one stream.)"""
         while True:
             page = self.events(run_id, after_seq=after_seq, wait=30)
             for event in page["items"]:
@@ -179,6 +184,30 @@ class AgentRunClient:
                 if until_terminal and event["type"] == "terminal_status":
                     return
             after_seq = int(page["cursor"])
+
+    def stream_events(
+        self, run_id: str, *, after_seq: int = 0, view: str = "trace", until_terminal: bool = True
+    ) -> EventStream:
+        """The run's events from `after_seq` on as they are appended, over one SSE stream that
+        resumes by itself from the last id read (nothing skipped, nothing repeated); ends after
+        `terminal_status`. `view`: trace (every event), output or control (what a runner acts
+        on). Falls back to long-polls where the server has no stream. Iterate it; `close()`
+        ends it from any thread."""
+        return EventStream(
+            self,
+            f"/runs/{run_id}/events/stream",
+            {"view": view},
+            str(after_seq),
+            run_id=run_id,
+            until_terminal=until_terminal,
+        )
+
+    def stream_session_output(self, session_id: str, *, last_event_id: str | None = None) -> EventStream:
+        """A session's output events, run after run, as they are appended (SSE, resumed by
+        itself); never ends by itself: `close()` it or stop iterating. `last_event_id`
+        (`runId:seq`) resumes after that event."""
+        path = f"/sessions/{quote(session_id, safe='')}/output/stream"
+        return EventStream(self, path, {}, last_event_id, until_terminal=False)
 
     def sessions(self, **params: str | int | None) -> Listing:
         """The inbox; query parameters as API.md names them (None: not sent)."""
@@ -231,6 +260,108 @@ class AgentRunClient:
         """`result`: as for finish_command."""
         body = {"runnerId": runner_id, "leaseEpoch": lease_epoch, **_compact(result)}
         return cast(Run, self.request("POST", f"/runs/{run_id}/finish", json=body))
+
+
+class EventStream:
+    """An SSE stream of events that reconnects with `Last-Event-ID` after a drop (waiting the
+    server's `retry:` hint, longer after repeated failures) and so yields every event once.
+    An error answer before the stream starts is raised as ApiError, except that a server
+    without the stream route (404 `schema-invalid` naming no object, 405, 406) is followed by
+    long-polls instead, for a run stream."""
+
+    def __init__(
+        self,
+        client: AgentRunClient,
+        path: str,
+        params: Mapping[str, str],
+        last_id: str | None,
+        *,
+        run_id: str | None = None,
+        until_terminal: bool = True,
+    ) -> None:
+        self.client, self.path, self.params, self.last_id = client, path, dict(params), last_id
+        self.run_id, self.until_terminal = run_id, until_terminal
+        self.connections = 0  # streams opened (the first, then one per reconnect)
+        self.polling = False  # True once it fell back to long-polls
+        self._closed = threading.Event()
+        self._response: httpx.Response | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            response = self._response
+        if response is not None:
+            response.close()
+
+    def __iter__(self) -> Iterator[Event]:
+        retry, backoff = 2.0, Backoff(first=0.5)
+        while not self._closed.is_set():
+            headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+            if self.last_id is not None:
+                headers["Last-Event-ID"] = self.last_id
+            try:
+                with self.client.http.stream("GET", self.path, params=self.params, headers=headers) as response:
+                    with self._lock:
+                        self._response = response
+                    if self._closed.is_set():
+                        return
+                    self.connections += 1
+                    if response.status_code == 204:
+                        return  # over: a finished run resumed past its end
+                    if response.status_code != 200:
+                        response.read()
+                        if self._no_stream_route(response) and self.run_id is not None:
+                            yield from self._long_polls()
+                            return
+                        if response.status_code in RETRY_STATUSES:
+                            raise httpx.RemoteProtocolError(f"{response.status_code} from the server")
+                        AgentRunClient._body(response)  # raises ApiError
+                    for sse in EventSource(response).iter_sse():
+                        if sse.retry is not None:
+                            retry = sse.retry / 1000.0
+                        if not sse.data:
+                            continue
+                        event = cast(Event, jsonlib.loads(sse.data))
+                        self.last_id = sse.id or self.last_id
+                        backoff = Backoff(first=0.5)
+                        yield event
+                        if self.until_terminal and event.get("type") == "terminal_status":
+                            return
+            except (httpx.TransportError, SSEError):
+                if self._closed.is_set():
+                    return
+            finally:
+                with self._lock:
+                    self._response = None
+            if self._closed.wait(max(retry, backoff.next())):
+                return
+
+    @staticmethod
+    def _no_stream_route(response: httpx.Response) -> bool:
+        """The server has no such route (an older server, or a proxy in the way)."""
+        if response.status_code in (405, 406):
+            return True
+        if response.status_code != 404:
+            return False
+        try:
+            message = str((response.json().get("error") or {}).get("message", ""))
+        except (ValueError, AttributeError):
+            return True
+        return message.startswith("no route")
+
+    def _long_polls(self) -> Iterator[Event]:
+        self.polling = True
+        run_id = str(self.run_id)
+        after_seq = int(self.last_id or 0) if str(self.last_id or "0").isdigit() else 0
+        while not self._closed.is_set():
+            page = self.client.events(run_id, after_seq=after_seq, wait=30)
+            for event in page["items"]:
+                self.last_id = str(event["seq"])
+                yield event
+                if self.until_terminal and event["type"] == "terminal_status":
+                    return
+            after_seq = int(page["cursor"])
 
 
 def _compact(result: Mapping[str, str | None]) -> dict[str, str]:

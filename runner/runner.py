@@ -4,9 +4,12 @@ events back, and finishes the run.
 - The lease is renewed in the background (every third of it). A 409 `runner-lease-conflict`
   from any call means another runner took the run over: the backend is killed and the runner
   stops without another write.
-- The run's own event stream is the control channel: `command-created` brings commands,
-  `cancel-requested` / `terminal_status` end the run, a `command-terminal` that cancels the
-  turn in progress stops it. The backend's process group is killed within the grace period.
+- The run's own event stream is the control channel, followed over one SSE stream
+  (`view=control`, resumed by itself with `Last-Event-ID`; long-polls only where the server has
+  no stream): `command-created` brings commands, `cancel-requested` / `terminal_status` end the
+  run, a `command-terminal` that cancels the turn in progress stops it. The backend's process
+  group is killed within the grace period. Idle, the runner sends nothing but its heartbeats;
+  in a turn, nothing but its batches and heartbeats.
 - Events go out in batches (runner.sink): every 100 ms or 50 events, split to the API's
   limits, each under a key that a retry reuses and no other batch has. Oversized payloads are
   shortened, refused events replaced by an `event-rejected` notice, and while the lease is held
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -32,7 +36,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from runner.backends import AgentProcess, Backend, TurnResult, backend_for
-from runner.client import AgentRunClient, ApiError, Backoff
+from runner.client import AgentRunClient, ApiError, Backoff, EventStream
 from runner.records import Command, Event, Run
 from runner.sink import SERVER_ERROR_ATTEMPTS, EventSink, LeaseLost
 from runner.workspace import GitWorkspace, Workspace, WorkspaceError, branch_name
@@ -105,6 +109,11 @@ class Runner:
         # had its turns, and ends after idle_seconds like any other.
         self.turns_seen = 0
         self.command_seq = 0
+        self.known_commands: set[str] = set()
+        # The control stream and what its follower thread hands the loop: events, then None
+        # when the stream ended, or the error that ended it.
+        self.control: EventStream | None = None
+        self.inbox: queue.Queue[Event | BaseException | None] = queue.Queue()
         self.shut_down = False  # a signal asked the runner to stop; the run is left to its lease
         self.events: EventSink | None = None
 
@@ -172,6 +181,8 @@ class Runner:
             # A call that gave up because the lease was lost meanwhile, or we are leaving.
         finally:
             self.stop.set()
+            if self.control is not None:
+                self.control.close()
             self._cancel_turn()
             if self.turn is not None:
                 self.turn.thread.join(timeout=self.grace_seconds + 10)
@@ -237,9 +248,10 @@ class Runner:
         self._cancel_turn()
 
     def _loop(self) -> None:
-        after_seq = 0
         idle_since = time.monotonic()
         limit = self.first_command_seconds
+        self.control = self.client.stream_events(self.run_id, view="control")
+        threading.Thread(target=self._follow, args=(self.control,), name="control", daemon=True).start()
         self._take_commands()
         while not self.stop.is_set():
             self._settle_turn()
@@ -253,18 +265,40 @@ class Runner:
                     return
             else:
                 idle_since = time.monotonic()
+            # Local waits only: the turn's end, the idle limit, or what the stream brings.
             wait = 0.2 if self.turn is not None else max(0.05, min(2.0, limit - (time.monotonic() - idle_since)))
-            page = self.client.events(self.run_id, after_seq=after_seq, wait=wait)
-            after_seq = int(page["cursor"])
-            for event in page["items"]:
-                self._control(event)
+            try:
+                item = self.inbox.get(timeout=wait)
+            except queue.Empty:
+                continue
+            while item is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                self._control(item)
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                if not self.stop.is_set():  # the stream ended: after terminal_status, so has the run
+                    self._ended_elsewhere()
+
+    def _follow(self, control: EventStream) -> None:
+        """The follower thread: the control stream's events, into the loop's inbox."""
+        try:
+            for event in control:
+                self.inbox.put(event)
+        except BaseException as error:  # noqa: BLE001 - handed to the loop, which raises it
+            self.inbox.put(error)
+        else:
+            self.inbox.put(None)
 
     def _control(self, event: Event) -> None:
         payload = event.get("payload") or {}
         phase = payload.get("phase")
         if event["type"] == "terminal_status" or phase == "cancel-requested":
             self._ended_elsewhere()
-        elif phase == "command-created":
+        elif phase == "command-created" and payload.get("commandId") not in self.known_commands:
             self._take_commands()
         elif (
             phase == "command-terminal"
@@ -277,6 +311,7 @@ class Runner:
         page = self.client.commands(self.run_id, after_seq=self.command_seq)
         for command in page["items"]:
             self.command_seq = command["seq"]
+            self.known_commands.add(command["id"])
             self.turns_seen += command["type"] == "turn"
             if command["state"] not in OPEN:
                 continue

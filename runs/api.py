@@ -7,15 +7,24 @@ from collections.abc import Callable
 from typing import Any
 
 from django.http import HttpResponseBase
-from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
-from agentrun import notify
+from agentrun import live, notify
 from agentrun.auth import Role
+from agentrun.errors import invalid
 from agentrun.fields import validated
 from agentrun.openapi import error
+from agentrun.vocabulary import EVENT_TYPES
 from agentrun.wire import RecordSerializer, page
 from runs import selectors, services
 from runs.serializers import (
@@ -41,10 +50,13 @@ from runs.serializers import (
     RunnerOut,
     RunnerRegisterIn,
     RunOut,
+    RunStreamQuery,
     SessionEventPageOut,
     SessionEventQuery,
+    SessionStreamQuery,
     parse_event_append,
 )
+from runs.streams import VIEWS, RunFeed, SessionFeed
 
 # What the schema says of the routes' own errors; `agentrun.openapi` adds what every route answers.
 LEASE_CONFLICT = error(
@@ -98,6 +110,7 @@ class _Page:
 
 
 def _page(
+    request,
     *,
     run_id: str,
     query: dict,
@@ -109,7 +122,8 @@ def _page(
     echoes afterSeq. `head`: the page's keys before its items (a session's trace names its
     session and run)."""
     after_seq, limit = query["after_seq"], query["limit"]
-    return notify.long_poll(
+    return live.long_poll(
+        request,
         notify.run_topic(run_id),
         timeout=query["wait"],
         fetch=lambda: _Page(fetch(run_id=run_id, after_seq=after_seq, limit=limit), page_serializer, after_seq, head),
@@ -117,6 +131,60 @@ def _page(
         share_key=(fetch.__name__, after_seq, limit, page_serializer, tuple((head or {}).items())),
         render=lambda found: (found or _Page([], page_serializer, after_seq, head)).body(),
     )
+
+
+# One SSE event as clients see it (the schema of each event of a text/event-stream answer).
+SSE_EVENT = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string", "maxLength": 230, "description": "The event's cursor: its seq, or `runId:seq`."},
+        "event": {"type": "string", "enum": sorted(EVENT_TYPES)},
+        "data": {
+            "type": "string",
+            "maxLength": 2 * 1024 * 1024,
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/EventOut"},
+        },
+    },
+}
+SSE_RESPONSE = OpenApiResponse(
+    SSE_EVENT,
+    description="`text/event-stream`: a `retry:` hint, then one event per row (`id:` its cursor, `event:` its "
+    "type, `data:` the event as the list routes render it) and a `: keepalive` comment every 15 s. Resume with "
+    "`Last-Event-ID` (or the query's cursor): nothing is skipped and nothing repeated. A stream also ends "
+    "cleanly after an hour (`AGENTRUN_STREAM_MAX_SECONDS`); clients reconnect.",
+)
+
+
+def _resume_header(description: str) -> OpenApiParameter:
+    return OpenApiParameter(
+        "Last-Event-ID", {"type": "string", "maxLength": 230}, OpenApiParameter.HEADER, description=description
+    )
+
+
+def _last_event_id(request) -> str | None:
+    value = request.headers.get("Last-Event-ID")
+    return value.strip() if value is not None and value.strip() else None
+
+
+def _seq(value: str, name: str) -> int:
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise invalid(f"{name} must be an event seq (an integer of 0 or more)", parameter=name)
+    return int(value)
+
+
+class StreamNegotiation:
+    """Stream routes answer `text/event-stream` and, before the stream starts, errors in the JSON
+    envelope, whatever Accept says (`Accept: text/event-stream` is what SSE clients send)."""
+
+    stream_actions: frozenset[str] = frozenset()
+
+    def perform_content_negotiation(self, request, force=False):
+        if getattr(self, "action", None) in self.stream_actions:
+            renderer = JSONRenderer()
+            return renderer, renderer.media_type
+        return super().perform_content_negotiation(request, force)
 
 
 # `finish` (the lease holder ends it) and `cancel` (a client does), the same for a run and a
@@ -147,9 +215,11 @@ class EndActions:
     finish=extend_schema(responses={200: RunOut, 409: LEASE_CONFLICT}),
     cancel=extend_schema(responses=RunOut),
 )
-class RunViewSet(EndActions, viewsets.ViewSet):
+class RunViewSet(StreamNegotiation, EndActions, viewsets.ViewSet):
     lookup_value_regex = "[^/]+"
+    stream_actions = frozenset({"events_stream"})
     roles = {
+        "events_stream": {Role.CLIENT, Role.RUNNER},
         "create": {Role.CLIENT},
         "retrieve": {Role.CLIENT, Role.RUNNER},
         "cancel": {Role.CLIENT},
@@ -232,7 +302,7 @@ class RunViewSet(EndActions, viewsets.ViewSet):
         if request.method == "GET":
             selectors.run_exists(run_id=pk, scope=request.scope)
             query = validated(EventPageQuery, request.query_params)
-            return _page(run_id=pk, query=query, fetch=selectors.event_list, page_serializer=EventPageOut)
+            return _page(request, run_id=pk, query=query, fetch=selectors.event_list, page_serializer=EventPageOut)
         body = parse_event_append(request.data, body_bytes=_content_length(request))
         events, created = services.event_append(
             run_id=pk,
@@ -245,6 +315,30 @@ class RunViewSet(EndActions, viewsets.ViewSet):
         if not body["batch"]:
             return _render(events[0], EventOut, created=created)
         return _render(page(events, cursor=str(events[-1].seq)), EventPageOut, created=created)
+
+    @extend_schema(
+        parameters=[
+            RunStreamQuery,
+            _resume_header("The last seq read: resume after it."),
+        ],
+        responses={
+            (200, "text/event-stream"): SSE_RESPONSE,
+            204: OpenApiResponse(
+                description="The run has ended and nothing follows the given cursor: there is nothing to stream "
+                "(SSE clients stop reconnecting on 204)."
+            ),
+        },
+    )
+    @action(detail=True, methods=["get"], url_path="events/stream")
+    def events_stream(self, request, pk=None):
+        """The run's events as they are appended (SSE); the stream ends after `terminal_status`."""
+        selectors.run_exists(run_id=pk, scope=request.scope)
+        query = validated(RunStreamQuery, request.query_params)
+        if query["view"] not in VIEWS:
+            raise invalid(f"view must be one of {', '.join(VIEWS)}", parameter="view")
+        resume = _last_event_id(request)
+        after_seq = _seq(resume, "Last-Event-ID") if resume is not None else query["after_seq"]
+        return live.stream(request, RunFeed(pk, query["view"]), after_seq)
 
     @extend_schema(methods=["GET"], parameters=[CommandPageQuery], responses=CommandPageOut)
     @extend_schema(
@@ -261,7 +355,7 @@ class RunViewSet(EndActions, viewsets.ViewSet):
         if request.method == "GET":
             selectors.run_exists(run_id=pk, scope=request.scope)
             query = validated(CommandPageQuery, request.query_params)
-            return _page(run_id=pk, query=query, fetch=selectors.command_list, page_serializer=CommandPageOut)
+            return _page(request, run_id=pk, query=query, fetch=selectors.command_list, page_serializer=CommandPageOut)
         data = validated(CommandCreateIn, request.data)
         command, created = services.command_create(run_id=pk, **data, scope=request.scope)
         return _render(command, CommandOut, created=created)
@@ -343,11 +437,12 @@ class RunnerViewSet(viewsets.ViewSet):
         return _render(runner, RunnerOut, created=created)
 
 
-class SessionEventViewSet(viewsets.ViewSet):
+class SessionEventViewSet(StreamNegotiation, viewsets.ViewSet):
     """A session's events: those of its active run, else its last run, else of `runId`."""
 
     lookup_value_regex = "[^/]+"
-    roles = {"trace": {Role.CLIENT}, "output": {Role.CLIENT}}
+    stream_actions = frozenset({"output_stream"})
+    roles = {"trace": {Role.CLIENT}, "output": {Role.CLIENT}, "output_stream": {Role.CLIENT}}
 
     def _events(self, request, session_id: str, fetch: Callable[..., list]) -> HttpResponseBase:
         query = validated(SessionEventQuery, request.query_params)
@@ -355,7 +450,7 @@ class SessionEventViewSet(viewsets.ViewSet):
         head = {"sessionId": session_id, "runId": run_id}
         if run_id is None:
             return _render(page([], cursor=str(query["after_seq"]), **head), SessionEventPageOut)
-        return _page(run_id=run_id, query=query, fetch=fetch, page_serializer=SessionEventPageOut, head=head)
+        return _page(request, run_id=run_id, query=query, fetch=fetch, page_serializer=SessionEventPageOut, head=head)
 
     @extend_schema(
         parameters=[SessionEventQuery],
@@ -379,3 +474,28 @@ class SessionEventViewSet(viewsets.ViewSet):
     def output(self, request, pk=None):
         """Only output events (SPEC §4.10), filtered before the limit (A3)."""
         return self._events(request, pk, selectors.output_event_list)
+
+    @extend_schema(
+        parameters=[
+            SessionStreamQuery,
+            _resume_header("The last id read (`runId:seq`): resume after it."),
+        ],
+        responses={
+            (200, "text/event-stream"): SSE_RESPONSE,
+            404: error("`schema-invalid`: no such session, or `runId` is not one of its runs."),
+        },
+    )
+    @action(detail=True, methods=["get"], url_path="output/stream")
+    def output_stream(self, request, pk=None):
+        """The session's output events (SSE), run after run: its current run's, then each next
+        run's as it is created. Ids are `runId:seq`."""
+        query = validated(SessionStreamQuery, request.query_params)
+        resume = _last_event_id(request)
+        run_id, after_seq = query["run_id"], query["after_seq"]
+        if resume is not None:
+            run_part, _, seq_part = resume.rpartition(":")
+            if not run_part:
+                raise invalid("Last-Event-ID must be runId:seq, as the stream's ids are", parameter="Last-Event-ID")
+            run_id, after_seq = run_part, _seq(seq_part, "Last-Event-ID")
+        run_id = selectors.session_run_id(session_id=pk, run_id=run_id, scope=request.scope)
+        return live.stream(request, SessionFeed(pk), (run_id, after_seq if run_id else 0))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from django.db.models import Q, Subquery
+
 from agentrun.auth import Scope
 from agentrun.errors import SCHEMA_INVALID, AgentRunError, invalid, not_found
 from agentrun.vocabulary import OUTPUT_EVENT_TYPES
@@ -58,6 +60,32 @@ def event_list(*, run_id: str, after_seq: int, limit: int, types: Collection[str
 
 def output_event_list(*, run_id: str, after_seq: int, limit: int) -> list[RunEvent]:
     return event_list(run_id=run_id, after_seq=after_seq, limit=limit, types=_OUTPUT_TYPES)
+
+
+# What a runner acts on: the server's notes on commands and cancellation, and the end.
+CONTROL_PHASES = ("command-created", "command-terminal", "cancel-requested")
+
+
+def control_event_list(*, run_id: str, after_seq: int, limit: int) -> list[RunEvent]:
+    """`terminal_status` and the `backend_status` events of CONTROL_PHASES, in seq order."""
+    events = RunEvent.objects.filter(run_id=run_id, seq__gt=after_seq).filter(
+        Q(type="terminal_status") | Q(type="backend_status", payload__phase__in=CONTROL_PHASES)
+    )
+    return list(events.order_by("seq")[:limit])
+
+
+def run_ended(*, run_id: str) -> bool:
+    return Run.objects.filter(pk=run_id, status__in=RUN_TERMINAL).exists()
+
+
+def session_next_run_id(*, session_id: str, after_run_id: str | None) -> str | None:
+    """The session's run created after `after_run_id` (by creation time, then id), or its first
+    run when `after_run_id` is None."""
+    runs = Run.objects.filter(session_id=session_id)
+    if after_run_id is not None:
+        created = Run.objects.filter(pk=after_run_id).values("created_at")[:1]
+        runs = runs.filter(Q(created_at__gt=Subquery(created)) | Q(created_at=Subquery(created), id__gt=after_run_id))
+    return runs.order_by("created_at", "id").values_list("id", flat=True).first()
 
 
 def session_run_id(*, session_id: str, run_id: str | None, scope: Scope = UNRESTRICTED) -> str | None:

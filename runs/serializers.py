@@ -28,6 +28,7 @@ from agentrun.wire import (
     QueryCursor,
     QueryIdentifier,
     QueryInteger,
+    QueryText,
     QueryWait,
     RecordSerializer,
     TimestampField,
@@ -440,6 +441,31 @@ class _SessionRunQuery(serializers.Serializer):
 
 class SessionEventQuery(_SessionRunQuery, EventPageQuery):
     """A session's events: `runId` first, then the page."""
+
+
+STREAM_VIEWS = ("trace", "output", "control")
+StreamViewParameter = documented_enum(QueryText, STREAM_VIEWS, keep_order=True)
+
+
+class RunStreamQuery(serializers.Serializer):
+    """A run's SSE stream: from `afterSeq` (a `Last-Event-ID` header wins: it is a reconnect)."""
+
+    afterSeq = QueryCursor(
+        source="after_seq", default=0, help_text="Only events with a greater seq (default 0); `Last-Event-ID` wins."
+    )
+    view = StreamViewParameter(
+        default="trace",
+        help_text="`trace`: every event (default); `output`: the output events, as a session's output shows; "
+        "`control`: what a runner acts on (`terminal_status`, and the server's `backend_status` notes "
+        "`command-created`, `command-terminal` and `cancel-requested`).",
+    )
+
+
+class SessionStreamQuery(_SessionRunQuery):
+    """A session's output stream: from `runId` (default: its active run, else its last) after
+    `afterSeq`; a `Last-Event-ID` header (`runId:seq`) wins."""
+
+    afterSeq = QueryCursor(source="after_seq", default=0, help_text="Only events of `runId` with a greater seq.")
 
 
 class RunnerJobQuery(serializers.Serializer):

@@ -160,3 +160,12 @@ AGENTRUN_GIT_FILE_URLS = os.environ.get("AGENTRUN_GIT_FILE_URLS", "").lower() in
 # The local launcher's secret store, laid out as Kubernetes mounts a Secret: the value of key K
 # of secret S is the file <dir>/S/K (a resource bundle's references are read from it).
 AGENTRUN_SECRETS_DIR = Path(os.environ.get("AGENTRUN_SECRETS_DIR", VAR_DIR / "secrets"))
+# SSE streams: the reconnect delay suggested to clients, the comment heartbeat that keeps proxies
+# open, and how long a client may take nothing the server has for it before it is closed.
+AGENTRUN_STREAM_RETRY_MS = int(os.environ.get("AGENTRUN_STREAM_RETRY_MS", "2000"))
+AGENTRUN_STREAM_HEARTBEAT_SECONDS = float(os.environ.get("AGENTRUN_STREAM_HEARTBEAT_SECONDS", "15"))
+AGENTRUN_STREAM_STALL_SECONDS = float(os.environ.get("AGENTRUN_STREAM_STALL_SECONDS", "30"))
+# A stream ends (cleanly) after this long and its client reconnects: connections move to new workers.
+AGENTRUN_STREAM_MAX_SECONDS = float(os.environ.get("AGENTRUN_STREAM_MAX_SECONDS", "3600"))
+# Events per look of a stream (a stream holds at most one look's frames).
+AGENTRUN_STREAM_PAGE = int(os.environ.get("AGENTRUN_STREAM_PAGE", "100"))

@@ -25,3 +25,5 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 WHITENOISE_USE_FINDERS = False
 # Tests revoke keys and expect the next request to fail; the cache has its own test.
 AGENTRUN_AUTH_CACHE_SECONDS = 0
+# Streams served in the test's thread (Django's test client, schemathesis) end soon.
+AGENTRUN_STREAM_MAX_SECONDS = 0.3

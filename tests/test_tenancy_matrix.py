@@ -528,7 +528,8 @@ def expect_commander_in_scope(fx: Fixture, method: str, case: Case, key_scope: s
 
 
 def expect_session_events_in_scope(fx: Fixture, method: str, case: Case, key_scope: str, world: World) -> None:
-    """Another tenant's session is 404; so is another tenant's run named as `runId` of one's own session."""
+    """Another tenant's session is 404; so is another tenant's run named as `runId` of one's own
+    session (or, on a stream, in `Last-Event-ID`)."""
     expect_404(fx, method, case, key_scope, world)
     mine = visible_worlds(fx, key_scope)[0]
     path = case.path.format(session=mine.session)
@@ -536,6 +537,10 @@ def expect_session_events_in_scope(fx: Fixture, method: str, case: Case, key_sco
         api = key_of(fx, key_scope, role)
         assert_error(*api.get(path, runId=world.run), 404, "schema-invalid")
         status, page = api.get(path)
+        if path.endswith("/stream"):
+            assert_error(*api._send("get", path, HTTP_LAST_EVENT_ID=f"{world.run}:1"), 404, "schema-invalid")
+            assert status == 200 and page["stream"].startswith("retry: "), page
+            continue
         assert status == 200 and page["runId"] == mine.run and page["count"] >= 1, page
         assert all(f"of {world.tag}" not in json.dumps(item) for item in page["items"])
 
@@ -570,6 +575,7 @@ ROUTES: dict[tuple[str, str], Case] = {
     ("runs/{pk}/events", "POST"): Case(
         "runs/{run}/events", R, 201, lambda w: {**w.lease, "type": "usage", "payload": {"outputTokens": 1}}
     ),
+    ("runs/{pk}/events/stream", "GET"): Case("runs/{run}/events/stream", CR, 200),
     ("runs/{pk}/commands", "GET"): Case("runs/{run}/commands", CR, 200),
     ("runs/{pk}/commands", "POST"): Case(
         "runs/{run}/commands", C, 201, lambda w: {"type": "turn", "payload": {"prompt": "more"}}
@@ -589,6 +595,9 @@ ROUTES: dict[tuple[str, str], Case] = {
     ("sessions/{pk}/read", "POST"): Case("sessions/{session}/read", C, 200, lambda w: {"readerId": "reader-2"}),
     ("sessions/{pk}/trace", "GET"): Case("sessions/{session}/trace", C, 200, stranger=expect_session_events_in_scope),
     ("sessions/{pk}/output", "GET"): Case("sessions/{session}/output", C, 200, stranger=expect_session_events_in_scope),
+    ("sessions/{pk}/output/stream", "GET"): Case(
+        "sessions/{session}/output/stream", C, 200, stranger=expect_session_events_in_scope
+    ),
     ("sessions/{pk}/storage", "POST"): Case(
         "sessions/{session}/storage", R, 200, lambda w: {"storageKind": "pvc", "pvcName": f"{w.pvc}-new"}
     ),

@@ -146,6 +146,8 @@ def _run_insert(fields: dict, *, idempotency_key: str | None, payload_hash: str)
     )
     write.save()
     notify.notify(notify.RUNS_CREATED)
+    if run.session_id:
+        notify.notify(notify.session_topic(run.session_id))
     return run
 
 

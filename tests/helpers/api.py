@@ -26,6 +26,13 @@ class KeyClient:
         kwargs.setdefault("RAW_URI", url)
         call = getattr(self.client, method)
         response = call(url, **kwargs) if body is None else call(url, body, format="json", **kwargs)
+        if response.streaming and response["Content-Type"].startswith("text/event-stream"):
+            # An SSE stream: its head says it started; a live one would go on for ever.
+            head = next(iter(response.streaming_content))
+            # Ended as if read to its end: the test client's wrapper (the response's iterator)
+            # closes the response the way it keeps the test's database connection open.
+            response._iterator.close()
+            return response.status_code, {"stream": head.decode()}
         # A long-poll that had to wait streams its one JSON body.
         content = b"".join(response.streaming_content) if response.streaming else response.content
         data = json.loads(content) if content and response["Content-Type"].startswith("application/json") else None
