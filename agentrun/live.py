@@ -298,6 +298,18 @@ class LiveHub:
         return await asyncio.shield(entry[1])
 
 
+def _watch_disconnect(receive: Receive) -> tuple[asyncio.Future, asyncio.Task]:
+    """A future done when the client goes away, and the task that watches for it."""
+    gone = asyncio.get_running_loop().create_future()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        _resolve(gone, True)
+
+    return gone, asyncio.get_running_loop().create_task(watch())
+
+
 def _resolve(future: asyncio.Future, value: bool) -> None:
     if not future.done():
         future.set_result(value)
@@ -380,23 +392,27 @@ class LongPoll(Plan):
     async def serve(self, send: Send, receive: Receive) -> None:
         subscription = self.subscription
         body = None
+        gone, watcher = _watch_disconnect(receive)
         try:
             if subscription is None:
                 raise RuntimeError("a long-poll plan without a subscription")
             hub = subscription.hub
-            while body is None:
+            while body is None and not gone.done():
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                if not await hub.wait(subscription, remaining) and hub.listening:
-                    continue  # the deadline (the loop ends), or a poll while degraded
+                if not await hub.wait(subscription, remaining, also=gone) and hub.listening:
+                    continue  # the deadline or the client gone (the loop ends), or a poll while degraded
                 subscription.mark()
                 _found, body = await hub.look(subscription, self.share_key, self._look)
         except Exception:
             logger.warning("long-poll on %s failed while waiting; answering with no items", self.topic, exc_info=True)
             body = None
         finally:
+            watcher.cancel()
             self.end()
+        if gone.done():
+            return  # nobody to answer
         if body is None:
             body = self.render_body(None)
         headers = [(k, v) for k, v in _headers(self) if k not in (b"content-length", b"transfer-encoding")]
@@ -471,15 +487,8 @@ class Stream(Plan):
         heartbeat = float(settings.AGENTRUN_STREAM_HEARTBEAT_SECONDS)
         # A stream ends cleanly after this long; its client reconnects (and may land on another worker).
         ends_at = loop.time() + float(settings.AGENTRUN_STREAM_MAX_SECONDS)
-        gone = loop.create_future()
+        gone, watcher = _watch_disconnect(receive)
         stalled = False
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            _resolve(gone, True)
-
-        watcher = loop.create_task(watch())
 
         async def write(body: bytes) -> None:
             nonlocal stalled

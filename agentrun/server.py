@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import time
 from typing import Any
 
 from uvicorn_worker import UvicornWorker
@@ -55,8 +56,12 @@ class Worker(UvicornWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         logging.getLogger("uvicorn.error").addFilter(_ExpectedIncomplete())
-        # gunicorn has its own access log line; uvicorn's is used when AGENTRUN_ACCESS_LOG is set.
+        # The access log (AGENTRUN_ACCESS_LOG): uvicorn's lines, each with its UTC time to the millisecond.
         self.config.access_log = bool(self.cfg.accesslog)
+        stamped = logging.Formatter("%(asctime)s.%(msecs)03dZ %(message)s", "%Y-%m-%dT%H:%M:%S")
+        stamped.converter = time.gmtime
+        for handler in logging.getLogger("uvicorn.access").handlers:
+            handler.setFormatter(stamped)
 
     def init_process(self) -> None:
         raise_open_files_limit()

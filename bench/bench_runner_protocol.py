@@ -212,10 +212,11 @@ class WebServer:
         self.env.pop("AGENTRUN_ACCESS_LOG", None)
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - the server writes it until __exit__ closes it
         self.process: subprocess.Popen | None = None
+        self.argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
 
     def __enter__(self) -> WebServer:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            self.argv,
             cwd=ROOT,
             env=self.env,
             stdout=self.log,

@@ -397,3 +397,40 @@ def test_a_stream_under_plain_wsgi_is_the_same_stream():
     assert response["Content-Type"].startswith("text/event-stream")
     assert body.startswith("retry: ")
     assert [line[4:] for line in body.split("\n") if line.startswith("id: ")] == ["3", "4", "5", "6"]
+
+
+def test_an_end_to_end_turn_where_the_runner_never_polls(server, tmp_path):
+    """The reference runner against the server, with a turn of a few seconds: its requests in
+    the server's access log are its claim, one control stream, one look at the commands at the
+    start and one per command, the turn's ack and finish, its batches and heartbeats, and the
+    run's finish. Nothing else: idle or in a turn, it does not poll."""
+    from tests.helpers import start_runner
+
+    run = make_run()
+    _runner, thread = start_runner(server.url, raw_key("runner"), run.id, tmp_path, idle_seconds=3.0, lease_ms=3000)
+    with server.client(raw_key("client")) as api:
+        assert wait_for(lambda: api.get(f"runs/{run.id}").json()["status"] == "claimed", 10)
+        time.sleep(2.5)  # idle: only heartbeats now
+        body = {"type": "turn", "payload": {"prompt": "sleep: 3"}}
+        command = api.post(f"runs/{run.id}/commands", json=body).json()
+        assert thread.join(30) == [0]
+        assert api.get(f"runs/{run.id}").json()["status"] == "completed"
+    requests = [line.split('"')[1].split(" ")[:2] for line in server.requests_of(run.id)]
+    requests += [line.split('"')[1].split(" ")[:2] for line in server.requests_of(command["id"])]
+    counts: dict[str, int] = {}
+    for method, path in requests:
+        shape = path.split("?")[0].replace(run.id, "{run}").replace(command["id"], "{command}")
+        counts[f"{method} {shape}"] = counts.get(f"{method} {shape}", 0) + 1
+    heartbeats = counts.pop("POST /api/v1/runs/{run}/heartbeat", 0)
+    batches = counts.pop("POST /api/v1/runs/{run}/events", 0)
+    counts.pop("GET /api/v1/runs/{run}", None)  # the test's own checks
+    assert counts.pop("POST /api/v1/runs/{run}/commands") == 1  # the test's turn
+    assert heartbeats >= 5 and batches >= 1, (heartbeats, batches)
+    assert counts == {
+        "POST /api/v1/runs/{run}/claim": 1,
+        "GET /api/v1/runs/{run}/events/stream": 1,
+        "GET /api/v1/runs/{run}/commands": 2,  # at the start, and for the turn's command-created
+        "POST /api/v1/commands/{command}/ack": 1,
+        "POST /api/v1/commands/{command}/finish": 1,
+        "POST /api/v1/runs/{run}/finish": 1,
+    }

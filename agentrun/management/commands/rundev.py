@@ -50,8 +50,8 @@ def _die_with_parent() -> None:
 
 class Command(BaseCommand):
     help = (
-        "Development: gunicorn (gthread) and the worker with the local launcher, on the embedded or "
-        "configured PostgreSQL. Ctrl-C stops them all."
+        "Development: the server (gunicorn.conf.py) and the worker with the local launcher, on the "
+        "embedded or configured PostgreSQL. Ctrl-C stops them all."
     )
 
     def add_arguments(self, parser):
@@ -103,8 +103,10 @@ The same with curl: create a run and send a turn
        -H 'Content-Type: application/json' -d '{{"backendProfile": "echo", "sessionRef": {{"sessionId": "hello"}}}}'
   curl -s -X POST {base}/runs/$RUN/commands -H "Authorization: Bearer $AGENTRUN_KEY" \\
        -H 'Content-Type: application/json' -d '{{"type": "turn", "payload": {{"prompt": "hello"}}}}'
-then follow its events (each request waits up to 30 s for new ones):
-  curl -s "{base}/runs/$RUN/events?afterSeq=0&wait=30" -H "Authorization: Bearer $AGENTRUN_KEY"
+then follow its events live (server-sent events; the stream ends with the run):
+  curl -N "{base}/runs/$RUN/events/stream" -H "Authorization: Bearer $AGENTRUN_KEY"
+and resume after the last id you saw, say 3, with nothing skipped or repeated:
+  curl -N "{base}/runs/$RUN/events/stream" -H "Authorization: Bearer $AGENTRUN_KEY" -H 'Last-Event-ID: 3'
 
 Ctrl-C stops everything.
 """
