@@ -12,6 +12,7 @@ Production settings unless told otherwise, as `agentrun.wsgi`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 import os
@@ -139,6 +140,9 @@ class Application:
             if message["type"] == "lifespan.startup":
                 if not getattr(settings, "AGENTRUN_DATABASE_MISSING", False):
                     await self.hub.start(notify.conninfo())
+                # What is loaded now (Django, the apps) lives as long as the process: the
+                # collector need not walk it again each time, with thousands of streams open.
+                gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.hub.stop()
@@ -153,6 +157,7 @@ class Application:
         environ[live.ENVIRON_KEY] = self.hub
         answer = await loop.run_in_executor(self.executor, self._django, environ)
         if isinstance(answer, live.Plan):
+            del environ, body  # a stream may live for an hour: keep only what it needs
             await answer.serve(send, receive)
             return
         status, headers, content = answer

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 import time
@@ -47,6 +48,8 @@ Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
 Fetch = Callable[[], Any]
 Render = Callable[[Any], bytes]
+# A waiter's next look: its share key and the read to run.
+Question = tuple[Hashable, Callable[[], Any]]
 
 # The environ key under which the server hands views its hub (absent under plain WSGI).
 ENVIRON_KEY = "agentrun.live"
@@ -95,7 +98,8 @@ class _Topic:
         self.name = name
         self.generation = 0
         self.refs = 0
-        self.futures: set[asyncio.Future] = set()
+        # The waiters' futures, each with the question it will ask when woken (or None).
+        self.futures: dict[asyncio.Future, Question | None] = {}
         # (share key, the waiters' topics) -> (their generations when the look began, its future)
         self.shared: dict[Hashable, tuple[tuple[int, ...], asyncio.Future]] = {}
 
@@ -103,13 +107,16 @@ class _Topic:
 class Subscription:
     """A waiter's topics, and the generation of each it saw before its last look."""
 
-    __slots__ = ("hub", "seen", "topics")
+    __slots__ = ("hub", "names", "seen", "topics")
 
     def __init__(self, hub: LiveHub, topics: list[_Topic]) -> None:
         self.hub, self.topics = hub, topics
+        self.names = tuple(topic.name for topic in topics)
         self.seen = [topic.generation for topic in topics]
 
     def changed(self) -> bool:
+        if len(self.topics) == 1:
+            return self.topics[0].generation != self.seen[0]
         return any(topic.generation != seen for topic, seen in zip(self.topics, self.seen, strict=True))
 
     def mark(self) -> None:
@@ -119,7 +126,7 @@ class Subscription:
     def follow(self, names: tuple[str, ...]) -> bool:
         """Subscribe to `names` instead (keeping what is still named). True when a topic is new:
         nothing of it was looked at since subscribing, so the caller looks before it waits."""
-        if tuple(topic.name for topic in self.topics) == names:
+        if names is self.names or names == self.names:
             return False
         keep = {topic.name: (topic, seen) for topic, seen in zip(self.topics, self.seen, strict=True)}
         topics, seen, added = [], [], False
@@ -133,13 +140,13 @@ class Subscription:
             seen.append(generation)
         for topic, _ in keep.values():
             self.hub._release(topic)
-        self.topics, self.seen = topics, seen
+        self.topics, self.seen, self.names = topics, seen, names
         return added
 
     def release(self) -> None:
         for topic in self.topics:
             self.hub._release(topic)
-        self.topics, self.seen = [], []
+        self.topics, self.seen, self.names = [], [], ()
 
 
 class LiveHub:
@@ -155,6 +162,10 @@ class LiveHub:
         self._connected = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=look_threads, thread_name_prefix="agentrun-look")
         self.listener_pid: int | None = None
+        # Streams writing now (task -> when the write began), and those cancelled for taking too long.
+        self.writing: dict[asyncio.Task, float] = {}
+        self.stalled: set[asyncio.Task] = set()
+        self._watchdog: asyncio.Task | None = None
 
     # --- subscriptions (any thread) ---------------------------------------------------------
 
@@ -186,12 +197,28 @@ class LiveHub:
         self.loop = asyncio.get_running_loop()
         self._connected = asyncio.Event()
         self._task = self.loop.create_task(self._listen(info), name="agentrun-listen")
+        self._watchdog = self.loop.create_task(self._watch_writes(), name="agentrun-stalls")
         try:
             await asyncio.wait_for(self._connected.wait(), 5.0)
         except TimeoutError:
             logger.warning("the notification listener is not connected yet; waiters poll until it is")
 
+    async def _watch_writes(self) -> None:
+        """Cancel the streams whose write has waited on their client for AGENTRUN_STREAM_STALL_SECONDS
+        (one scan a second, not a timer per write: most writes finish at once)."""
+        while True:
+            stall = float(settings.AGENTRUN_STREAM_STALL_SECONDS)
+            await asyncio.sleep(min(1.0, stall / 4))
+            too_old = asyncio.get_running_loop().time() - stall
+            for task, began in list(self.writing.items()):
+                if began <= too_old and task not in self.stalled:
+                    self.stalled.add(task)
+                    task.cancel()
+
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._task is not None:
             self._task.cancel()
             # Stopping: whatever the listener ends with, nothing is left to tell.
@@ -230,15 +257,33 @@ class LiveHub:
             backoff = min(backoff * 2, 5.0)
 
     def _notified(self, name: str) -> None:
+        """A topic's notification: bump its generation, run each distinct question its waiters
+        will ask once, here, and wake them with the answer (a waiter with no question, or on
+        several topics, wakes to look for itself). Looking before a crowd wakes means one task
+        step per waiter, not two, on the widest fan-outs."""
         with self._lock:
             topic = self._topics.get(name)
             if topic is None:
                 return
             topic.generation += 1
-            futures, topic.futures = topic.futures, set()
-        for future in futures:
-            if not future.done():
+            generation = topic.generation
+            futures, topic.futures = topic.futures, {}
+        loop = asyncio.get_running_loop()
+        asked: dict[Hashable, list[asyncio.Future]] = {}
+        for future, question in futures.items():
+            if future.done():
+                continue
+            if question is None:
                 future.set_result(True)
+                continue
+            key, read = question
+            waiting = asked.get(key)
+            if waiting is None:
+                waiting = asked[key] = []
+                look = loop.run_in_executor(self.executor, _looked, read)
+                topic.shared[(key, (name,))] = ((generation,), look)
+                look.add_done_callback(functools.partial(_answer, waiting, generation))
+            waiting.append(future)
 
     def _wake_all(self) -> None:
         with self._lock:
@@ -246,34 +291,49 @@ class LiveHub:
             for topic in topics:
                 topic.generation += 1
         for topic in topics:
-            futures, topic.futures = topic.futures, set()
+            futures, topic.futures = topic.futures, {}
             for future in futures:
                 if not future.done():
                     future.set_result(True)
 
     # --- waiting and looking (on the loop) --------------------------------------------------
 
-    async def wait(self, subscription: Subscription, timeout: float, *, also: asyncio.Future | None = None) -> bool:
-        """Until a topic of `subscription` changes since its mark (True), or `timeout` passes
-        or `also` is done (False). While the listener is down, at most DEGRADED_POLL_SECONDS:
-        the caller then looks anyway."""
+    async def wait(
+        self,
+        subscription: Subscription,
+        timeout: float,
+        *,
+        also: asyncio.Future | None = None,
+        question: Question | None = None,
+    ) -> Any:
+        """Until a topic of `subscription` changes since its mark, `timeout` passes or `also`
+        is done (then False). Woken by a notification: True, or, for a waiter on one topic that
+        says its `question`, the answer (`Answer`) the hub looked up for every waiter asking
+        it. While the listener is down, at most DEGRADED_POLL_SECONDS: the caller then looks."""
         if subscription.changed():
             return True
         if not self.listening:
             timeout = min(timeout, DEGRADED_POLL_SECONDS)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        single = len(subscription.topics) == 1
         for topic in subscription.topics:
-            topic.futures.add(future)
+            topic.futures[future] = question if single else None
         timer = loop.call_later(max(timeout, 0.0), _resolve, future, False)
+
+        def give_up(_: asyncio.Future) -> None:
+            _resolve(future, False)
+
         if also is not None:
-            also.add_done_callback(lambda _: _resolve(future, False))
+            also.add_done_callback(give_up)
         try:
-            return bool(await future)
+            return await future
         finally:
             timer.cancel()
+            if also is not None:
+                also.remove_done_callback(give_up)
             for topic in subscription.topics:
-                topic.futures.discard(future)
+                topic.futures.pop(future, None)
 
     async def look(self, subscription: Subscription, key: Hashable, read: Callable[[], Any]) -> Any:
         """`read()` in the look pool, or the result of one that another waiter asking `key` on
@@ -308,6 +368,25 @@ def _watch_disconnect(receive: Receive) -> tuple[asyncio.Future, asyncio.Task]:
         _resolve(gone, True)
 
     return gone, asyncio.get_running_loop().create_task(watch())
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The hub's look for a question: begun at `generation` of the topic (after the notification
+    that woke the waiter), done; `result()` gives what it found or raises what it raised."""
+
+    generation: int
+    look: asyncio.Future
+
+    def result(self) -> Any:
+        return self.look.result()
+
+
+def _answer(waiting: list[asyncio.Future], generation: int, look: asyncio.Future) -> None:
+    answer = Answer(generation, look)
+    for future in waiting:
+        if not future.done():
+            future.set_result(answer)
 
 
 def _resolve(future: asyncio.Future, value: bool) -> None:
@@ -401,7 +480,12 @@ class LongPoll(Plan):
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                if not await hub.wait(subscription, remaining, also=gone) and hub.listening:
+                woke = await hub.wait(subscription, remaining, also=gone, question=(self.share_key, self._look))
+                if isinstance(woke, Answer):
+                    subscription.seen = [woke.generation]
+                    _found, body = woke.result()
+                    continue
+                if not woke and hub.listening:
                     continue  # the deadline or the client gone (the loop ends), or a poll while degraded
                 subscription.mark()
                 _found, body = await hub.look(subscription, self.share_key, self._look)
@@ -488,24 +572,19 @@ class Stream(Plan):
         # A stream ends cleanly after this long; its client reconnects (and may land on another worker).
         ends_at = loop.time() + float(settings.AGENTRUN_STREAM_MAX_SECONDS)
         gone, watcher = _watch_disconnect(receive)
-        stalled = False
+        writing = hub.writing
 
         async def write(body: bytes) -> None:
-            nonlocal stalled
-
-            def give_up() -> None:
-                nonlocal stalled
-                stalled = True
-                if task is not None:
-                    task.cancel()
-
-            timer = loop.call_later(stall, give_up)
+            if task is None:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                return
+            writing[task] = loop.time()
             try:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             finally:
-                timer.cancel()
+                writing.pop(task, None)
 
-        look = self.first
+        look, self.first = self.first, None  # type: ignore[assignment]  # served: not kept for the stream's life
         try:
             headers = [(k, v) for k, v in _headers(self) if k not in (b"content-length",)]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -515,9 +594,17 @@ class Stream(Plan):
                 must_look = subscription.follow(look.topics) or look.more
                 if not must_look:
                     left = min(heartbeat - (loop.time() - written), ends_at - loop.time())
-                    woke = left > 0 and await hub.wait(subscription, left, also=gone)
+                    question = (self._key(look), self._reader(look))
+                    woke = left > 0 and await hub.wait(subscription, left, also=gone, question=question)
                     if gone.done():
                         break
+                    if isinstance(woke, Answer):  # the hub looked for every stream asking the same
+                        subscription.seen = [woke.generation]
+                        look = woke.result()
+                        if look.frames:
+                            await write(look.frames)
+                            written = loop.time()
+                        continue
                     must_look = woke or not hub.listening
                     if not must_look:
                         if loop.time() >= ends_at:
@@ -536,10 +623,10 @@ class Stream(Plan):
             if not gone.done():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not stalled:
+            if task is None or task not in hub.stalled:
                 raise
-            if task is not None:
-                task.uncancel()
+            hub.stalled.discard(task)
+            task.uncancel()
             closed_on_purpose.set(True)
             logger.info("closed a stream whose client took nothing for %.0f s; it resumes from its last id", stall)
         except Exception:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import sys
 import time
 from typing import Any
 
@@ -65,4 +66,7 @@ class Worker(UvicornWorker):
 
     def init_process(self) -> None:
         raise_open_files_limit()
+        # The loop hands every request to a web thread and takes its answer back: when a busy
+        # thread holds the GIL, the loop waits for it up to this long (5 ms by default).
+        sys.setswitchinterval(float(os.environ.get("AGENTRUN_SWITCH_INTERVAL_SECONDS", "0.001")))
         super().init_process()

@@ -3,12 +3,14 @@ measured in the same run.
 
 What is measured (`make bench`, or `.venv/bin/python bench/bench_live.py --help`):
 
-a. SSE wake-up latency at W = 100 and W = 1,000 streams: W streams follow ONE run (the widest
-   fan-out: one NOTIFY wakes them all); per round one event is appended through the API. Latency
+a. SSE wake-up latency at W = 100 and W = 1,000 streams, on the server as deployed (2 workers
+   unless AGENTRUN_WEB_WORKERS or --web-workers says otherwise): W streams follow ONE run (the
+   widest fan-out: one NOTIFY wakes them all); per round one event is appended through the API. Latency
    per stream = the frame arriving minus the first sign that the append committed (the append's
    response, or a raw LISTEN probe in this script hearing the run's NOTIFY, whichever is first).
    Baseline: raw LISTEN/NOTIFY, L connections LISTENing (L = W, capped by the server's free
-   connection slots), one committed pg_notify per round; latency = receipt minus the COMMIT.
+   connection slots; measured with agentrun's server stopped, so L is as large as it can be),
+   one committed pg_notify per round; latency = receipt minus the COMMIT.
 b. 10,000 idle SSE streams on one server process (one worker): 10 streams on each of 1,000
    runs. The worker's RSS, thread count and the database's connections before and after they
    are open (after a warm-up, so the pool is at its working size before), and a runner's
@@ -43,6 +45,7 @@ from datetime import UTC, datetime
 
 import httpx
 import psycopg
+import uvloop
 from bench_runner_protocol import (
     Config as ProtocolConfig,
 )
@@ -81,6 +84,11 @@ class Config:
     duration: float
     runners: int
     batch_size: int
+    only: frozenset[str]
+    web_workers: int
+
+
+PARTS = ("wake", "idle", "runner", "appends")
 
 
 def raise_open_files() -> int:
@@ -94,69 +102,97 @@ def raise_open_files() -> int:
 # --- a raw SSE client ------------------------------------------------------------------------
 
 
-class Stream:
-    """One SSE stream over a raw HTTP/1.1 connection; records when each event id arrives."""
+class Stream(asyncio.Protocol):
+    """One SSE stream over a raw HTTP/1.1 connection (a protocol: no task per stream, so the
+    client's own cost per event stays small); records when each event id arrives."""
 
-    def __init__(self, arrivals: dict[str, list[float]] | None) -> None:
-        self.arrivals = arrivals
+    def __init__(self, arrivals: dict[str, list[float]] | None, request: bytes) -> None:
+        self.arrivals, self.request = arrivals, request
         self.opened = asyncio.get_running_loop().create_future()
-        self.task: asyncio.Task | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
         self.ids: list[str] = []
+        self.head = b""
+        self.body = b""  # the chunked body, not yet split into chunks
+        self.frames = b""  # the SSE text, not yet split into frames
+        self.in_head = True
 
-    async def run(self, host: str, port: int, path: str, key: str, last_id: str | None) -> None:
-        try:
-            reader, self.writer = await asyncio.open_connection(host, port, limit=1 << 20)
-            resume = f"Last-Event-ID: {last_id}\r\n" if last_id is not None else ""
-            self.writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
-                f"Accept: text/event-stream\r\n{resume}\r\n".encode()
-            )
-            head = await reader.readuntil(b"\r\n\r\n")
+    def connection_made(self, transport) -> None:  # type: ignore[override]  # asyncio's signature
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if self.in_head:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, data = self.head.split(b"\r\n\r\n", 1)
+            self.in_head = False
             if not head.startswith(b"HTTP/1.1 200"):
-                raise BenchmarkError(f"a stream answered {head[:200]!r}")
-            buffer = b""
-            while True:
-                size = int((await reader.readline()).strip() or b"0", 16)
-                if size == 0:
-                    return
-                buffer += (await reader.readexactly(size + 2))[:-2]
-                while b"\n\n" in buffer:
-                    frame, buffer = buffer.split(b"\n\n", 1)
-                    if frame.startswith(b"retry:"):
-                        if not self.opened.done():
-                            self.opened.set_result(None)
-                    elif frame.startswith(b"id: "):
-                        event_id = frame[4 : frame.index(b"\n")].decode()
-                        now = time.perf_counter()
-                        self.ids.append(event_id)
-                        if self.arrivals is not None:
-                            self.arrivals.setdefault(event_id, []).append(now)
-        except Exception as exc:
-            if not self.opened.done():
-                self.opened.set_exception(exc)
-            raise
+                self._fail(BenchmarkError(f"a stream answered {head[:200]!r}"))
+                return
+        self.body += data
+        while True:  # chunks: size in hex, CRLF, data, CRLF
+            end = self.body.find(b"\r\n")
+            if end < 0:
+                break
+            size = int(self.body[:end], 16)
+            if len(self.body) < end + 2 + size + 2:
+                break
+            self.frames += self.body[end + 2 : end + 2 + size]
+            self.body = self.body[end + 2 + size + 2 :]
+        while b"\n\n" in self.frames:
+            frame, self.frames = self.frames.split(b"\n\n", 1)
+            if frame.startswith(b"retry:"):
+                if not self.opened.done():
+                    self.opened.set_result(None)
+            elif frame.startswith(b"id: "):
+                event_id = frame[4 : frame.index(b"\n")].decode()
+                self.ids.append(event_id)
+                if self.arrivals is not None:
+                    self.arrivals.setdefault(event_id, []).append(now)
+
+    def _fail(self, error: Exception) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(error)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(exc or BenchmarkError("a stream closed before it started"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    @property
+    def open(self) -> bool:
+        return not self.closed.done()
 
     def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        if self.writer is not None:
-            self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
 
 
 async def open_streams(
     base_url: str, key: str, paths: list[str], last_ids: list[str | None], arrivals=None, concurrency: int = 400
 ) -> list[Stream]:
     host, port = base_url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
     streams: list[Stream] = []
     for start in range(0, len(paths), concurrency):
         batch = []
         for path, last_id in zip(
             paths[start : start + concurrency], last_ids[start : start + concurrency], strict=True
         ):
-            stream = Stream(arrivals)
-            stream.task = asyncio.get_running_loop().create_task(stream.run(host, int(port), path, key, last_id))
+            resume = f"Last-Event-ID: {last_id}\r\n" if last_id is not None else ""
+            request = (
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                f"Accept: text/event-stream\r\n{resume}\r\n"
+            ).encode()
+            stream = Stream(arrivals, request)
             batch.append(stream)
+        await asyncio.gather(*(loop.create_connection(lambda s=s: s, host, int(port)) for s in batch))
         await asyncio.wait_for(asyncio.gather(*(s.opened for s in batch)), 120)
         streams += batch
     return streams
@@ -358,7 +394,7 @@ async def idle_streams(web: WebServer, keys: dict, config: Config, db_url: str, 
         await asyncio.sleep(3.0)
         rss_after, threads_after, conns_after = rss_mb(worker), threads_of(worker), connections(db_url)
         after_append = await append_latencies(web.base_url, keys["runner"], appender, config.append_seconds)
-        alive = sum(1 for s in streams if s.task is not None and not s.task.done())
+        alive = sum(1 for s in streams if s.open)
         if alive != len(streams):
             raise BenchmarkError(f"only {alive} of {len(streams)} idle streams stayed open")
     finally:
@@ -473,8 +509,15 @@ class GthreadServer(WebServer):
         ]
 
 
+def cpu_ms(throughput, events_per_request: int) -> float:
+    if not throughput.server_cpu or not throughput.events:
+        return float("nan")
+    return throughput.server_cpu * 1000.0 / (throughput.events / events_per_request)
+
+
 @dataclass
 class Appends:
+    cpu: dict[str, float]
     batch: float
     batch_gthread: float
     batch_raw: float
@@ -494,10 +537,12 @@ def appends(db_url: str, keys: dict, config: Config) -> Appends:
                 leases = [create_claimed_run(c, r, f"{name}-{i}-{uuid.uuid4().hex[:6]}") for i in range(config.runners)]
             clients = [api_client(web.base_url, keys["runner"]) for _ in leases]
             try:
-                figures[f"batch_{name}"] = http_throughput(
-                    clients, leases, config.batch_size, protocol, db_url, web
-                ).per_second
-                figures[f"single_{name}"] = http_throughput(clients, leases, 0, protocol, db_url, web).per_second
+                batch = http_throughput(clients, leases, config.batch_size, protocol, db_url, web)
+                single = http_throughput(clients, leases, 0, protocol, db_url, web)
+                figures[f"batch_{name}"], figures[f"single_{name}"] = batch.per_second, single.per_second
+                # The server's CPU per request: steadier than a rate on a shared machine.
+                figures[f"batch_cpu_{name}"] = cpu_ms(batch, config.batch_size)
+                figures[f"single_cpu_{name}"] = cpu_ms(single, 1)
             finally:
                 for client in clients:
                     client.close()
@@ -509,6 +554,7 @@ def appends(db_url: str, keys: dict, config: Config) -> Appends:
                 figures["batch_raw"] = raw_throughput(db_url, raw_leases, config.batch_size, protocol).per_second
                 figures["single_raw"] = raw_throughput(db_url, raw_leases, 0, protocol).per_second
     return Appends(
+        cpu={key: value for key, value in figures.items() if "_cpu_" in key},
         batch=figures["batch_deployed"],
         batch_gthread=figures["batch_gthread"],
         batch_raw=figures["batch_raw"],
@@ -525,8 +571,8 @@ def verdict(ok: bool) -> str:
     return "MET" if ok else "MISSED"
 
 
-def print_report(wakes: list[Wake], idle: Idle, requests: RunnerRequests, added: Appends) -> None:
-    rows = []
+def print_report(wakes: list[Wake], idle: Idle | None, requests: RunnerRequests | None, added: Appends | None) -> None:
+    rows: list[tuple[str, ...]] = []
     for wake in wakes:
         slack = TARGET_SLACK_MS.get(wake.waiters, 50.0)
         p99, raw99 = wake.p(99), wake.p(99, raw=True)
@@ -539,6 +585,17 @@ def print_report(wakes: list[Wake], idle: Idle, requests: RunnerRequests, added:
                 verdict(p99 <= raw99 + slack and not wake.missing),
             )
         )
+    if idle is not None:
+        rows += idle_rows(idle)
+    if requests is not None:
+        rows += request_rows(requests)
+    if added is not None:
+        rows += append_rows(added)
+    print_table(rows)
+
+
+def idle_rows(idle: Idle) -> list[tuple[str, ...]]:
+    rows = []
     added_rss = idle.rss_after - idle.rss_before
     rows.append(
         (
@@ -579,6 +636,11 @@ def print_report(wakes: list[Wake], idle: Idle, requests: RunnerRequests, added:
             verdict(ratio <= TARGET_APPEND_RATIO),
         )
     )
+    return rows
+
+
+def request_rows(requests: RunnerRequests) -> list[tuple[str, ...]]:
+    rows = []
     per_minute = 60.0 / requests.window
     for name, counts in (("idle", requests.idle), ("in a turn", requests.turn)):
         beyond = RunnerRequests.beyond(counts)
@@ -592,6 +654,11 @@ def print_report(wakes: list[Wake], idle: Idle, requests: RunnerRequests, added:
                 verdict(beyond == 0),
             )
         )
+    return rows
+
+
+def append_rows(added: Appends) -> list[tuple[str, ...]]:
+    rows = []
     for label, value, gthread, raw, target in (
         (
             "batched appends (events/s), ratio to raw",
@@ -618,6 +685,20 @@ def print_report(wakes: list[Wake], idle: Idle, requests: RunnerRequests, added:
                 verdict(ratio >= target and value >= gthread * 0.97),
             )
         )
+    for kind in ("batch", "single"):
+        rows.append(
+            (
+                f"  server CPU per {kind} request (ms)",
+                f"{added.cpu[f'{kind}_cpu_deployed']:.2f}",
+                f"gthread {added.cpu[f'{kind}_cpu_gthread']:.2f}",
+                "-",
+                "info",
+            )
+        )
+    return rows
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
     header = ("figure", "agentrun", "baseline (same run)", "target", "")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     print()
@@ -644,7 +725,17 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per append figure (default 6)")
     parser.add_argument("--runners", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument(
+        "--web-workers",
+        type=int,
+        default=int(os.environ.get("AGENTRUN_WEB_WORKERS", "2")),
+        help="workers of the deployed server for the wake-up and runner figures (default AGENTRUN_WEB_WORKERS or 2)",
+    )
+    parser.add_argument("--only", default=",".join(PARTS), help=f"the parts to measure, of {','.join(PARTS)}")
     args = parser.parse_args(argv)
+    only = frozenset(args.only.split(","))
+    if not only <= set(PARTS):
+        parser.error(f"--only takes {','.join(PARTS)}")
     return Config(
         waiters=tuple(int(w) for w in args.waiters.split(",")),
         rounds=args.rounds,
@@ -655,6 +746,8 @@ def parse_args(argv: list[str] | None) -> Config:
         duration=args.duration,
         runners=args.runners,
         batch_size=args.batch_size,
+        only=only,
+        web_workers=args.web_workers,
     )
 
 
@@ -676,25 +769,40 @@ def main(argv: list[str] | None = None) -> int:
         keys = {role: create_key(db_url, role) for role in ("client", "runner")}
         log = tempfile.NamedTemporaryFile(prefix="agentrun-access-", suffix=".log", delete=False)  # noqa: SIM115 - read after the server stops
         log.close()
-        one = protocol_config(web_workers=1)
-        web = WebServer(db_url, one)
-        web.env["AGENTRUN_ACCESS_LOG"] = log.name
-        with web:
-            print("web: gunicorn -c gunicorn.conf.py, 1 worker (uvicorn), settings.prod", flush=True)
-            with api_client(web.base_url, keys["client"]) as c, api_client(web.base_url, keys["runner"]) as r:
-                wake_lease = create_claimed_run(c, r, "wake")
-                append_lease = create_claimed_run(c, r, "append")
-            wakes = []
-            for waiters in config.waiters:
-                print(f"measuring: wake-ups at {waiters:,} SSE streams ...", flush=True)
-                wakes.append(asyncio.run(sse_wakeups(web.base_url, keys, wake_lease, waiters, config.rounds, db_url)))
-                raw_wakeups(db_url, wakes[-1], config.rounds, 1)
-            print(f"measuring: {config.idle_streams:,} idle streams ...", flush=True)
-            idle = asyncio.run(idle_streams(web, keys, config, db_url, append_lease))
-            print("measuring: a runner's requests, idle and in a turn ...", flush=True)
-            requests = runner_requests(web, keys, config, log.name)
-        print("measuring: appends (deployed, gthread, raw) ...", flush=True)
-        added = appends(db_url, keys, config)
+        wakes, idle, requests = [], None, None
+        if config.only & {"wake", "runner"}:
+            # As deployed (AGENTRUN_WEB_WORKERS, default 2): the streams spread over the workers.
+            deployed = WebServer(db_url, protocol_config(web_workers=config.web_workers))
+            deployed.env["AGENTRUN_ACCESS_LOG"] = log.name
+            with deployed:
+                print(f"web: gunicorn -c gunicorn.conf.py, {config.web_workers} workers, settings.prod", flush=True)
+                with (
+                    api_client(deployed.base_url, keys["client"]) as c,
+                    api_client(deployed.base_url, keys["runner"]) as r,
+                ):
+                    wake_lease = create_claimed_run(c, r, "wake")
+                for waiters in config.waiters if "wake" in config.only else ():
+                    print(f"measuring: wake-ups at {waiters:,} SSE streams ...", flush=True)
+                    wakes.append(
+                        uvloop.run(sse_wakeups(deployed.base_url, keys, wake_lease, waiters, config.rounds, db_url))
+                    )
+                if "runner" in config.only:
+                    print("measuring: a runner's requests, idle and in a turn ...", flush=True)
+                    requests = runner_requests(deployed, keys, config, log.name)
+        for wake in wakes:  # with no server running: as many listening connections as the server allows
+            print(f"measuring: raw LISTEN/NOTIFY for {wake.waiters:,} ...", flush=True)
+            raw_wakeups(db_url, wake, config.rounds, 0)
+        if "idle" in config.only:
+            with WebServer(db_url, protocol_config(web_workers=1)) as one:
+                print("web: gunicorn -c gunicorn.conf.py, 1 worker: one server process", flush=True)
+                with api_client(one.base_url, keys["client"]) as c, api_client(one.base_url, keys["runner"]) as r:
+                    append_lease = create_claimed_run(c, r, "append")
+                print(f"measuring: {config.idle_streams:,} idle streams ...", flush=True)
+                idle = uvloop.run(idle_streams(one, keys, config, db_url, append_lease))
+        added = None
+        if "appends" in config.only:
+            print("measuring: appends (deployed, gthread, raw) ...", flush=True)
+            added = appends(db_url, keys, config)
         os.unlink(log.name)
         print_report(wakes, idle, requests, added)
 
