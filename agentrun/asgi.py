@@ -33,6 +33,8 @@ from agentrun import live, notify  # noqa: E402
 from agentrun.live import Message, Receive, Send  # noqa: E402
 
 logger = logging.getLogger(__name__)
+# A request body that stops arriving for this long is given up (its thread is not held for ever).
+BODY_READ_SECONDS = 30.0
 
 
 class _StreamedInput:
@@ -45,7 +47,13 @@ class _StreamedInput:
         self.more = True
 
     def _fill(self) -> None:
-        message: Message = asyncio.run_coroutine_threadsafe(_coroutine(self.receive), self.loop).result()
+        try:
+            message: Message = asyncio.run_coroutine_threadsafe(_coroutine(self.receive), self.loop).result(
+                BODY_READ_SECONDS
+            )
+        except TimeoutError:
+            self.more = False
+            raise OSError(f"the client sent nothing of its body for {BODY_READ_SECONDS:.0f} s") from None
         if message["type"] == "http.disconnect":
             self.more = False
             raise OSError("the client went away")
@@ -77,13 +85,16 @@ async def _coroutine(receive: Receive) -> Message:
 
 
 def _environ(scope: Message, body: io.BytesIO | _StreamedInput) -> dict[str, Any]:
+    root = scope.get("root_path", "")
     path = scope["path"]
+    if root and path.startswith(root):
+        path = path[len(root) :]  # uvicorn's path includes the root path; WSGI's PATH_INFO does not
     query = scope["query_string"].decode("latin-1")
     raw_path = scope.get("raw_path") or path.encode()
     server = scope.get("server") or ("localhost", 80)
     environ = {
         "REQUEST_METHOD": scope["method"],
-        "SCRIPT_NAME": scope.get("root_path", "").encode().decode("latin-1"),
+        "SCRIPT_NAME": root.encode().decode("latin-1"),
         "PATH_INFO": path.encode().decode("latin-1"),
         "QUERY_STRING": query,
         # The path as sent, %2F and all (agentrun.middleware.RawPathMiddleware reads it).
@@ -153,12 +164,17 @@ class Application:
     async def http(self, scope: Message, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         body = await self._body(scope, receive, loop)
+        if body is None:
+            return  # the client went away while sending its body: nobody to answer
         environ = _environ(scope, body)
         environ[live.ENVIRON_KEY] = self.hub
         answer = await loop.run_in_executor(self.executor, self._django, environ)
-        if isinstance(answer, live.Plan):
+        if isinstance(answer, live.Serving):
             del environ, body  # a stream may live for an hour: keep only what it needs
-            await answer.serve(send, receive)
+            if scope["method"] == "HEAD":
+                await answer.head_only(send)
+            else:
+                await answer.serve(send, receive)
             return
         status, headers, content = answer
         if scope["method"] == "HEAD":
@@ -168,7 +184,7 @@ class Application:
 
     async def _body(
         self, scope: Message, receive: Receive, loop: asyncio.AbstractEventLoop
-    ) -> io.BytesIO | _StreamedInput:
+    ) -> io.BytesIO | _StreamedInput | None:
         """The body, read here when its length is known and within the limit; else a stream the
         request's thread reads (the body-limit middleware drains an oversized one)."""
         length = None
@@ -189,12 +205,12 @@ class Application:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                return None
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         return io.BytesIO(b"".join(chunks))
 
-    def _django(self, environ: dict[str, Any]) -> live.Plan | tuple[int, list[tuple[bytes, bytes]], bytes]:
+    def _django(self, environ: dict[str, Any]) -> live.Serving | tuple[int, list[tuple[bytes, bytes]], bytes]:
         """In a web thread: Django's answer, whole, or the plan of a view that waits."""
         started: list[Any] = []
 
@@ -203,9 +219,9 @@ class Application:
 
         response = self.django(environ, start_response)  # type: ignore[arg-type]  # Django's stubs: a narrower start_response
         if isinstance(response, live.Plan):
-            response.detach()
-            response.close()  # the request is done with Django (request_finished): the loop serves the rest
-            return response
+            serving = response.serving()  # the wait is the loop's now
+            response.close()  # the request is done with Django (request_finished)
+            return serving
         try:
             content = b"".join(response)
         finally:

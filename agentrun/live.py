@@ -90,6 +90,10 @@ class Feed:
         """Streams whose feeds give equal keys read equal bytes at equal positions."""
         raise NotImplementedError
 
+    def cursor(self, position: Hashable) -> str | None:
+        """`position` as an event id (what Last-Event-ID resumes from), or None."""
+        raise NotImplementedError
+
 
 class _Topic:
     __slots__ = ("futures", "generation", "name", "refs", "shared")
@@ -232,7 +236,7 @@ class LiveHub:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    **{"application_name": LISTENER_NAME, **info}, autocommit=True
+                    **{"application_name": LISTENER_NAME, "connect_timeout": 10, **info}, autocommit=True
                 )
                 async with conn:
                     await conn.execute(f"LISTEN {notify.CHANNEL}")
@@ -268,6 +272,9 @@ class LiveHub:
             topic.generation += 1
             generation = topic.generation
             futures, topic.futures = topic.futures, {}
+            # Looks begun before this notification answer nobody any more (a waiter marks the
+            # current generation before it looks).
+            topic.shared = {}
         loop = asyncio.get_running_loop()
         asked: dict[Hashable, list[asyncio.Future]] = {}
         for future, question in futures.items():
@@ -281,7 +288,7 @@ class LiveHub:
             if waiting is None:
                 waiting = asked[key] = []
                 look = loop.run_in_executor(self.executor, _looked, read)
-                topic.shared[(key, (name,))] = ((generation,), look)
+                topic.shared[(key, (topic,))] = ((generation,), look)
                 look.add_done_callback(functools.partial(_answer, waiting, generation))
             waiting.append(future)
 
@@ -290,6 +297,7 @@ class LiveHub:
             topics = list(self._topics.values())
             for topic in topics:
                 topic.generation += 1
+                topic.shared = {}
         for topic in topics:
             futures, topic.futures = topic.futures, {}
             for future in futures:
@@ -340,10 +348,13 @@ class LiveHub:
         the same topics began after every notification `subscription` saw at its mark (a look
         that began then has seen every commit those notifications were sent for)."""
         loop = asyncio.get_running_loop()
-        if not subscription.topics:
+        if not subscription.topics or not self.listening:
+            # Degraded, generations stand still: every poll must read afresh.
             return await loop.run_in_executor(self.executor, _looked, read)
         first = subscription.topics[0]
-        shared_key = (key, tuple(topic.name for topic in subscription.topics))
+        # Keyed by the topic objects, not their names: a topic dropped and subscribed again
+        # starts its generations anew, and an old look must not pass for a new one.
+        shared_key = (key, tuple(subscription.topics))
         entry = first.shared.get(shared_key)
         if (
             entry is None
@@ -405,37 +416,62 @@ def _looked(read: Callable[[], Any]) -> Any:
 # --- plans -----------------------------------------------------------------------------------
 
 
-class Plan(StreamingHttpResponse):
-    """A response the server carries out on its loop (`serve`), or, under plain WSGI, in the
-    request's thread (iterating it)."""
+class Serving:
+    """What the loop runs for a plan, holding only what the wait needs (not the Django
+    response, its request or its headers' objects: a stream may live for an hour)."""
 
-    def __init__(self, subscription: Subscription | None, *, content_type: str) -> None:
-        super().__init__(self._in_thread(), content_type=content_type)
-        self.subscription = subscription
-        self.detached = False
+    __slots__ = ("headers", "status", "subscription")
 
-    def detach(self) -> None:
-        """The server takes the plan over: closing the response no longer ends it."""
-        self.detached = True
+    def __init__(self, subscription: Subscription | None, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.subscription, self.status, self.headers = subscription, status, headers
 
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            if not self.detached:
-                self.end()
+    async def serve(self, send: Send, receive: Receive) -> None:
+        raise NotImplementedError
+
+    async def head_only(self, send: Send) -> None:
+        """A HEAD request: the answer's head, at once, and nothing to wait for."""
+        self.end()
+        headers = [(k, v) for k, v in self.headers if k != b"content-length"]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def end(self) -> None:
         if self.subscription is not None:
             self.subscription.release()
             self.subscription = None
 
+
+class Plan(StreamingHttpResponse):
+    """A response the server carries out on its loop (`serving()`), or, under plain WSGI, in
+    the request's thread (iterating it)."""
+
+    def __init__(self, subscription: Subscription | None, *, content_type: str) -> None:
+        super().__init__(self._in_thread(), content_type=content_type)
+        self.subscription = subscription
+
+    def serving(self) -> Serving:
+        """Hand the wait to the loop (in the request's thread, before the response is closed):
+        the response no longer owns the subscription."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.end()
+
+    def end(self) -> None:
+        if self.subscription is not None:
+            self.subscription.release()
+            self.subscription = None
+
+    def _handed_over(self) -> Subscription | None:
+        subscription, self.subscription = self.subscription, None
+        return subscription
+
     def _in_thread(self) -> Iterator[bytes]:
         raise NotImplementedError
         yield b""  # a generator
-
-    async def serve(self, send: Send, receive: Receive) -> None:
-        raise NotImplementedError
 
 
 def _headers(response: HttpResponseBase) -> list[tuple[bytes, bytes]]:
@@ -443,6 +479,11 @@ def _headers(response: HttpResponseBase) -> list[tuple[bytes, bytes]]:
     for cookie in response.cookies.values():
         headers.append((b"set-cookie", cookie.output(header="").strip().encode("latin-1")))
     return headers
+
+
+def _seconds(name: str, floor: float = 0.05) -> float:
+    """A duration setting, kept above `floor` (0 would spin a loop)."""
+    return max(float(getattr(settings, name)), floor)
 
 
 class LongPoll(Plan):
@@ -464,9 +505,28 @@ class LongPoll(Plan):
         self.deadline, self.fetch, self.share_key, self.topic = deadline, fetch, share_key, topic
         self.render_body = render
 
-    def _look(self):
+    def serving(self) -> Serving:
+        headers = [(k, v) for k, v in _headers(self) if k not in (b"content-length", b"transfer-encoding")]
+        return _LongPollServing(self._handed_over(), self.status_code, headers, self)
+
+    def _in_thread(self) -> Iterator[bytes]:
+        raise RuntimeError("a long-poll plan is made only for the event loop (agentrun.asgi)")
+        yield b""
+
+
+class _LongPollServing(Serving):
+    __slots__ = ("deadline", "fetch", "render", "share_key", "topic")
+
+    def __init__(
+        self, subscription: Subscription | None, status: int, headers: list[tuple[bytes, bytes]], plan: LongPoll
+    ) -> None:
+        super().__init__(subscription, status, headers)
+        self.deadline, self.fetch, self.render = plan.deadline, plan.fetch, plan.render_body
+        self.share_key, self.topic = plan.share_key, plan.topic
+
+    def _look(self) -> tuple[Any, bytes | None]:
         found = self.fetch()
-        return found, self.render_body(found) if found else None
+        return found, self.render(found) if found else None
 
     async def serve(self, send: Send, receive: Receive) -> None:
         subscription = self.subscription
@@ -474,7 +534,7 @@ class LongPoll(Plan):
         gone, watcher = _watch_disconnect(receive)
         try:
             if subscription is None:
-                raise RuntimeError("a long-poll plan without a subscription")
+                raise RuntimeError("a long-poll without a subscription")
             hub = subscription.hub
             while body is None and not gone.done():
                 remaining = self.deadline - time.monotonic()
@@ -483,9 +543,10 @@ class LongPoll(Plan):
                 woke = await hub.wait(subscription, remaining, also=gone, question=(self.share_key, self._look))
                 if isinstance(woke, Answer):
                     subscription.seen = [woke.generation]
-                    _found, body = woke.result()
-                    continue
-                if not woke and hub.listening:
+                    with contextlib.suppress(Exception):  # a failed shared look: look for ourselves
+                        _found, body = woke.result()
+                        continue
+                elif not woke and hub.listening:
                     continue  # the deadline or the client gone (the loop ends), or a poll while degraded
                 subscription.mark()
                 _found, body = await hub.look(subscription, self.share_key, self._look)
@@ -498,15 +559,10 @@ class LongPoll(Plan):
         if gone.done():
             return  # nobody to answer
         if body is None:
-            body = self.render_body(None)
-        headers = [(k, v) for k, v in _headers(self) if k not in (b"content-length", b"transfer-encoding")]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+            body = self.render(None)
+        headers = [*self.headers, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
-
-    def _in_thread(self) -> Iterator[bytes]:
-        raise RuntimeError("a long-poll plan is made only for the event loop (agentrun.asgi)")
-        yield b""
 
 
 def long_poll(
@@ -542,6 +598,14 @@ def sse_frame(event_id: str, event: str, data: bytes) -> bytes:
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), event.encode(), data)
 
 
+def stream_head(cursor: str | None) -> bytes:
+    """A stream's first block: the reconnect delay, and the cursor it starts from as its id (no
+    data, so no event: a client that drops before the first event resumes from there, not from
+    wherever the feed would start by then)."""
+    retry = b"retry: %d\n" % int(settings.AGENTRUN_STREAM_RETRY_MS)
+    return retry + (b"id: %s\n\n" % cursor.encode() if cursor is not None else b"\n")
+
+
 class Stream(Plan):
     """An SSE stream of `feed` from `position`: the first look's frames at once, then a look at
     each notification of its topics, a comment every heartbeat, until the feed is done.
@@ -550,114 +614,33 @@ class Stream(Plan):
     for it is closed: a stream holds at most one page and the socket's write buffer, and the
     client resumes from the last id it read."""
 
-    def __init__(self, subscription: Subscription | None, *, feed: Feed, first: Look) -> None:
+    def __init__(self, subscription: Subscription | None, *, feed: Feed, first: Look, cursor: str | None) -> None:
         super().__init__(subscription, content_type=SSE_CONTENT_TYPE)
-        self.feed, self.first = feed, first
+        self.feed, self.first, self.cursor = feed, first, cursor
         self["Cache-Control"] = "no-cache"
         self["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
 
-    @staticmethod
-    def head() -> bytes:
-        return b"retry: %d\n\n" % int(settings.AGENTRUN_STREAM_RETRY_MS)
-
-    async def serve(self, send: Send, receive: Receive) -> None:
-        subscription = self.subscription
-        if subscription is None:
-            raise RuntimeError("a stream plan without a subscription is served in its thread")
-        hub = subscription.hub
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        stall = float(settings.AGENTRUN_STREAM_STALL_SECONDS)
-        heartbeat = float(settings.AGENTRUN_STREAM_HEARTBEAT_SECONDS)
-        # A stream ends cleanly after this long; its client reconnects (and may land on another worker).
-        ends_at = loop.time() + float(settings.AGENTRUN_STREAM_MAX_SECONDS)
-        gone, watcher = _watch_disconnect(receive)
-        writing = hub.writing
-
-        async def write(body: bytes) -> None:
-            if task is None:
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-                return
-            writing[task] = loop.time()
-            try:
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-            finally:
-                writing.pop(task, None)
-
-        look, self.first = self.first, None  # type: ignore[assignment]  # served: not kept for the stream's life
-        try:
-            headers = [(k, v) for k, v in _headers(self) if k not in (b"content-length",)]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await write(self.head() + look.frames)
-            written = loop.time()
-            while not look.done and not gone.done() and loop.time() < ends_at:
-                must_look = subscription.follow(look.topics) or look.more
-                if not must_look:
-                    left = min(heartbeat - (loop.time() - written), ends_at - loop.time())
-                    question = (self._key(look), self._reader(look))
-                    woke = left > 0 and await hub.wait(subscription, left, also=gone, question=question)
-                    if gone.done():
-                        break
-                    if isinstance(woke, Answer):  # the hub looked for every stream asking the same
-                        subscription.seen = [woke.generation]
-                        look = woke.result()
-                        if look.frames:
-                            await write(look.frames)
-                            written = loop.time()
-                        continue
-                    must_look = woke or not hub.listening
-                    if not must_look:
-                        if loop.time() >= ends_at:
-                            break
-                        await write(KEEPALIVE)
-                        written = loop.time()
-                        continue
-                subscription.mark()
-                look = await hub.look(subscription, self._key(look), self._reader(look))
-                if look.frames:
-                    await write(look.frames)
-                    written = loop.time()
-                elif loop.time() - written >= heartbeat:
-                    await write(KEEPALIVE)
-                    written = loop.time()
-            if not gone.done():
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if task is None or task not in hub.stalled:
-                raise
-            hub.stalled.discard(task)
-            task.uncancel()
-            closed_on_purpose.set(True)
-            logger.info("closed a stream whose client took nothing for %.0f s; it resumes from its last id", stall)
-        except Exception:
-            closed_on_purpose.set(True)  # the client resumes from the last id it read
-            logger.warning("a stream failed while serving; closing it", exc_info=True)
-        finally:
-            watcher.cancel()
-            self.end()
-
-    def _key(self, look: Look) -> Hashable:
-        return self.feed.share_key(look.position)
-
-    def _reader(self, look: Look) -> Callable[[], Look]:
-        feed, position = self.feed, look.position
-        return lambda: feed.read(position)
+    def serving(self) -> Serving:
+        headers = [(k, v) for k, v in _headers(self) if k != b"content-length"]
+        return _StreamServing(self._handed_over(), headers, self.feed, self.first, self.cursor)
 
     def _in_thread(self) -> Iterator[bytes]:
         """Plain WSGI: the same stream, holding this thread while it waits."""
         look = self.first
-        yield self.head() + look.frames
-        heartbeat = float(settings.AGENTRUN_STREAM_HEARTBEAT_SECONDS)
+        yield stream_head(self.cursor) + look.frames
+        heartbeat = _seconds("AGENTRUN_STREAM_HEARTBEAT_SECONDS")
         ends_at = time.monotonic() + float(settings.AGENTRUN_STREAM_MAX_SECONDS)
         waiters: dict[str, Any] = {}
         try:
             while not look.done and time.monotonic() < ends_at:
+                added = False
                 for name in look.topics:
                     if name not in waiters:
-                        waiters[name] = notify.hub.add_waiter(name)
+                        waiters[name], added = notify.hub.add_waiter(name), True
                 for name in [n for n in waiters if n not in look.topics]:
                     notify.hub.remove_waiter(waiters.pop(name))
-                if not look.more:
+                # A topic subscribed after the look that named it: look again before waiting.
+                if not look.more and not added:
                     deadline = min(time.monotonic() + heartbeat, ends_at)
                     woke = False
                     while not woke and time.monotonic() < deadline:
@@ -673,6 +656,108 @@ class Stream(Plan):
         finally:
             for waiter in waiters.values():
                 notify.hub.remove_waiter(waiter)
+
+
+class _StreamServing(Serving):
+    __slots__ = ("cursor", "feed", "first")
+
+    def __init__(
+        self,
+        subscription: Subscription | None,
+        headers: list[tuple[bytes, bytes]],
+        feed: Feed,
+        first: Look,
+        cursor: str | None,
+    ) -> None:
+        super().__init__(subscription, 200, headers)
+        self.feed, self.first, self.cursor = feed, first, cursor
+
+    async def serve(self, send: Send, receive: Receive) -> None:
+        subscription = self.subscription
+        if subscription is None:
+            raise RuntimeError("a stream without a subscription is served in its thread")
+        hub = subscription.hub
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        stall = _seconds("AGENTRUN_STREAM_STALL_SECONDS")
+        heartbeat = _seconds("AGENTRUN_STREAM_HEARTBEAT_SECONDS")
+        # A stream ends cleanly after this long; its client reconnects (and may land on another worker).
+        ends_at = loop.time() + float(settings.AGENTRUN_STREAM_MAX_SECONDS)
+        gone, watcher = _watch_disconnect(receive)
+        writing = hub.writing
+
+        async def write(body: bytes, more: bool = True) -> None:
+            message = {"type": "http.response.body", "body": body, "more_body": more}
+            if task is None:
+                await send(message)
+                return
+            writing[task] = loop.time()  # the watchdog cancels a write that waits too long
+            try:
+                await send(message)
+            finally:
+                writing.pop(task, None)
+
+        look, self.first = self.first, _EMPTY  # served: not kept for the stream's life
+        feed = self.feed
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            self.headers = []
+            await write(stream_head(self.cursor) + look.frames)
+            written = loop.time()
+            while not look.done and not gone.done() and loop.time() < ends_at:
+                must_look = subscription.follow(look.topics) or look.more
+                if not must_look:
+                    left = min(heartbeat - (loop.time() - written), ends_at - loop.time())
+                    position = look.position
+                    question = (feed.share_key(position), functools.partial(feed.read, position))
+                    woke = left > 0 and await hub.wait(subscription, left, also=gone, question=question)
+                    if gone.done():
+                        break
+                    if isinstance(woke, Answer):  # the hub looked for every stream asking the same
+                        subscription.seen = [woke.generation]
+                        try:
+                            look = woke.result()
+                        except Exception:  # noqa: BLE001 - a failed shared look: look for ourselves
+                            must_look = True
+                        else:
+                            if look.frames:
+                                await write(look.frames)
+                                written = loop.time()
+                            continue
+                    must_look = must_look or woke is True or not hub.listening
+                    if not must_look:
+                        if loop.time() >= ends_at:
+                            break
+                        await write(KEEPALIVE)
+                        written = loop.time()
+                        continue
+                subscription.mark()
+                position = look.position
+                look = await hub.look(subscription, feed.share_key(position), functools.partial(feed.read, position))
+                if look.frames:
+                    await write(look.frames)
+                    written = loop.time()
+                elif loop.time() - written >= heartbeat:
+                    await write(KEEPALIVE)
+                    written = loop.time()
+            if not gone.done():
+                await write(b"", more=False)
+        except asyncio.CancelledError:
+            if task is None or task not in hub.stalled:
+                raise
+            hub.stalled.discard(task)
+            task.uncancel()
+            closed_on_purpose.set(True)
+            logger.info("closed a stream whose client took nothing for %.0f s; it resumes from its last id", stall)
+        except Exception:
+            closed_on_purpose.set(True)  # the client resumes from the last id it read
+            logger.warning("a stream failed while serving; closing it", exc_info=True)
+        finally:
+            watcher.cancel()
+            self.end()
+
+
+_EMPTY = Look(b"", None, True, False, ())
 
 
 def stream(request: HttpRequest, feed: Feed, position: Hashable) -> HttpResponseBase:
@@ -693,4 +778,4 @@ def stream(request: HttpRequest, feed: Feed, position: Hashable) -> HttpResponse
         if subscription is not None:
             subscription.release()
         return HttpResponse(status=204)
-    return Stream(subscription, feed=feed, first=first)
+    return Stream(subscription, feed=feed, first=first, cursor=feed.cursor(position))

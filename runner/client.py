@@ -300,6 +300,7 @@ class EventStream:
             headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
             if self.last_id is not None:
                 headers["Last-Event-ID"] = self.last_id
+            opened, ended_cleanly = time.monotonic(), False
             try:
                 with self.client.http.stream("GET", self.path, params=self.params, headers=headers) as response:
                     with self._lock:
@@ -320,21 +321,27 @@ class EventStream:
                     for sse in EventSource(response).iter_sse():
                         if sse.retry is not None:
                             retry = sse.retry / 1000.0
+                        self.last_id = sse.id or self.last_id  # the head's id too: where the stream began
                         if not sse.data:
                             continue
                         event = cast(Event, jsonlib.loads(sse.data))
-                        self.last_id = sse.id or self.last_id
                         backoff = Backoff(first=0.5)
                         yield event
                         if self.until_terminal and event.get("type") == "terminal_status":
                             return
+                    ended_cleanly = True  # the server ended it (its time was up): come back at once
             except (httpx.TransportError, SSEError):
                 if self._closed.is_set():
                     return
             finally:
                 with self._lock:
                     self._response = None
-            if self._closed.wait(max(retry, backoff.next())):
+            if ended_cleanly and time.monotonic() - opened >= 0.2:
+                continue
+            # A drop, or a stream that ends as soon as it opens: wait the server's hint (or longer,
+            # after repeated failures), spread out so that clients of a restarted server do not
+            # all come back at the same moment.
+            if self._closed.wait(max(retry, backoff.next()) * random.uniform(1.0, 1.5)):  # noqa: S311 - jitter
                 return
 
     @staticmethod

@@ -40,6 +40,9 @@ class RunFeed(Feed):
     def share_key(self, position: Hashable) -> Hashable:
         return ("run", self.run_id, self.view, position)
 
+    def cursor(self, position: Hashable) -> str | None:
+        return str(position)
+
     def read(self, position: Hashable) -> Look:
         seq = int(position)  # type: ignore[call-overload]  # positions here are seqs
         page = int(settings.AGENTRUN_STREAM_PAGE)
@@ -73,6 +76,10 @@ class SessionFeed(Feed):
 
     def share_key(self, position: Hashable) -> Hashable:
         return ("session", self.session_id, position)
+
+    def cursor(self, position: Hashable) -> str | None:
+        run_id: str | None = position[0]  # type: ignore[index]  # positions here are (run id, seq)
+        return f"{run_id}:{position[1]}" if run_id else None  # type: ignore[index]  # as above
 
     def read(self, position: Hashable) -> Look:
         run_id: str | None = position[0]  # type: ignore[index]  # positions here are (run id, seq)

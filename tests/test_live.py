@@ -396,7 +396,9 @@ def test_a_stream_under_plain_wsgi_is_the_same_stream():
     body = b"".join(response.streaming_content).decode()
     assert response["Content-Type"].startswith("text/event-stream")
     assert body.startswith("retry: ")
-    assert [line[4:] for line in body.split("\n") if line.startswith("id: ")] == ["3", "4", "5", "6"]
+    head, *events = body.split("\n\n")
+    assert head == "retry: 2000\nid: 2"  # where it starts, for a client that drops before an event
+    assert [block.split("\n")[0] for block in events if block] == ["id: 3", "id: 4", "id: 5", "id: 6"]
 
 
 def test_an_end_to_end_turn_where_the_runner_never_polls(server, tmp_path):
@@ -434,3 +436,68 @@ def test_an_end_to_end_turn_where_the_runner_never_polls(server, tmp_path):
         "POST /api/v1/commands/{command}/finish": 1,
         "POST /api/v1/runs/{run}/finish": 1,
     }
+
+
+def test_while_the_listener_keeps_failing_streams_poll_and_miss_nothing(server):
+    """The listener's connection is killed over and over: waiters look every 0.5 s meanwhile,
+    and each event still arrives, once, in order."""
+    run = make_run()
+    epoch = claim(run).lease_epoch
+    url = live_database_url()
+    got: list[tuple[str, float]] = []
+    stop = threading.Event()
+
+    def kill() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                    [LISTENER_NAME],
+                )
+                time.sleep(0.05)
+
+    with server.client(raw_key("client")) as api:
+
+        def read():
+            with api.stream("GET", f"runs/{run.id}/events/stream") as response:
+                got.extend((sse.id, time.monotonic()) for sse in EventSource(response).iter_sse() if sse.data)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert wait_for(lambda: len(got) >= 2, 10)
+        killer = threading.Thread(target=kill)
+        killer.start()
+        try:
+            time.sleep(0.5)
+            lags = []
+            for _ in range(4):
+                appended = time.monotonic()
+                seq = append(run, epoch, 1)[0].seq
+                assert wait_for(lambda seq=seq: any(i == str(seq) for i, _ in got), 5), got
+                lags.append(next(at for i, at in got if i == str(seq)) - appended)
+                time.sleep(0.3)
+        finally:
+            stop.set()
+            killer.join()
+        finish(run, epoch)
+        reader.join(10)
+    assert [i for i, _ in got] == [str(seq) for seq in range(1, 8)]
+    assert max(lags) < 3.0, lags
+
+
+def test_head_of_a_stream_answers_at_once(server):
+    run = make_run()
+    with server.client(raw_key("client")) as api:
+        started = time.monotonic()
+        response = api.head(f"runs/{run.id}/events/stream")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert time.monotonic() - started < 2
+        assert api.get(f"runs/{run.id}").status_code == 200  # the connection goes on
+
+
+def test_a_session_stream_starts_with_its_cursor_so_a_drop_before_any_event_resumes_there(server):
+    run = make_run(session_id="live-head")
+    with server.client(raw_key("client")) as api, api.stream("GET", "sessions/live-head/output/stream") as response:
+        head = next(response.iter_bytes())
+    assert head.decode().startswith(f"retry: 2000\nid: {run.id}:0\n\n")
