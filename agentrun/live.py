@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator, MutableMapping
@@ -703,7 +704,9 @@ class _StreamServing(Serving):
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             self.headers = []
             await write(stream_head(self.cursor) + look.frames)
-            written = loop.time()
+            # The first heartbeat comes a little early, by a random amount: streams opened
+            # together (a reconnect wave) do not all beat together ever after.
+            written = loop.time() - random.uniform(0, heartbeat / 3)  # noqa: S311 - spreading, not a secret
             while not look.done and not gone.done() and loop.time() < ends_at:
                 must_look = subscription.follow(look.topics) or look.more
                 if not must_look:

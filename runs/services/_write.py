@@ -205,6 +205,31 @@ def _run_seq_update_sql() -> sql.Composed:
     )
 
 
+# The append's statement as text, per shape (the CTEs it is made of): composing it, and psycopg
+# rendering the composition, cost more than the rest of an append's Python. Keyed by the parts'
+# identities, each entry holding its parts (so an id is not reused while its entry lives);
+# bounded, in case a caller ever passes parts made anew for each call.
+_APPEND_STATEMENTS: dict[tuple[int, ...], tuple[tuple[sql.Composable, ...], str]] = {}
+
+
+def _append_statement(parts: tuple[sql.Composable, ...]) -> str | sql.Composed:
+    key = tuple(id(part) for part in parts)
+    cached = _APPEND_STATEMENTS.get(key)
+    if cached is not None and all(a is b for a, b in zip(cached[0], parts, strict=True)):
+        return cached[1]
+    statement = sql.SQL("WITH {} {}").format(
+        sql.SQL(", ").join(
+            sql.SQL("{} AS ({})").format(sql.Identifier(f"w{index}"), part) for index, part in enumerate(parts)
+        ),
+        _run_seq_update_sql(),
+    )
+    if len(_APPEND_STATEMENTS) >= 32:
+        return statement
+    text = statement.as_string(None)
+    _APPEND_STATEMENTS[key] = (parts, text)
+    return text
+
+
 def _write_events(run: Run, events: list[NewEvent], at: datetime, extra_statements: Sequence[Statement]) -> None:
     """One round trip for an append of any size: the rows through unnest of column arrays (so
     neither the statement nor its cost in Python grows per row), then the writes that go with
@@ -231,12 +256,7 @@ def _write_events(run: Run, events: list[NewEvent], at: datetime, extra_statemen
         )
     # Raw: the ORM has no multi-row insert from arrays nor data-modifying CTEs, and each of these
     # writes as its own ORM call would be a round trip more on every append.
-    statement = sql.SQL("WITH {} {}").format(
-        sql.SQL(", ").join(
-            sql.SQL("{} AS ({})").format(sql.Identifier(f"w{index}"), cte) for index, (cte, _) in enumerate(ctes)
-        ),
-        _run_seq_update_sql(),
-    )
+    statement = _append_statement(tuple(cte for cte, _ in ctes))
     params = [param for _, statement_params in ctes for param in statement_params]
     params += [run.last_event_seq, run.id, notify.CHANNEL, notify.run_topic(run.id)]
     with connection.cursor() as cursor:

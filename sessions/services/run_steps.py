@@ -4,6 +4,7 @@ takes the session's row lock after them, and opens no transaction of its own."""
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any
 
@@ -74,13 +75,18 @@ def session_event_touch_sql(*, session_id: str, last_event_seq: int, at: datetim
     """Every appended event touches its session: lastEventSeq and activity, no version bump
     (the touch's stamp instead). A statement, not a write: the append sends it with its own
     writes, in its own transaction, in one round trip."""
+    return _event_touch_statement(), [last_event_seq, at, at, session_id]
+
+
+@functools.cache
+def _event_touch_statement() -> sql.Composed:
+    """Composed once: the append caches its statement by the identity of its parts."""
     names = {name: column(Session, name) for name in _EVENT_TOUCH_FIELDS}
     # Raw: the append's hot path; an ORM update would be a round trip of its own.
-    statement = sql.SQL(
+    return sql.SQL(
         "UPDATE {table} SET {last_event_seq} = %s, {last_activity_at} = %s, {updated_at} = %s, "
         "{activity_version} = {touch}({session_id}) WHERE {session_id} = %s"
     ).format(table=table(Session), touch=sql.Identifier(TOUCH_VERSION_FUNCTION), **names)
-    return statement, [last_event_seq, at, at, session_id]
 
 
 @in_transaction
