@@ -343,6 +343,8 @@ class Idle:
     connections_after: int
     append_before: list[float]
     append_after: list[float]
+    # The same two figures with heartbeats every 600 s (before, after), when measured.
+    quiet_append: tuple[list[float], list[float]] | None = None
 
 
 async def append_latencies(base_url: str, key: str, lease: RunLease, seconds: float) -> list[float]:
@@ -669,6 +671,18 @@ def idle_rows(idle: Idle) -> list[tuple[str, ...]]:
             verdict(ratio <= TARGET_APPEND_RATIO),
         )
     )
+    if idle.quiet_append is not None:
+        before, after = idle.quiet_append
+        quiet_ratio = percentile(after, 99) / percentile(before, 99)
+        rows.append(
+            (
+                "  the same, heartbeats every 600 s instead of 15 s (ms)",
+                f"{percentile(after, 99) * 1000:.1f} (p50 {percentile(after, 50) * 1000:.1f})",
+                f"{percentile(before, 99) * 1000:.1f} (p50 {percentile(before, 50) * 1000:.1f}) with none",
+                f"ratio {quiet_ratio:.2f}",
+                "info",
+            )
+        )
     return rows
 
 
@@ -835,6 +849,19 @@ def main(argv: list[str] | None = None) -> int:
                     append_lease = create_claimed_run(c, r, "append")
                 print(f"measuring: {config.idle_streams:,} idle streams ...", flush=True)
                 idle = uvloop.run(idle_streams(one, keys, config, db_url, append_lease))
+            # The same with heartbeats all but off: how much of the append figure the 15 s
+            # keepalives of 10,000 streams (server writes, load-generator reads) account for.
+            quiet_server = WebServer(db_url, protocol_config(web_workers=1))
+            quiet_server.env["AGENTRUN_STREAM_HEARTBEAT_SECONDS"] = "600"
+            with quiet_server:
+                with (
+                    api_client(quiet_server.base_url, keys["client"]) as c,
+                    api_client(quiet_server.base_url, keys["runner"]) as r,
+                ):
+                    quiet_lease = create_claimed_run(c, r, "append-quiet")
+                print(f"measuring: {config.idle_streams:,} idle streams, heartbeats every 600 s ...", flush=True)
+                quiet = uvloop.run(idle_streams(quiet_server, keys, config, db_url, quiet_lease))
+            idle.quiet_append = (quiet.append_before, quiet.append_after)
         added = None
         if "appends" in config.only:
             print("measuring: appends (deployed, gthread, raw) ...", flush=True)
