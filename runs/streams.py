@@ -27,8 +27,8 @@ def _frame(event, event_id: str) -> bytes:
 
 
 class RunFeed(Feed):
-    """A run's events of one view, from a seq; done once `terminal_status` is sent (or, resumed
-    past it, once the run has ended and nothing follows)."""
+    """A run's events of one view, from a seq; done once `terminal_status` is sent. A stream that
+    starts past the end of a finished run is over before it starts (`over`)."""
 
     def __init__(self, run_id: str, view: str) -> None:
         self.run_id, self.view = run_id, view
@@ -54,12 +54,15 @@ class RunFeed(Feed):
             if event.type == "terminal_status":
                 done = True
                 break
-        if not events:
-            done = selectors.run_ended(run_id=self.run_id) and not VIEWS[self.view](
-                run_id=self.run_id, after_seq=seq, limit=1
-            )
         more = not done and len(events) == page
         return Look(b"".join(frames), seq, done, more, self._topics)
+
+    def over(self, position: Hashable) -> bool:
+        seq = int(position)  # type: ignore[call-overload]  # positions here are seqs
+        # Ended first, then nothing after: the run's end commits with its last events.
+        return selectors.run_ended(run_id=self.run_id) and not VIEWS[self.view](
+            run_id=self.run_id, after_seq=seq, limit=1
+        )
 
 
 class SessionFeed(Feed):

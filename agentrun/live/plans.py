@@ -66,6 +66,12 @@ class Feed:
         """`position` as an event id (what Last-Event-ID resumes from), or None."""
         raise NotImplementedError
 
+    def over(self, position: Hashable) -> bool:
+        """Asked once, when a stream's first look found nothing: whether nothing will ever come
+        after `position` (a finished run resumed past its end). Later looks need not ask: a
+        stream that was live sees its feed's end in a look (`Look.done`)."""
+        return False
+
 
 # --- plans -----------------------------------------------------------------------------------
 
@@ -425,12 +431,13 @@ def stream(request: HttpRequest, feed: Feed, position: Hashable) -> HttpResponse
     subscription = hub.subscribe(feed.topics(position)) if hub is not None else None  # before the look
     try:
         first = feed.read(position)
+        over = not first.frames and not first.done and feed.over(position)
     except BaseException:
         if subscription is not None:
             subscription.release()
         raise
     notify.release_connection()
-    if first.done and not first.frames:
+    if over:
         if subscription is not None:
             subscription.release()
         return HttpResponse(status=204)
