@@ -37,6 +37,8 @@ class QueueTask(models.Model):
     references = models.JSONField(null=True, blank=True)
     metadata = models.JSONField(null=True, blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    # Where a signed POST goes on each terminal state (webhooks/), or None.
+    webhook_url = models.TextField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=TaskState.choices, default=TaskState.PENDING)
     version = models.BigIntegerField()
     payload_hash = models.CharField(max_length=64)

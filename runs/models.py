@@ -55,6 +55,8 @@ class Run(models.Model):
     extra = models.JSONField(default=dict, blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)
     payload_hash = models.CharField(max_length=64)
+    # Where a signed POST goes on each terminal status (webhooks/), or None.
+    webhook_url = models.TextField(null=True, blank=True)
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING)
     terminal_status = models.CharField(max_length=32, null=True, blank=True)
     failure_kind = models.CharField(max_length=64, null=True, blank=True)
