@@ -8,7 +8,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from agentrun.errors import AgentRunError
-from queues import services
+from queues import dashboard, services
 from queues.models import Queue, QueueAttempt, QueueTask, TenantLimit
 
 
@@ -90,3 +90,6 @@ class QueueAdmin(admin.ModelAdmin):
 class TenantLimitAdmin(admin.ModelAdmin):
     list_display = ("tenant_id", "max_running")
     list_editable = ("max_running",)
+
+
+dashboard.install(admin.site)

@@ -60,7 +60,7 @@ class RunnerJobInline(ReadOnlyInline):
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
     list_display = ("id", "tenant_id", "project_id", "backend_profile", "status", "claimed_by", "created_at")
-    list_filter = ("status", "backend_profile", "tenant_id")
+    list_filter = ("status", "failure_kind", "backend_profile", "tenant_id")
     search_fields = ("id",)
     ordering = ("-created_at",)
     inlines = (CommandInline, EventInline, RunnerJobInline)
