@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('queues', '0002_session_path_text'),
+        ("queues", "0002_session_path_text"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='queuetask',
-            name='webhook_url',
+            model_name="queuetask",
+            name="webhook_url",
             field=models.TextField(blank=True, null=True),
         ),
     ]

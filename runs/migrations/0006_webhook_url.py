@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('runs', '0005_resource_bundles'),
+        ("runs", "0005_resource_bundles"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='run',
-            name='webhook_url',
+            model_name="run",
+            name="webhook_url",
             field=models.TextField(blank=True, null=True),
         ),
     ]
