@@ -5,6 +5,8 @@ Each worker runs Django's views in `AGENTRUN_WEB_THREADS` threads and every wait
 """
 
 import os
+import shutil
+import tempfile
 
 bind = os.environ.get("AGENTRUN_BIND", "127.0.0.1:8000")
 worker_class = "agentrun.server.Worker"
@@ -16,3 +18,26 @@ keepalive = 5
 backlog = int(os.environ.get("AGENTRUN_BACKLOG", "4096"))
 accesslog = os.environ.get("AGENTRUN_ACCESS_LOG") or None
 wsgi_app = "agentrun.asgi:application"
+
+# Metrics across the worker processes (agentrun.metrics): each writes its figures to files in
+# PROMETHEUS_MULTIPROC_DIR, and /metrics sums them. The directory is made fresh for this master
+# (a given one is emptied), before any worker imports prometheus_client.
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_metrics_dir_made = not _metrics_dir
+if _metrics_dir:
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    os.makedirs(_metrics_dir, exist_ok=True)
+else:
+    _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="agentrun-metrics-")
+
+
+def child_exit(server, worker):
+    """A worker that exited no longer counts in the live gauges (streams, waiters, the pool)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _metrics_dir_made:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -50,3 +50,20 @@ class Counter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}={self.value}"
+
+
+class Tally(models.Model):
+    """A running total the worker keeps for /metrics (reaps, reconciler actions, GC results,
+    launcher failures), one row per metric and label. Kept in the database, not in a process,
+    so the API's /metrics reports the worker's figures wherever the worker runs, across its
+    restarts."""
+
+    metric = models.CharField(max_length=64)
+    label = models.CharField(max_length=200, default="")
+    value = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["metric", "label"], name="agentrun_tally_metric_label")]
+
+    def __str__(self) -> str:
+        return f"{self.metric}{{{self.label}}}={self.value}"

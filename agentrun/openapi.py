@@ -319,6 +319,32 @@ PROBES = {
 }
 
 
+METRICS = {
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "description": (
+                "Prometheus metrics in the text exposition format. With AGENTRUN_METRICS_TOKEN set, "
+                "send it as `Authorization: Bearer <token>`; unset, /metrics is open."
+            ),
+            "tags": ["probes"],
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "Every metric (README: Metrics).",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "400": _error_response(_BAD_REQUEST),
+                "401": _error_response(
+                    "`auth-required`: AGENTRUN_METRICS_TOKEN is set and the request did not send it."
+                ),
+                "503": _error_response(_UNAVAILABLE),
+            },
+        }
+    }
+}
+
+
 def _describe_success(responses: dict) -> None:
     if "201" in responses:
         responses["201"]["description"] = responses["201"].get("description") or "Created."
@@ -354,6 +380,7 @@ def document_errors(result, generator, request, public):
             _describe_success(responses)
             operation["responses"] = dict(sorted(responses.items()))
     result["paths"].update(PROBES)
+    result["paths"].update(METRICS)
     return result
 
 

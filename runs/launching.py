@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db import transaction
 
+from agentrun import tallies
 from agentrun.auth import api_key_create, api_key_revoke
 from agentrun.backends import can
 from agentrun.clock import db_now
@@ -129,6 +130,7 @@ def _launch_one(launcher: Launcher, run_id: str) -> bool:
             raise RuntimeError(f"the {launcher.name} launcher started no runner")
     except Exception as exc:
         logger.exception("launching a runner for run %s failed", run_id)
+        tallies.add(tallies.LAUNCHER_FAILURES, [launcher.name])
         api_key_revoke(key_ids=[key.pk])  # no runner will use it
         services.runner_job_update(
             job_id=job.id, result={**job.result, "failed": True, "error": str(exc)[:500]}, stopped_at=db_now()

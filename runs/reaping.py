@@ -13,6 +13,7 @@ from django.db.models import FloatField
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast
 
+from agentrun import tallies
 from agentrun.clock import db_now
 from runs import services
 from runs.models import Run, RunStatus
@@ -72,4 +73,6 @@ def reap(*, dry_run: bool = False, limit: int = 500) -> list[Reaped]:
             is not None
         ):
             done.append(item)
+    if not dry_run:
+        tallies.add(tallies.REAPS, [item.reason for item in done])
     return done

@@ -23,6 +23,7 @@ from django.db.models import Q
 from django.utils import timezone
 from kubernetes import client
 
+from agentrun import tallies
 from agentrun.errors import INFRA_FAILED
 from agentrun.launcher.kubernetes import BUNDLE_LABEL, RUN_LABEL, KubernetesLauncher, bundle_label, job_failed
 from runs import services
@@ -192,6 +193,8 @@ def reconcile(launcher: KubernetesLauncher, *, dry_run: bool = False) -> list[Fi
         if not dry_run:
             launcher.stop({"namespace": metadata.namespace, "jobName": metadata.name})
     findings += _stale_bundle_policies(launcher, dry_run=dry_run)
+    if not dry_run:
+        tallies.add(tallies.RECONCILER_ACTIONS, [item.action for item in findings])
     return findings
 
 

@@ -28,6 +28,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "agentrun.metrics.MetricsMiddleware",
     "agentrun.middleware.ApiErrorEnvelopeMiddleware",
     "agentrun.middleware.DatabaseRequiredMiddleware",
     "agentrun.middleware.BodySizeLimitMiddleware",
@@ -121,6 +122,8 @@ LOGGING = {
     "loggers": {"pgserver": {"level": "WARNING"}},
 }
 
+# /metrics wants this bearer token when it is set; unset, /metrics is open (guard it with a network policy).
+AGENTRUN_METRICS_TOKEN = os.environ.get("AGENTRUN_METRICS_TOKEN", "")
 # Long-polls wait at most this long, whatever the client asks.
 AGENTRUN_MAX_WAIT_SECONDS = 30.0
 # How long a process trusts a key it has looked up (a revoked key works at most this long).

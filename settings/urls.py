@@ -8,6 +8,7 @@ from rest_framework.routers import SimpleRouter
 
 from agentrun.api import BackendsView, HealthView, livez, readyz
 from queues.api import QueueTaskViewSet, QueueViewSet
+from queues.metrics import metrics_view
 from runs.api import CommandViewSet, RunnerViewSet, RunViewSet, SessionEventViewSet
 from sessions.api import SessionViewSet
 
@@ -38,6 +39,7 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     path("livez", livez),
     path("readyz", readyz),
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
 ]
 

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.django_db
 
 # The schema documents itself and its docs page nowhere; the admin is the site, not the API.
 UNDOCUMENTED = {"/api/v1/schema/", "/api/v1/docs/"}
-PUBLIC = {"/api/v1/health", "/livez", "/readyz"}
+# No API key: /metrics has its own token (AGENTRUN_METRICS_TOKEN), when one is set.
+PUBLIC = {"/api/v1/health", "/livez", "/readyz", "/metrics"}
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 LIST_OPERATIONS = {
     ("get", "/api/v1/runs/{id}/events"): {"items", "count", "cursor"},
@@ -124,6 +125,8 @@ def expected_statuses(path: str, method: str) -> set[str]:
     behind a path id; a body's size and type, and write conflicts, where there is a body."""
     if path in ("/livez", "/readyz"):
         return {"400"}
+    if path == "/metrics":  # text for Prometheus: no content negotiation; its own token
+        return {"400", "401", "503"}
     statuses = {"400", "406", "503"}
     if path not in PUBLIC:
         statuses |= {"401", "403"}

@@ -17,7 +17,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from agentrun import notify
+from agentrun import metrics, notify
 from agentrun.live.hub import (
     ENVIRON_KEY,
     Answer,
@@ -192,6 +192,7 @@ class _LongPollServing(Serving):
         subscription = self.subscription
         body = None
         gone, watcher = watch_disconnect(receive)
+        metrics.WAITERS_OPEN.inc()
         try:
             if subscription is None:
                 raise RuntimeError("a long-poll without a subscription")
@@ -214,6 +215,7 @@ class _LongPollServing(Serving):
             logger.warning("long-poll on %s failed while waiting; answering with no items", self.topic, exc_info=True)
             body = None
         finally:
+            metrics.WAITERS_OPEN.dec()
             watcher.cancel()
             self.end()
         if gone.done():
@@ -359,6 +361,7 @@ class _StreamServing(Serving):
 
         look, self.first = self.first, _EMPTY  # served: not kept for the stream's life
         feed = self.feed
+        metrics.STREAMS_OPEN.inc()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             self.headers = []
@@ -415,6 +418,7 @@ class _StreamServing(Serving):
             closed_on_purpose.set(True)  # the client resumes from the last id it read
             logger.warning("a stream failed while serving; closing it", exc_info=True)
         finally:
+            metrics.STREAMS_OPEN.dec()
             watcher.cancel()
             self.end()
 

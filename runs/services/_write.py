@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models.functions import Now
 from psycopg import sql
 
-from agentrun import notify
+from agentrun import metrics, notify
 from agentrun.auth import Scope
 from agentrun.errors import CANCELLED, RUNNER_LEASE_CONFLICT, SCHEMA_INVALID, AgentRunError, conflict, not_found
 from agentrun.ids import new_id
@@ -261,6 +261,7 @@ def _write_events(run: Run, events: list[NewEvent], at: datetime, extra_statemen
     params += [run.last_event_seq, run.id, notify.CHANNEL, notify.run_topic(run.id)]
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
+    transaction.on_commit(functools.partial(metrics.EVENTS_APPENDED.inc, len(events)))
 
 
 # --- commands' terminal event and the end of a run -----------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from agentrun import kube
+from agentrun import kube, tallies
 from agentrun.clock import db_now
 from agentrun.wire import iso
 from sessions import selectors, services
@@ -66,6 +66,7 @@ class Command(BaseCommand):
             counts[outcome] += 1
             line = f"{outcome} {detail} session={session.session_id}"
             (self.stderr if outcome == StorageOutcome.FAILED else self.stdout).write(line)
+        tallies.add(tallies.GC_RESULTS, {str(outcome): n for outcome, n in counts.items()})
         self.stdout.write(
             f"deleted {counts[StorageOutcome.DELETED]}, already gone {counts[StorageOutcome.ABSENT]}, "
             f"failed {counts[StorageOutcome.FAILED]}, skipped {counts[StorageOutcome.SKIPPED]}"
