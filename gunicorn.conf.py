@@ -6,7 +6,12 @@ Each worker runs Django's views in `AGENTRUN_WEB_THREADS` threads and every wait
 
 import os
 import shutil
+import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from agentrun.logs import logging_config
 
 bind = os.environ.get("AGENTRUN_BIND", "127.0.0.1:8000")
 worker_class = "agentrun.server.Worker"
@@ -16,7 +21,10 @@ graceful_timeout = 10
 keepalive = 5
 # A burst of connections (streams reconnecting after a restart) waits in the accept queue.
 backlog = int(os.environ.get("AGENTRUN_BACKLOG", "4096"))
+# A line per request (AGENTRUN_ACCESS_LOG: `-` for stderr with the other lines, or a file).
 accesslog = os.environ.get("AGENTRUN_ACCESS_LOG") or None
+# gunicorn's and uvicorn's lines in agentrun's format (agentrun.logs: JSON, or AGENTRUN_LOG_FORMAT=console).
+logconfig_dict = logging_config(access_file=accesslog if accesslog not in (None, "-") else None)
 wsgi_app = "agentrun.asgi:application"
 
 # Metrics across the worker processes (agentrun.metrics): each writes its figures to files in

@@ -29,8 +29,9 @@ django.setup(set_prefix=False)
 from django.conf import settings  # noqa: E402 - after django.setup()
 from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
 
-from agentrun import live, notify  # noqa: E402
+from agentrun import live, logs, notify  # noqa: E402
 from agentrun.live import Message, Receive, Send  # noqa: E402
+from agentrun.middleware import LOG_FIELDS_KEY  # noqa: E402
 
 logger = logging.getLogger(__name__)
 # A request body that stops arriving for this long is given up (its thread is not held for ever).
@@ -169,6 +170,8 @@ class Application:
         environ = _environ(scope, body)
         environ[live.ENVIRON_KEY] = self.hub
         answer = await loop.run_in_executor(self.executor, self._django, environ)
+        # This request's task: its access line (logged as the answer starts) carries the request's fields.
+        logs.bind(**environ.get(LOG_FIELDS_KEY, {}))
         if isinstance(answer, live.Serving):
             del environ, body  # a stream may live for an hour: keep only what it needs
             if scope["method"] == "HEAD":

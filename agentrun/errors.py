@@ -138,6 +138,8 @@ def exception_handler(exc, context):
     headers = {}
     if error.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="agentrun"'
+    if error.status == 429 and "retryAfterSeconds" in error.details:
+        headers["Retry-After"] = str(error.details["retryAfterSeconds"])
     return Response(error.envelope(), status=error.status, headers=headers)
 
 

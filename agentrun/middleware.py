@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -24,8 +25,56 @@ from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils.deprecation import MiddlewareMixin
 
+from agentrun import logs
 from agentrun.errors import SCHEMA_INVALID, AgentRunError, infra_failed, invalid, json_error
 from agentrun.text import UNSTORABLE, UNSTORABLE_MESSAGE
+
+# The environ key under which a request's log fields go back to the server, for its access line.
+LOG_FIELDS_KEY = "agentrun.log_fields"
+REQUEST_ID_HEADER = "X-Request-ID"
+# A client's request id is kept when it looks like one (a UUID, a trace id); anything else is
+# replaced, never echoed.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The path parameter a route's name says it is: the field it goes in on the request's log lines.
+_ID_FIELDS = (
+    ("session-events-", "session_id"),
+    ("session-", "session_id"),
+    ("queue-task-", "task_id"),
+    ("command-", "command_id"),
+    ("run-", "run_id"),
+)
+
+
+class RequestContextMiddleware:
+    """Every log line of a request carries its `request_id` (the client's `X-Request-ID` when it
+    is sane, else minted; echoed in the response), and, once known, its tenant (agentrun.auth)
+    and the run, session, command or task its path names. The fields are bound in this thread's
+    context for the request and handed back to the server for its access line."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        given = request.META.get("HTTP_X_REQUEST_ID", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        logs.clear()
+        logs.bind(request_id=request_id)
+        response = self.get_response(request)
+        response[REQUEST_ID_HEADER] = request_id
+        request.META[LOG_FIELDS_KEY] = logs.bound()
+        return response
+
+    def process_view(self, request, view_func, view_args, view_kwargs):
+        match = request.resolver_match
+        name = (match.url_name or "") if match is not None else ""
+        object_id = view_kwargs.get("pk")
+        if object_id and isinstance(object_id, str):
+            for prefix, field in _ID_FIELDS:
+                if name.startswith(prefix):
+                    logs.bind(**{field: object_id[:200]})
+                    break
+        return None
+
 
 # Health endpoints say why the service is down; they must answer even without a database.
 _ALWAYS_SERVED = frozenset({"/api/v1/health", "/livez", "/readyz"})

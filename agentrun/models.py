@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models.functions import Now
+from django.utils import timezone
 
 
 class Role(models.TextChoices):
@@ -26,6 +27,10 @@ class ApiKey(models.Model):
     )
     created_at = models.DateTimeField(db_default=Now())
     revoked_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="The key stops working at this time.")
+    last_used_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a request last used the key (kept to the minute)."
+    )
 
     class Meta:
         verbose_name = "API key"
@@ -37,7 +42,7 @@ class ApiKey(models.Model):
 
     @property
     def is_active(self) -> bool:
-        return self.revoked_at is None
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > timezone.now())
 
 
 class Counter(models.Model):
@@ -67,3 +72,15 @@ class Tally(models.Model):
 
     def __str__(self) -> str:
         return f"{self.metric}{{{self.label}}}={self.value}"
+
+
+class AuthFailure(models.Model):
+    """Failed key lookups from one client address in the current window (agentrun.auth's limiter).
+    Kept in the database so every server process and replica counts the same failures."""
+
+    address = models.CharField(max_length=64, primary_key=True)
+    window_started_at = models.DateTimeField()
+    failures = models.IntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.address}: {self.failures}"

@@ -231,16 +231,21 @@ _CONFLICT = (
 )
 _TOO_LARGE = "`schema-invalid`: the body is over 1 MiB (`details.limitBytes`)."
 _UNSUPPORTED = "`schema-invalid`: the body is not `application/json`."
+_TOO_MANY_FAILURES = (
+    "`auth-required`: too many failed API key lookups from this address; `Retry-After` (and "
+    "`details.retryAfterSeconds`) says when it may try again."
+)
 _UNAVAILABLE = "`infra-failed`: the database is unavailable or not configured."
 
 
 def error_statuses(*, path: str, method: str, authenticated: bool) -> dict[str, str]:
-    """The envelope statuses a route answers, whatever it does: bad input (400), auth (401, 403),
-    a missing object behind a path parameter (404), content negotiation (406), a body's type and
-    size and write conflicts (409, 413, 415), and a lost database (503)."""
+    """The envelope statuses a route answers, whatever it does: bad input (400), auth (401, 403,
+    and 429 for an address with too many failed key lookups), a missing object behind a path
+    parameter (404), content negotiation (406), a body's type and size and write conflicts (409,
+    413, 415), and a lost database (503)."""
     statuses = {"400": _BAD_REQUEST}
     if authenticated:
-        statuses.update({"401": _UNAUTHENTICATED, "403": _FORBIDDEN})
+        statuses.update({"401": _UNAUTHENTICATED, "403": _FORBIDDEN, "429": _TOO_MANY_FAILURES})
     if "{" in path:
         statuses["404"] = _NOT_FOUND
     statuses["406"] = _NOT_ACCEPTABLE

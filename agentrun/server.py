@@ -13,7 +13,6 @@ import logging
 import os
 import resource
 import sys
-import time
 from typing import Any
 
 from uvicorn_worker import UvicornWorker
@@ -57,12 +56,9 @@ class Worker(UvicornWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         logging.getLogger("uvicorn.error").addFilter(_ExpectedIncomplete())
-        # The access log (AGENTRUN_ACCESS_LOG): uvicorn's lines, each with its UTC time to the millisecond.
+        # The access log (AGENTRUN_ACCESS_LOG): uvicorn's lines, in agentrun.logs' format with the
+        # request's fields (gunicorn.conf.py's logconfig_dict).
         self.config.access_log = bool(self.cfg.accesslog)
-        stamped = logging.Formatter("%(asctime)s.%(msecs)03dZ %(message)s", "%Y-%m-%dT%H:%M:%S")
-        stamped.converter = time.gmtime
-        for handler in logging.getLogger("uvicorn.access").handlers:
-            handler.setFormatter(stamped)
 
     def init_process(self) -> None:
         raise_open_files_limit()

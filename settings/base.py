@@ -4,6 +4,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from agentrun.logs import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("AGENTRUN_VAR_DIR", BASE_DIR / "var"))
 
@@ -29,6 +31,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "agentrun.metrics.MetricsMiddleware",
+    "agentrun.middleware.RequestContextMiddleware",
     "agentrun.middleware.ApiErrorEnvelopeMiddleware",
     "agentrun.middleware.DatabaseRequiredMiddleware",
     "agentrun.middleware.BodySizeLimitMiddleware",
@@ -114,13 +117,9 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("AGENTRUN_LOG_LEVEL", "INFO")},
-    "loggers": {"pgserver": {"level": "WARNING"}},
-}
+# Logs (agentrun.logs): JSON lines on stderr, or AGENTRUN_LOG_FORMAT=console for a person;
+# AGENTRUN_LOG_LEVEL (INFO).
+LOGGING = logging_config()
 
 # /metrics wants this bearer token when it is set; unset, /metrics is open (guard it with a network policy).
 AGENTRUN_METRICS_TOKEN = os.environ.get("AGENTRUN_METRICS_TOKEN", "")
@@ -128,6 +127,12 @@ AGENTRUN_METRICS_TOKEN = os.environ.get("AGENTRUN_METRICS_TOKEN", "")
 AGENTRUN_MAX_WAIT_SECONDS = 30.0
 # How long a process trusts a key it has looked up (a revoked key works at most this long).
 AGENTRUN_AUTH_CACHE_SECONDS = float(os.environ.get("AGENTRUN_AUTH_CACHE_SECONDS", "5"))
+# More than this many failed key lookups from one address within the window, and the address
+# gets 429 until the window ends. Behind proxies, AGENTRUN_TRUSTED_PROXIES says how many of
+# X-Forwarded-For's last hops are theirs (0: the address is the connection's).
+AGENTRUN_AUTH_FAILURE_LIMIT = int(os.environ.get("AGENTRUN_AUTH_FAILURE_LIMIT", "20"))
+AGENTRUN_AUTH_FAILURE_WINDOW_SECONDS = float(os.environ.get("AGENTRUN_AUTH_FAILURE_WINDOW_SECONDS", "60"))
+AGENTRUN_TRUSTED_PROXIES = int(os.environ.get("AGENTRUN_TRUSTED_PROXIES", "0"))
 # The manager URL handed to runners.
 AGENTRUN_URL = os.environ.get("AGENTRUN_URL", "http://127.0.0.1:8000")
 # Kubernetes: the namespace of runner Jobs and session PVCs (when a session names none).

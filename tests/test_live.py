@@ -51,9 +51,13 @@ class Server:
         kwargs.setdefault("timeout", httpx.Timeout(20, connect=5))
         return httpx.Client(base_url=self.api, headers={"Authorization": f"Bearer {key}"}, **kwargs)
 
-    def requests_of(self, fragment: str) -> list[str]:
+    def lines(self) -> list[dict]:
+        """The server's log: one JSON object per line (agentrun.logs)."""
+        return [json.loads(line) for line in self.log.read_text(errors="replace").splitlines() if line.startswith("{")]
+
+    def requests_of(self, fragment: str) -> list[dict]:
         """The access log's request lines whose path holds `fragment`."""
-        return [line for line in self.log.read_text(errors="replace").splitlines() if fragment in line and '"' in line]
+        return [line for line in self.lines() if line.get("logger") == "uvicorn.access" and fragment in line["path"]]
 
 
 def append(run, lease_epoch, count: int, *, text: str = "line", kind: str = "assistant_message"):
@@ -417,8 +421,8 @@ def test_an_end_to_end_turn_where_the_runner_never_polls(server, tmp_path):
         command = api.post(f"runs/{run.id}/commands", json=body).json()
         assert thread.join(30) == [0]
         assert api.get(f"runs/{run.id}").json()["status"] == "completed"
-    requests = [line.split('"')[1].split(" ")[:2] for line in server.requests_of(run.id)]
-    requests += [line.split('"')[1].split(" ")[:2] for line in server.requests_of(command["id"])]
+    requests = [(line["method"], line["path"]) for line in server.requests_of(run.id)]
+    requests += [(line["method"], line["path"]) for line in server.requests_of(command["id"])]
     counts: dict[str, int] = {}
     for method, path in requests:
         shape = path.split("?")[0].replace(run.id, "{run}").replace(command["id"], "{command}")
@@ -501,3 +505,28 @@ def test_a_session_stream_starts_with_its_cursor_so_a_drop_before_any_event_resu
     with server.client(raw_key("client")) as api, api.stream("GET", "sessions/live-head/output/stream") as response:
         head = next(response.iter_bytes())
     assert head.decode().startswith(f"retry: 2000\nid: {run.id}:0\n\n")
+
+
+def test_every_log_line_is_json_and_access_lines_carry_the_request_id_tenant_and_run(server):
+    """The access line of a request carries the X-Request-ID it was sent (echoed in the answer),
+    its key's tenant and the run its path names; a request without one gets one minted, and a
+    junk one is replaced, never echoed."""
+    run = make_run()
+    with server.client(raw_key("client")) as api:
+        answer = api.get(f"runs/{run.id}", headers={"X-Request-ID": "trace-4b1d.7"})
+        assert answer.status_code == 200 and answer.headers["X-Request-ID"] == "trace-4b1d.7"
+        minted = api.get(f"runs/{run.id}/events").headers["X-Request-ID"]
+        junk = api.get(f"runs/{run.id}", headers={"X-Request-ID": "x" * 500}).headers["X-Request-ID"]
+    assert len(minted) == 32 and int(minted, 16) >= 0
+    assert len(junk) == 32 and junk != "x" * 500
+
+    def line_of(request_id):
+        return next((line for line in server.requests_of(run.id) if line.get("request_id") == request_id), None)
+
+    assert wait_for(lambda: line_of("trace-4b1d.7") and line_of(minted), 5)
+    line = line_of("trace-4b1d.7")
+    assert (line["tenant_id"], line["run_id"], line["method"], line["status"]) == (TENANT, run.id, "GET", 200)
+    assert line["level"] == "info" and line["timestamp"].endswith("Z")
+    assert line_of(minted)["run_id"] == run.id
+    text = server.log.read_text(errors="replace")
+    assert all(row.startswith("{") for row in text.splitlines() if row.strip()), "a log line that is not JSON"

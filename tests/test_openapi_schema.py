@@ -129,7 +129,7 @@ def expected_statuses(path: str, method: str) -> set[str]:
         return {"400", "401", "503"}
     statuses = {"400", "406", "503"}
     if path not in PUBLIC:
-        statuses |= {"401", "403"}
+        statuses |= {"401", "403", "429"}
     if "{id}" in path:
         statuses.add("404")
     if method in ("post", "put"):

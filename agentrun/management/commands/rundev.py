@@ -74,6 +74,8 @@ class Command(BaseCommand):
             "AGENTRUN_BIND": bind,
             "AGENTRUN_URL": url,
             "AGENTRUN_LAUNCHER": launcher,
+            # Logs for a person at a terminal (a deployment's are JSON lines).
+            "AGENTRUN_LOG_FORMAT": os.environ.get("AGENTRUN_LOG_FORMAT", "console"),
         }
         children = [
             subprocess.Popen(
