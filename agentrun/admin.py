@@ -1,11 +1,18 @@
-"""Django admin for API keys: create one (shown once), revoke with an action."""
+"""Django admin for API keys (create one, shown once; revoke with an action) and webhook
+deliveries (see what was sent and how it went; resend with an action)."""
+
+import json
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import quote
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import format_html
 
+from agentrun import webhooks
 from agentrun.auth import api_key_create, api_key_revoke
 from agentrun.errors import AgentRunError
-from agentrun.models import ApiKey
+from agentrun.models import ApiKey, WebhookDelivery
 
 
 @admin.register(ApiKey)
@@ -68,3 +75,78 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def revoke(self, request, queryset):
         count = api_key_revoke(key_ids=queryset.values_list("pk", flat=True))
         self.message_user(request, f"Revoked {count} keys.")
+
+
+def _pretty(text: str) -> str:
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False, sort_keys=True)
+    except ValueError:
+        return text
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    list_display = (
+        "id",
+        "event_type",
+        "state",
+        "tenant_id",
+        "url",
+        "attempts",
+        "last_status_code",
+        "next_attempt_at",
+        "created_at",
+        "run_link",
+        "task_link",
+    )
+    list_filter = ("state", "event_type", "tenant_id")
+    search_fields = ("id", "run_id", "task_id", "url", "tenant_id")
+    ordering = ("-created_at",)
+    actions = ("resend",)
+    fields = (
+        "id",
+        "event_type",
+        "state",
+        "tenant_id",
+        "url",
+        "run_link",
+        "task_link",
+        "attempts",
+        "last_status_code",
+        "last_error",
+        "next_attempt_at",
+        "created_at",
+        "delivered_at",
+        "body_pretty",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="run")
+    def run_link(self, obj):
+        if not obj.run_id:
+            return "-"
+        return format_html(
+            '<a href="{}">{}</a>', reverse("admin:runs_run_change", args=[quote(obj.run_id)]), obj.run_id
+        )
+
+    @admin.display(description="queue task")
+    def task_link(self, obj):
+        if not obj.task_id:
+            return "-"
+        url = reverse("admin:queues_queuetask_change", args=[quote(obj.task_id)])
+        return format_html('<a href="{}">{}</a>', url, obj.task_id)
+
+    @admin.display(description="body")
+    def body_pretty(self, obj):
+        return format_html("<details open><summary>JSON</summary><pre>{}</pre></details>", _pretty(obj.body))
+
+    @admin.action(description="Resend selected deliveries now")
+    def resend(self, request, queryset):
+        count = webhooks.resend(delivery_ids=list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"{count} deliveries will be sent again.")

@@ -84,3 +84,55 @@ class AuthFailure(models.Model):
 
     def __str__(self) -> str:
         return f"{self.address}: {self.failures}"
+
+
+class WebhookSecret(models.Model):
+    """A tenant's webhook signing secret (`manage.py webhook_secret`). Kept as is: the HMAC needs it."""
+
+    tenant_id = models.CharField(max_length=200, primary_key=True)
+    secret = models.CharField(max_length=128)
+    created_at = models.DateTimeField(db_default=Now())
+    rotated_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"webhook secret of {self.tenant_id}"
+
+
+class DeliveryState(models.TextChoices):
+    PENDING = "pending"  # waiting for its next try
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # every try failed; an operator may resend it
+
+
+class WebhookDelivery(models.Model):
+    """One webhook to send: written in the transaction that ended its run or queue task (an
+    outbox), sent by the worker, re-sendable in admin. The body is kept as the bytes sent, so a
+    resend is the same document, signed anew."""
+
+    id = models.CharField(max_length=64, primary_key=True, db_collation="C")
+    tenant_id = models.CharField(max_length=200)
+    url = models.TextField()
+    event_type = models.CharField(max_length=64)
+    body = models.TextField()
+    run_id = models.CharField(max_length=64, null=True, blank=True, db_collation="C")
+    task_id = models.CharField(max_length=64, null=True, blank=True, db_collation="C")
+    state = models.CharField(max_length=16, choices=DeliveryState.choices, default=DeliveryState.PENDING)
+    attempts = models.IntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.IntegerField(null=True, blank=True)
+    last_error = models.TextField(null=True, blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "webhook deliveries"
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"], name="webhook_due", condition=models.Q(state=DeliveryState.PENDING)
+            ),
+            models.Index(fields=["run_id"], name="webhook_run"),
+            models.Index(fields=["task_id"], name="webhook_task"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} → {self.url} ({self.state})"

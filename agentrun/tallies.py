@@ -14,6 +14,7 @@ REAPS = "reaps"  # label: the reason, runner-lost (a lapsed lease) or timeout
 RECONCILER_ACTIONS = "reconciler_actions"  # label: fail-run, delete-job or delete-policy
 GC_RESULTS = "gc_results"  # label: the storage outcome (deleted, absent, failed, skipped)
 LAUNCHER_FAILURES = "launcher_failures"  # label: the launcher (local, kubernetes)
+WEBHOOK_DELIVERIES = "webhook_deliveries"  # label: delivered, retry or failed
 
 # Raw: one upsert adding to every row at once; the ORM has no INSERT … ON CONFLICT DO UPDATE
 # with an increment.

@@ -41,6 +41,12 @@ TALLIES = {
         "outcome",
         (StorageOutcome.DELETED, StorageOutcome.ABSENT, StorageOutcome.FAILED, StorageOutcome.SKIPPED),
     ),
+    tallies.WEBHOOK_DELIVERIES: (
+        "agentrun_webhook_tries",
+        "Webhook tries, by outcome (retry: it failed and will be tried again; failed: it gave up).",
+        "outcome",
+        ("delivered", "retry", "failed"),
+    ),
     tallies.LAUNCHER_FAILURES: (
         "agentrun_launcher_failures",
         "Runner launches that failed, by launcher.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from agentrun import webhooks
 from agentrun.fields import IDENTIFIER_MAX_LENGTH, IdentifierField, JSONObjectField, StrictCharField, StrictIntegerField
 from agentrun.openapi import (
     CURSOR_MAX_LENGTH,
@@ -23,7 +24,7 @@ from agentrun.wire import (
     iso_text,
 )
 from queues.models import TASK_ACTIVE, QueueTask, TaskState
-from runs.serializers import validate_execution_policy
+from runs.serializers import validate_execution_policy, validate_webhook_url
 
 MAX_TITLE = 500
 MAX_REASON = 2000
@@ -49,9 +50,20 @@ class TaskCreateIn(serializers.Serializer):
     idempotencyKey = IdentifierField(
         source="idempotency_key", required=False, allow_null=True, allow_blank=True, max_length=200
     )
+    webhookUrl = StrictCharField(
+        source="webhook_url",
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        max_length=webhooks.MAX_URL_LENGTH,
+        help_text="Gets a signed POST when the task ends (README: Webhooks): http(s), not a private address.",
+    )
 
     def validate_executionPolicy(self, value):
         return validate_execution_policy(value)
+
+    def validate_webhookUrl(self, value):
+        return validate_webhook_url(value)
 
 
 class AttemptIn(serializers.Serializer):
@@ -98,6 +110,7 @@ class TaskOut(RecordSerializer):
     references = serializers.JSONField(allow_null=True)
     metadata = serializers.JSONField(allow_null=True)
     idempotencyKey = serializers.CharField(source="idempotency_key", allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    webhookUrl = serializers.CharField(source="webhook_url", allow_null=True, max_length=webhooks.MAX_URL_LENGTH)
     state = serializers.ChoiceField(choices=TaskState.values)
     version = serializers.IntegerField(min_value=0)
     payloadHash = serializers.CharField(source="payload_hash", max_length=64)

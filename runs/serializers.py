@@ -10,6 +10,7 @@ import json
 
 from rest_framework import serializers
 
+from agentrun import webhooks
 from agentrun.errors import SCHEMA_INVALID, AgentRunError
 from agentrun.fields import (
     BIGINT_MAX,
@@ -87,9 +88,27 @@ class RunCreateIn(serializers.Serializer):
     idempotencyKey = IdentifierField(
         source="idempotency_key", required=False, allow_null=True, allow_blank=True, max_length=200
     )
+    webhookUrl = StrictCharField(
+        source="webhook_url",
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        max_length=webhooks.MAX_URL_LENGTH,
+        help_text="Gets a signed POST when the run ends (README: Webhooks): http(s), not a private address.",
+    )
 
     def validate_executionPolicy(self, value):
         return validate_execution_policy(value)
+
+    def validate_webhookUrl(self, value):
+        return validate_webhook_url(value)
+
+
+def validate_webhook_url(value):
+    try:
+        return webhooks.validate_url(value)
+    except AgentRunError as error:
+        raise serializers.ValidationError(error.message) from None
 
 
 class ClaimIn(serializers.Serializer):
@@ -286,6 +305,7 @@ class RunOut(RecordSerializer):
     executionPolicy = serializers.JSONField(source="execution_policy", allow_null=True)
     metadata = serializers.JSONField(allow_null=True)
     idempotencyKey = serializers.CharField(source="idempotency_key", allow_null=True, max_length=IDENTIFIER_MAX_LENGTH)
+    webhookUrl = serializers.CharField(source="webhook_url", allow_null=True, max_length=webhooks.MAX_URL_LENGTH)
     status = serializers.ChoiceField(choices=RunStatus.values)
     terminalStatus = serializers.ChoiceField(
         source="terminal_status", choices=sorted(TERMINAL_STATUSES), allow_null=True

@@ -133,6 +133,14 @@ AGENTRUN_AUTH_CACHE_SECONDS = float(os.environ.get("AGENTRUN_AUTH_CACHE_SECONDS"
 AGENTRUN_AUTH_FAILURE_LIMIT = int(os.environ.get("AGENTRUN_AUTH_FAILURE_LIMIT", "20"))
 AGENTRUN_AUTH_FAILURE_WINDOW_SECONDS = float(os.environ.get("AGENTRUN_AUTH_FAILURE_WINDOW_SECONDS", "60"))
 AGENTRUN_TRUSTED_PROXIES = int(os.environ.get("AGENTRUN_TRUSTED_PROXIES", "0"))
+# Webhooks (agentrun.webhooks): tries per delivery, the backoff after the first failed try (it
+# doubles, up to the cap, with jitter), each try's timeout, and whether a URL may name a
+# private or loopback address (a receiver inside the cluster, development).
+AGENTRUN_WEBHOOK_MAX_ATTEMPTS = int(os.environ.get("AGENTRUN_WEBHOOK_MAX_ATTEMPTS", "8"))
+AGENTRUN_WEBHOOK_BACKOFF_SECONDS = float(os.environ.get("AGENTRUN_WEBHOOK_BACKOFF_SECONDS", "10"))
+AGENTRUN_WEBHOOK_BACKOFF_MAX_SECONDS = float(os.environ.get("AGENTRUN_WEBHOOK_BACKOFF_MAX_SECONDS", "3600"))
+AGENTRUN_WEBHOOK_TIMEOUT_SECONDS = float(os.environ.get("AGENTRUN_WEBHOOK_TIMEOUT_SECONDS", "10"))
+AGENTRUN_WEBHOOK_ALLOW_PRIVATE = os.environ.get("AGENTRUN_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true", "yes")
 # The manager URL handed to runners.
 AGENTRUN_URL = os.environ.get("AGENTRUN_URL", "http://127.0.0.1:8000")
 # Kubernetes: the namespace of runner Jobs and session PVCs (when a session names none).

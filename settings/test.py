@@ -15,6 +15,8 @@ from .base import VAR_DIR
 
 # A workspaceRef may clone a repository on this machine (file://).
 AGENTRUN_GIT_FILE_URLS = True
+# A webhook receiver on this machine (127.0.0.1) is allowed.
+AGENTRUN_WEBHOOK_ALLOW_PRIVATE = True
 
 _url = database_url_from_env()
 _adapter = os.environ.get("AGENTRUN_DATABASE_ADAPTER") or (POSTGRES_ADAPTER if _url else EMBEDDED_ADAPTER)

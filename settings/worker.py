@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.db import connection
 
+from agentrun import webhooks
 from agentrun.launcher import Launcher, launcher_from_settings
 from agentrun.launcher.kubernetes import KubernetesLauncher
 from queues.dispatcher import Dispatcher, serve_loop
@@ -33,12 +34,14 @@ class Pass:
     stopped: int = 0
     reaped: list[Reaped] = field(default_factory=list)
     reconciled: int = 0
+    webhooks: int = 0
 
     def __str__(self) -> str:
         return (
             f"settled {self.settled} attempt(s), dispatched {self.dispatched} task(s), "
             f"launched {self.launched} runner(s), stopped {self.stopped} runner(s), "
-            f"reaped {len(self.reaped)} run(s), reconciled {self.reconciled} job(s)"
+            f"reaped {len(self.reaped)} run(s), reconciled {self.reconciled} job(s), "
+            f"sent {self.webhooks} webhook(s)"
         )
 
 
@@ -66,6 +69,8 @@ class Worker:
                 logger.warning("reconciled: %s %s %s (%s)", item.action, item.run_id, item.job, item.detail)
             done.reconciled = len(findings)
             self.next_reconcile = now + settings.AGENTRUN_RECONCILE_INTERVAL_SECONDS
+        if force:  # serving, webhooks have their own thread (a slow receiver holds up nothing else)
+            done.webhooks = len(webhooks.deliver_due())
         return done
 
     def step(self) -> float:
@@ -79,7 +84,10 @@ class Worker:
 
     def serve(self, stop: threading.Event, *, gc_interval: float, out, err) -> list[threading.Thread]:
         """Start the loop (and the collector, unless `gc_interval` is 0) until `stop` is set."""
-        threads = [threading.Thread(target=serve_loop, args=(stop, self.step), name="worker", daemon=True)]
+        threads = [
+            threading.Thread(target=serve_loop, args=(stop, self.step), name="worker", daemon=True),
+            threading.Thread(target=deliver_loop, args=(stop,), name="webhooks", daemon=True),
+        ]
         if gc_interval > 0:
             threads.append(
                 threading.Thread(target=collect_loop, args=(stop, gc_interval, out, err), name="gc", daemon=True)
@@ -104,3 +112,18 @@ def collect_loop(stop: threading.Event, interval: float, out, err) -> None:
             logger.exception("gc_sessions pass failed")
         finally:
             connection.close()
+
+
+def deliver_loop(stop: threading.Event, *, idle: float = 1.0) -> None:
+    """Webhooks on their own thread (and connection): what is due, then a wait until the next
+    is due (at most `idle`); a failed pass is logged, never fatal to the worker."""
+    while not stop.is_set():
+        wait = idle
+        try:
+            sent = webhooks.deliver_due()
+            wait = 0.0 if len(sent) >= 50 else webhooks.next_due_in(idle)
+        except Exception:
+            logger.exception("a webhook pass failed")
+            connection.close()
+        stop.wait(max(wait, 0.05))
+    connection.close()

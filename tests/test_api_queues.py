@@ -27,6 +27,7 @@ TASK_KEYS = [
     "references",
     "metadata",
     "idempotencyKey",
+    "webhookUrl",
     "state",
     "version",
     "payloadHash",

@@ -28,6 +28,7 @@ RUN_KEYS = {
     "executionPolicy",
     "metadata",
     "idempotencyKey",
+    "webhookUrl",
     "status",
     "terminalStatus",
     "failureKind",
@@ -182,6 +183,7 @@ def test_create_run_returns_201_with_exact_shape(client_api):
         "claimedBy",
         "leaseExpiresAt",
         "idempotencyKey",
+        "webhookUrl",
         "workspaceRef",
         "executionPolicy",
     ):

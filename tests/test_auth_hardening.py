@@ -91,7 +91,8 @@ def test_behind_proxies_the_forwarded_address_counts(limited):
     assert good._send("get", "backends", REMOTE_ADDR="10.1.1.1", HTTP_X_FORWARDED_FOR="198.51.100.2")[0] == 200
 
 
-def test_concurrent_failures_are_all_counted(limited, django_db_blocker):
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_failures_are_all_counted(limited):
     """The upsert counts under races: no lost update."""
     from tests.helpers import in_threads
 
@@ -103,8 +104,7 @@ def test_concurrent_failures_are_all_counted(limited, django_db_blocker):
         finally:
             connection.close()
 
-    with django_db_blocker.unblock():
-        in_threads(8, fail)
+    in_threads(8, fail)
     assert AuthFailure.objects.get(pk="192.0.2.50").failures == 8
 
 

@@ -127,6 +127,7 @@ def build_records():
         metadata={"k": "v"},
         extra={"label": "x"},
         idempotency_key="key-1",
+        webhook_url="https://hooks.example.com/run",
     )
     lease = claim(full)
     ended = run_services.run_finish(
@@ -280,6 +281,7 @@ def build_records():
         references=[{"url": "u"}],
         metadata={"k": "v"},
         key="task-1",
+        webhook_url="https://hooks.example.com/task",
     )
     queue_services.dispatch_one()
     dispatched = queue_selectors.task_get(task_id=full_task.id, scope=SCOPE)

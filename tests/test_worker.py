@@ -41,7 +41,7 @@ def test_one_pass_launches_stops_reaps_and_reconciles(kubernetes):
 
     assert out.getvalue().strip() == (
         "settled 0 attempt(s), dispatched 0 task(s), launched 1 runner(s), stopped 1 runner(s), "
-        "reaped 0 run(s), reconciled 1 job(s)"
+        "reaped 0 run(s), reconciled 1 job(s), sent 0 webhook(s)"
     )
     assert RunnerJob.objects.filter(run_id=pending.id).exists()  # launched
     assert jobs[ended.id] not in kubernetes.of("jobs")  # the ended run's runner stopped

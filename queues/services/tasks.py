@@ -10,14 +10,14 @@ from urllib.parse import quote
 
 from django.db import IntegrityError, transaction
 
-from agentrun import backends, counters, notify
+from agentrun import backends, counters, notify, webhooks
 from agentrun.auth import Scope
 from agentrun.clock import db_now
 from agentrun.errors import CANCELLED, SCHEMA_INVALID, AgentRunError, conflict, invalid, not_found
 from agentrun.ids import new_id, stable_hash
 from agentrun.readcursors import upsert_read_cursor
 from agentrun.transactions import write_transaction
-from queues.models import QueueAttempt, QueueReadCursor, QueueTask, TaskState
+from queues.models import TASK_TERMINAL, QueueAttempt, QueueReadCursor, QueueTask, TaskState
 from runs import selectors as run_selectors
 from runs import services as run_services
 from runs.models import RunStatus
@@ -43,6 +43,7 @@ HASHED_FIELDS = (
     "metadata",
 )
 WIRE_NAMES = {
+    "webhook_url": "webhookUrl",
     "tenant_id": "tenantId",
     "project_id": "projectId",
     "backend_profile": "backendProfile",
@@ -80,9 +81,30 @@ def _lock_task(task_id: str, scope: Scope) -> QueueTask:
 
 
 def _bump(task: QueueTask, at: datetime, *fields: str) -> None:
+    """Save a change of the task (a new queue version); one that ends it sends its webhook."""
     task.version = counters.next_version(counters.QUEUE)
     task.updated_at = at
     task.save(update_fields=[*fields, "version", "updated_at"])
+    if "state" in fields and task.state in TASK_TERMINAL and task.webhook_url:
+        attempt = task.latest_attempt or {}
+        webhooks.enqueue(
+            tenant_id=task.tenant_id,
+            url=task.webhook_url,
+            event_type=webhooks.TASK_ENDED,
+            task_id=task.id,
+            run_id=attempt.get("runId"),
+            data={
+                "taskId": task.id,
+                "tenantId": task.tenant_id,
+                "projectId": task.project_id,
+                "queue": task.queue,
+                "state": task.state,
+                "attemptCount": task.attempt_count,
+                "runId": attempt.get("runId"),
+                "failureKind": attempt.get("failureKind"),
+                "cancelReason": task.cancel_reason,
+            },
+        )
 
 
 # --- tasks -----------------------------------------------------------------------------------
@@ -103,6 +125,8 @@ def task_create(*, idempotency_key: str | None = None, **fields: Any) -> tuple[Q
     bundle = run_selectors.resource_bundle_for(tenant_id=fields["tenant_id"], resource_bundle_ref=bundle_ref)
     run_selectors.check_workspace_credentials(workspace_ref, bundle)
     values = {name: fields.get(name) for name in HASHED_FIELDS}
+    if fields.get("webhook_url"):  # hashed only when given: older tasks' replays keep their hash
+        values["webhook_url"] = fields["webhook_url"]
     payload_hash = stable_hash({WIRE_NAMES.get(name, name): value for name, value in values.items()})
     idempotency_key = idempotency_key or None
     if idempotency_key:

@@ -20,7 +20,7 @@ from django.db import connection, transaction
 from django.db.models.functions import Now
 from psycopg import sql
 
-from agentrun import metrics, notify
+from agentrun import metrics, notify, webhooks
 from agentrun.auth import Scope
 from agentrun.errors import CANCELLED, RUNNER_LEASE_CONFLICT, SCHEMA_INVALID, AgentRunError, conflict, not_found
 from agentrun.ids import new_id
@@ -386,4 +386,23 @@ def _end_run(
         failure_message=failure_message,
         lease_expires_at=None,
     )
+    if run.webhook_url:
+        # The outbox: the webhook is sent if and only if this end commits.
+        webhooks.enqueue(
+            tenant_id=run.tenant_id,
+            url=run.webhook_url,
+            event_type=webhooks.RUN_ENDED,
+            run_id=run.id,
+            data={
+                "runId": run.id,
+                "tenantId": run.tenant_id,
+                "projectId": run.project_id,
+                "sessionId": run.session_id,
+                "status": run.status,
+                "terminalStatus": terminal_status,
+                "failureKind": failure_kind,
+                "failureMessage": failure_message,
+                "queueTaskId": (run.extra or {}).get("queueTaskId"),
+            },
+        )
     return run

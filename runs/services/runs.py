@@ -52,6 +52,7 @@ def run_create_in_transaction(
     metadata: Any = None,
     extra: dict | None = None,
     idempotency_key: str | None = None,
+    webhook_url: str | None = None,
 ) -> tuple[Run, bool]:
     """Create a pending run (and its session when the ref names a new one). Returns (run, created).
 
@@ -80,6 +81,8 @@ def run_create_in_transaction(
         "metadata": metadata,
         "extra": extra or {},
     }
+    if webhook_url:  # hashed only when given: older runs' replays keep their hash
+        fields["webhook_url"] = webhook_url
     payload_hash = stable_hash(dict(fields.items()))
     if idempotency_key:
         existing = _run_replay(tenant_id, project_id, idempotency_key, payload_hash)
