@@ -40,6 +40,7 @@ bench: install
 	$(PY) bench/bench_sessions_inbox.py
 	$(PY) bench/bench_queue_dispatch.py
 	$(PY) bench/bench_live.py
+	$(PY) bench/bench_retention.py
 
 # Not part of `make test`: SOAK_SECONDS (default 600) of load and faults, then the invariants (bench/README.md).
 soak: install

@@ -1,15 +1,11 @@
 """Django admin for API keys (create one, shown once; revoke with an action) and webhook
 deliveries (see what was sent and how it went; resend with an action)."""
 
-import json
-
 from django.contrib import admin, messages
-from django.contrib.admin.utils import quote
-from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html
 
 from agentrun import webhooks
+from agentrun.adminhtml import admin_link, pretty_json
 from agentrun.auth import api_key_create, api_key_revoke
 from agentrun.errors import AgentRunError
 from agentrun.models import ApiKey, WebhookDelivery
@@ -77,13 +73,6 @@ class ApiKeyAdmin(admin.ModelAdmin):
         self.message_user(request, f"Revoked {count} keys.")
 
 
-def _pretty(text: str) -> str:
-    try:
-        return json.dumps(json.loads(text), indent=2, ensure_ascii=False, sort_keys=True)
-    except ValueError:
-        return text
-
-
 @admin.register(WebhookDelivery)
 class WebhookDeliveryAdmin(admin.ModelAdmin):
     list_display = (
@@ -129,22 +118,15 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
 
     @admin.display(description="run")
     def run_link(self, obj):
-        if not obj.run_id:
-            return "-"
-        return format_html(
-            '<a href="{}">{}</a>', reverse("admin:runs_run_change", args=[quote(obj.run_id)]), obj.run_id
-        )
+        return admin_link("runs_run_change", obj.run_id)
 
     @admin.display(description="queue task")
     def task_link(self, obj):
-        if not obj.task_id:
-            return "-"
-        url = reverse("admin:queues_queuetask_change", args=[quote(obj.task_id)])
-        return format_html('<a href="{}">{}</a>', url, obj.task_id)
+        return admin_link("queues_queuetask_change", obj.task_id)
 
     @admin.display(description="body")
     def body_pretty(self, obj):
-        return format_html("<details open><summary>JSON</summary><pre>{}</pre></details>", _pretty(obj.body))
+        return pretty_json(obj.body)
 
     @admin.action(description="Resend selected deliveries now")
     def resend(self, request, queryset):

@@ -337,7 +337,7 @@ def http_append_loop(client: httpx.Client, lease: RunLease, batch_size: int, dea
 
 # --- the raw-psycopg baseline --------------------------------------------------------------
 
-LOCK_RUN = "SELECT last_event_seq FROM runs_run WHERE id = %s FOR NO KEY UPDATE"
+LOCK_RUN = "SELECT last_event_seq, created_at FROM runs_run WHERE id = %s FOR NO KEY UPDATE"
 UPDATE_RUN = "UPDATE runs_run SET last_event_seq = %s WHERE id = %s"
 TOUCH_SESSION = (
     "UPDATE agent_sessions_session SET last_event_seq = %s, last_activity_at = now(), updated_at = now() "
@@ -347,8 +347,8 @@ NOTIFY = "SELECT pg_notify('agentrun', %s)"
 
 
 def insert_events_sql(count: int) -> str:
-    rows = ", ".join(["(%s, %s, %s, %s, %s, now())"] * count)
-    return f"INSERT INTO runs_runevent (id, run_id, seq, type, payload, created_at) VALUES {rows}"  # noqa: S608 - placeholders only; values travel as parameters
+    rows = ", ".join(["(%s, %s, %s, %s, %s, now(), %s)"] * count)
+    return f"INSERT INTO runs_runevent (id, run_id, seq, type, payload, created_at, run_created_at) VALUES {rows}"  # noqa: S608 - placeholders only; values travel as parameters
 
 
 def raw_append_loop(conn: psycopg.Connection, lease: RunLease, batch_size: int, deadline: float) -> int:
@@ -361,7 +361,7 @@ def raw_append_loop(conn: psycopg.Connection, lease: RunLease, batch_size: int, 
         if time.perf_counter() >= deadline:
             break
         with conn.transaction():
-            seq = conn.execute(LOCK_RUN, (lease.run_id,)).fetchone()[0]
+            seq, run_created_at = conn.execute(LOCK_RUN, (lease.run_id,)).fetchone()
             params: list = []
             for i in range(per_transaction):
                 params += [
@@ -370,6 +370,7 @@ def raw_append_loop(conn: psycopg.Connection, lease: RunLease, batch_size: int, 
                     seq + i + 1,
                     EVENT_TYPE,
                     Jsonb(event_payload(written + i)),
+                    run_created_at,
                 ]
             conn.execute(insert, params)
             seq += per_transaction

@@ -7,9 +7,10 @@ from django.contrib.admin.utils import quote
 from django.urls import reverse
 from django.utils.html import format_html
 
+from agentrun.adminhtml import READ_ONLY_PAGE, admin_link, changelist_link, json_display
 from agentrun.errors import AgentRunError
 from queues import dashboard, services
-from queues.models import Queue, QueueAttempt, QueueTask, TenantLimit
+from queues.models import Queue, QueueAttempt, QueueTask, TenantLimit, TenantRetention
 
 
 class AttemptInline(admin.TabularInline):
@@ -44,21 +45,61 @@ class AttemptInline(admin.TabularInline):
         )
 
 
+TASK_JSON = ("payload", "metadata", "references", "session_ref", "workspace_ref", "execution_policy", "latest_attempt")
+
+
 @admin.register(QueueTask)
 class QueueTaskAdmin(admin.ModelAdmin):
-    list_display = ("id", "title", "tenant_id", "queue", "lane", "priority", "state", "attempt_count", "updated_at")
+    list_display = (
+        "id",
+        "title",
+        "tenant_id",
+        "queue",
+        "lane",
+        "priority",
+        "state",
+        "attempt_count",
+        "latest_run",
+        "updated_at",
+    )
     list_filter = ("queue", "lane", "state", "tenant_id")
     search_fields = ("id", "title")
     ordering = ("-updated_at",)
+    show_full_result_count = False
     inlines = (AttemptInline,)
     actions = ("cancel_tasks", "retry_tasks")
-    readonly_fields = [f.name for f in QueueTask._meta.fields]
+    fields = readonly_fields = (
+        "latest_run",
+        "webhooks_link",
+        *(f.name for f in QueueTask._meta.fields if f.name not in TASK_JSON),
+        *(f"{name}_json" for name in TASK_JSON),
+    )
+    payload_json = json_display("payload")
+    metadata_json = json_display("metadata")
+    references_json = json_display("references")
+    session_ref_json = json_display("session_ref")
+    workspace_ref_json = json_display("workspace_ref")
+    execution_policy_json = json_display("execution_policy")
+    latest_attempt_json = json_display("latest_attempt")
+
+    @admin.display(description="latest run")
+    def latest_run(self, task):
+        return admin_link("runs_run_change", (task.latest_attempt or {}).get("runId"))
+
+    @admin.display(description="webhooks")
+    def webhooks_link(self, task):
+        if not task.webhook_url:
+            return "-"
+        return changelist_link("agentrun_webhookdelivery_changelist", f"task_id={task.id}", "deliveries")
 
     def has_add_permission(self, request):
         return False
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        return super().change_view(request, object_id, form_url, {**READ_ONLY_PAGE, **(extra_context or {})})
 
     @admin.action(description="Cancel selected tasks (and their runs)")
     def cancel_tasks(self, request, queryset):
@@ -90,6 +131,12 @@ class QueueAdmin(admin.ModelAdmin):
 class TenantLimitAdmin(admin.ModelAdmin):
     list_display = ("tenant_id", "max_running")
     list_editable = ("max_running",)
+
+
+@admin.register(TenantRetention)
+class TenantRetentionAdmin(admin.ModelAdmin):
+    list_display = ("tenant_id", "retention_days")
+    list_editable = ("retention_days",)
 
 
 dashboard.install(admin.site)

@@ -140,3 +140,16 @@ class TenantLimit(models.Model):
 
     def __str__(self) -> str:
         return self.tenant_id
+
+
+class TenantRetention(models.Model):
+    """How long a tenant's ended runs and finished tasks are kept, over the default
+    (AGENTRUN_RETENTION, `prune --older-than`); queues.retention prunes by it."""
+
+    tenant_id = models.CharField(max_length=200, primary_key=True)
+    retention_days = models.PositiveIntegerField(
+        help_text="Days an ended run (its events, commands, runner jobs) or a finished task is kept."
+    )
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}: {self.retention_days} days"

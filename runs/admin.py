@@ -1,12 +1,12 @@
 """Operators read runs here; the event log, commands and runner jobs are read-only."""
 
-import json
-
 from django.contrib import admin, messages
 from django.contrib.admin.utils import quote
+from django.db.models import OuterRef, Subquery
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
+from agentrun.adminhtml import READ_ONLY_PAGE, admin_link, changelist_link, json_display, pretty_json
 from runs import services
 from runs.models import Command, ResourceBundle, Run, RunEvent, RunnerJob
 from sessions.admin import SessionAdmin
@@ -31,17 +31,39 @@ class ReadOnlyInline(admin.TabularInline):
 
 class CommandInline(ReadOnlyInline):
     model = Command
-    fields = ("seq", "id", "type", "state", "terminal_status", "failure_kind", "acknowledged_at", "updated_at")
+    fields = (
+        "seq",
+        "command_link",
+        "type",
+        "state",
+        "terminal_status",
+        "failure_kind",
+        "payload_json",
+        "acknowledged_at",
+        "updated_at",
+    )
     readonly_fields = fields
     ordering = ("seq",)
+
+    @admin.display(description="command")
+    def command_link(self, command):
+        return admin_link("runs_command_change", command.id)
+
+    @admin.display(description="payload")
+    def payload_json(self, command):
+        return pretty_json(command.payload)
 
 
 class EventInline(ReadOnlyInline):
     model = RunEvent
-    fields = ("seq", "type", "payload", "created_at")
+    fields = ("seq", "type", "payload_json", "created_at")
     readonly_fields = fields
     ordering = ("seq",)
     verbose_name_plural = f"events (the last {RECENT_EVENTS})"
+
+    @admin.display(description="payload")
+    def payload_json(self, event):
+        return pretty_json(event.payload)
 
     def get_queryset(self, request):
         events = super().get_queryset(request)
@@ -53,25 +75,86 @@ class EventInline(ReadOnlyInline):
 
 class RunnerJobInline(ReadOnlyInline):
     model = RunnerJob
-    fields = ("id", "command_id", "attempt_id", "runner_id", "namespace", "job_name", "image", "created_at")
+    fields = ("job_link", "command_id", "attempt_id", "runner_id", "namespace", "job_name", "image", "created_at")
     readonly_fields = fields
+
+    @admin.display(description="runner job")
+    def job_link(self, job):
+        return admin_link("runs_runnerjob_change", str(job.pk))
+
+
+JSON_FIELDS = ("session_ref", "resource_bundle_ref", "workspace_ref", "execution_policy", "metadata", "extra")
+
+
+def _session_title():
+    return Subquery(Session.objects.filter(pk=OuterRef("session_id")).values("title")[:1])
 
 
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
-    list_display = ("id", "tenant_id", "project_id", "backend_profile", "status", "claimed_by", "created_at")
+    list_display = (
+        "id",
+        "session_link",
+        "tenant_id",
+        "project_id",
+        "backend_profile",
+        "status",
+        "failure_kind",
+        "claimed_by",
+        "created_at",
+    )
     list_filter = ("status", "failure_kind", "backend_profile", "tenant_id")
-    search_fields = ("id",)
+    search_fields = ("id", "session_id")
     ordering = ("-created_at",)
+    show_full_result_count = False
     inlines = (CommandInline, EventInline, RunnerJobInline)
     actions = ("cancel_runs",)
-    readonly_fields = [f.name for f in Run._meta.fields]
+    fields = readonly_fields = (
+        "session_link",
+        "queue_task_link",
+        "webhooks_link",
+        *(f.name for f in Run._meta.fields if f.name not in JSON_FIELDS),
+        *(f"{name}_json" for name in JSON_FIELDS),
+    )
+
+    def get_queryset(self, request):
+        # The session's title in one query with the runs (a subquery), not one query a row.
+        return super().get_queryset(request).annotate(session_title=_session_title())
+
+    @admin.display(description="session", ordering="session_id")
+    def session_link(self, run):
+        if not run.session_id:
+            return "-"
+        title = getattr(run, "session_title", None)
+        return admin_link(
+            "agent_sessions_session_change", run.session_id, f"{title} ({run.session_id})" if title else None
+        )
+
+    @admin.display(description="queue task")
+    def queue_task_link(self, run):
+        return admin_link("queues_queuetask_change", (run.extra or {}).get("queueTaskId"))
+
+    @admin.display(description="webhooks")
+    def webhooks_link(self, run):
+        if not run.webhook_url:
+            return "-"
+        return changelist_link("agentrun_webhookdelivery_changelist", f"run_id={run.id}", "deliveries")
+
+    session_ref_json = json_display("session_ref")
+    resource_bundle_ref_json = json_display("resource_bundle_ref")
+    workspace_ref_json = json_display("workspace_ref")
+    execution_policy_json = json_display("execution_policy")
+    metadata_json = json_display("metadata")
+    extra_json = json_display("extra")
 
     def has_add_permission(self, request):
         return False
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        return super().change_view(request, object_id, form_url, {**READ_ONLY_PAGE, **(extra_context or {})})
 
     def get_object(self, request, object_id, from_field=None):
         run = super().get_object(request, object_id, from_field)
@@ -126,11 +209,13 @@ class SessionWithRunsAdmin(SessionAdmin):
         events = list(RunEvent.objects.filter(run_id=run_id).order_by("-seq")[:RECENT_EVENTS])[::-1]
         rows = format_html_join(
             "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
-            ((event.seq, event.created_at, event.type, json.dumps(event.payload)[:300]) for event in events),
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((event.seq, event.created_at, event.type, pretty_json(event.payload)) for event in events),
         )
         return format_html(
-            "<p>run {}</p><table><tr><th>seq</th><th>at</th><th>type</th><th>payload</th></tr>{}</table>", run_id, rows
+            "<p>run {}</p><table><tr><th>seq</th><th>at</th><th>type</th><th>payload</th></tr>{}</table>",
+            admin_link("runs_run_change", run_id),
+            rows,
         )
 
 
@@ -160,3 +245,75 @@ class ResourceBundleAdmin(admin.ModelAdmin):
         names = [item.get("name", "?") for item in bundle.env if isinstance(item, dict)]
         names += [f"{secret}/*" for secret in bundle.env_from]
         return ", ".join(names) or "none"
+
+
+class _ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="run", ordering="run_id")
+    def run_link(self, obj):
+        return admin_link("runs_run_change", obj.run_id)
+
+
+@admin.register(Command)
+class CommandAdmin(_ReadOnlyAdmin):
+    list_display = ("id", "run_link", "seq", "type", "state", "terminal_status", "failure_kind", "updated_at")
+    list_filter = ("state", "type", "failure_kind")
+    search_fields = ("id", "run__id")
+    ordering = ("-updated_at",)
+    show_full_result_count = False
+    fields = (
+        "id",
+        "run_link",
+        "seq",
+        "type",
+        "state",
+        "terminal_status",
+        "failure_kind",
+        "failure_message",
+        "payload_json",
+        "acknowledged_at",
+        "created_at",
+        "updated_at",
+    )
+    readonly_fields = fields
+
+    @admin.display(description="payload")
+    def payload_json(self, command):
+        return pretty_json(command.payload)
+
+
+@admin.register(RunnerJob)
+class RunnerJobAdmin(_ReadOnlyAdmin):
+    list_display = ("id", "run_link", "runner_id", "namespace", "job_name", "image", "created_at", "stopped_at")
+    list_filter = ("namespace",)
+    search_fields = ("run__id", "runner_id", "job_name")
+    ordering = ("-created_at",)
+    show_full_result_count = False
+    fields = (
+        "id",
+        "run_link",
+        "command_id",
+        "attempt_id",
+        "runner_id",
+        "namespace",
+        "job_name",
+        "image",
+        "manager_url",
+        "result_json",
+        "created_at",
+        "updated_at",
+        "stopped_at",
+    )
+    readonly_fields = fields
+
+    @admin.display(description="result")
+    def result_json(self, job):
+        return pretty_json(job.result)

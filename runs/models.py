@@ -140,7 +140,13 @@ class Command(models.Model):
 
 
 class RunEvent(models.Model):
-    """Append-only: written by services in the transaction of the change they describe."""
+    """Append-only: written by services in the transaction of the change they describe.
+
+    The table is partitioned by range of `run_created_at`, the creation time of the event's run
+    (migration 0007, runs.retention): a partition per UTC day. In the database the primary key
+    is (id, run_created_at) and (run_id, seq, run_created_at) is unique, which (run_created_at
+    being the run's) keeps id and (run, seq) unique; a change to this table is a hand-written
+    migration."""
 
     id = models.CharField(max_length=64, primary_key=True, db_collation="C")
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
@@ -148,6 +154,7 @@ class RunEvent(models.Model):
     type = models.CharField(max_length=32)
     payload = models.JSONField(default=dict)
     created_at = models.DateTimeField()
+    run_created_at = models.DateTimeField()
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["run", "seq"], name="event_run_seq")]

@@ -141,6 +141,13 @@ AGENTRUN_WEBHOOK_BACKOFF_SECONDS = float(os.environ.get("AGENTRUN_WEBHOOK_BACKOF
 AGENTRUN_WEBHOOK_BACKOFF_MAX_SECONDS = float(os.environ.get("AGENTRUN_WEBHOOK_BACKOFF_MAX_SECONDS", "3600"))
 AGENTRUN_WEBHOOK_TIMEOUT_SECONDS = float(os.environ.get("AGENTRUN_WEBHOOK_TIMEOUT_SECONDS", "10"))
 AGENTRUN_WEBHOOK_ALLOW_PRIVATE = os.environ.get("AGENTRUN_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true", "yes")
+# Retention (queues.retention): ended runs, finished tasks and sent webhooks older than this go
+# (30d, 12h, 2w; empty or 0 keeps everything), checked every AGENTRUN_PRUNE_INTERVAL_SECONDS by
+# the worker, which also makes the event table's daily partitions ahead.
+AGENTRUN_RETENTION = os.environ.get("AGENTRUN_RETENTION", "30d").strip()
+if AGENTRUN_RETENTION.lower() in ("0", "off", "none", "never"):
+    AGENTRUN_RETENTION = ""
+AGENTRUN_PRUNE_INTERVAL_SECONDS = float(os.environ.get("AGENTRUN_PRUNE_INTERVAL_SECONDS", "3600"))
 # The manager URL handed to runners.
 AGENTRUN_URL = os.environ.get("AGENTRUN_URL", "http://127.0.0.1:8000")
 # Kubernetes: the namespace of runner Jobs and session PVCs (when a session names none).

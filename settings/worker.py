@@ -1,7 +1,8 @@
 """The worker's wiring, at the top of the house with the URL conf: one loop that settles and
 dispatches queue tasks, starts runners for pending runs, stops the runners of ended runs, reaps
-lost and timed-out runs and (on Kubernetes) reconciles runner jobs; beside it, session storage
-collection on a timer. `manage.py worker` (agentrun/management/commands/worker.py) runs it."""
+lost and timed-out runs and (on Kubernetes) reconciles runner jobs; beside it, on threads of
+their own, webhook delivery, retention (the event table's partitions ahead, and pruning) and
+session storage collection. `manage.py worker` (agentrun/management/commands/worker.py) runs it."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from django.core.management import call_command
 from django.db import connection
 
 from agentrun import webhooks
+from agentrun.durations import parse_duration
 from agentrun.launcher import Launcher, launcher_from_settings
 from agentrun.launcher.kubernetes import KubernetesLauncher
+from queues import retention
 from queues.dispatcher import Dispatcher, serve_loop
 from runs import launching, reaping, reconciling
 from runs.reaping import Reaped
@@ -87,6 +90,12 @@ class Worker:
         threads = [
             threading.Thread(target=serve_loop, args=(stop, self.step), name="worker", daemon=True),
             threading.Thread(target=deliver_loop, args=(stop,), name="webhooks", daemon=True),
+            threading.Thread(
+                target=maintain_loop,
+                args=(stop, settings.AGENTRUN_PRUNE_INTERVAL_SECONDS),
+                name="retention",
+                daemon=True,
+            ),
         ]
         if gc_interval > 0:
             threads.append(
@@ -112,6 +121,24 @@ def collect_loop(stop: threading.Event, interval: float, out, err) -> None:
             logger.exception("gc_sessions pass failed")
         finally:
             connection.close()
+
+
+def maintain_loop(stop: threading.Event, interval: float) -> None:
+    """The event table's partitions ahead, and pruning by retention (AGENTRUN_RETENTION), at
+    start and every `interval` seconds on its own thread; a failed pass is logged, never fatal."""
+    while not stop.is_set():
+        try:
+            older_than = parse_duration(settings.AGENTRUN_RETENTION) if settings.AGENTRUN_RETENTION else None
+            made, pruned = retention.maintain(older_than=older_than)
+            if made:
+                logger.info("made event partitions %s", ", ".join(made))
+            if pruned is not None:
+                logger.info("pruned: %s", pruned)
+        except Exception:
+            logger.exception("a retention pass failed")
+        finally:
+            connection.close()
+        stop.wait(interval)
 
 
 def deliver_loop(stop: threading.Event, *, idle: float = 1.0) -> None:

@@ -37,6 +37,7 @@ def test_the_cluster_gets_everything_it_needs():
         ("Deployment", "agentrun-worker"),
         ("Job", "agentrun-migrate"),
         ("CronJob", "agentrun-gc-sessions"),
+        ("CronJob", "agentrun-prune"),
         ("Role", "agentrun-launcher"),
         ("RoleBinding", "agentrun-launcher"),
         ("ServiceAccount", "agentrun-manager"),

@@ -39,7 +39,13 @@ def make_run(run_id: str, *, status: str, epoch: int, events: list[tuple[str, di
 
 def add_event(run: Run, seq: int, event_type: str, payload: dict) -> None:
     RunEvent.objects.create(
-        id=f"evt_{run.id}_{seq}", run=run, seq=seq, type=event_type, payload=payload, created_at=NOW
+        id=f"evt_{run.id}_{seq}",
+        run=run,
+        seq=seq,
+        type=event_type,
+        payload=payload,
+        created_at=NOW,
+        run_created_at=run.created_at,
     )
 
 

@@ -61,7 +61,7 @@ def _lock_run_for_append_sql(scoped: tuple[str, ...]) -> sql.Composed:
         [
             *(
                 column(Run, name, "r")
-                for name in ("status", "claimed_by", "lease_epoch", "last_event_seq", "session_id")
+                for name in ("status", "claimed_by", "lease_epoch", "last_event_seq", "session_id", "created_at")
             ),
             sql.SQL("statement_timestamp()"),
             *(column(EventBatch, name, "b") for name in ("payload_hash", "first_seq", "count")),
@@ -94,7 +94,7 @@ def _lock_run_for_append(run_id: str, scope: Scope, batch_key: str | None) -> tu
         row = cursor.fetchone()
     if row is None:
         raise not_found("run", run_id)
-    status, claimed_by, lease_epoch, last_event_seq, session_id, db_now, *batch = row
+    status, claimed_by, lease_epoch, last_event_seq, session_id, created_at, db_now, *batch = row
     run = Run(
         id=run_id,
         status=status,
@@ -102,6 +102,7 @@ def _lock_run_for_append(run_id: str, scope: Scope, batch_key: str | None) -> tu
         lease_epoch=lease_epoch,
         last_event_seq=last_event_seq,
         session_id=session_id,
+        created_at=created_at,  # the events' partition key
     )
     run.db_now = db_now
     return run, (tuple(batch) if batch[0] is not None else None)
@@ -190,10 +191,11 @@ class _RunWrite:
 
 @functools.cache
 def _insert_events_sql() -> sql.Composed:
-    event = {name: column(RunEvent, name) for name in ("id", "run", "seq", "type", "payload", "created_at")}
+    names = ("id", "run", "seq", "type", "payload", "created_at", "run_created_at")
+    event = {name: column(RunEvent, name) for name in names}
     return sql.SQL(
-        "INSERT INTO {table} ({id}, {run}, {seq}, {type}, {payload}, {created_at}) "
-        "SELECT e.id, %s, e.seq, e.type, e.payload::jsonb, %s "
+        "INSERT INTO {table} ({id}, {run}, {seq}, {type}, {payload}, {created_at}, {run_created_at}) "
+        "SELECT e.id, %s, e.seq, e.type, e.payload::jsonb, %s, %s "
         "FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[]) AS e(id, seq, type, payload)"
     ).format(table=table(RunEvent), **event)
 
@@ -240,6 +242,7 @@ def _write_events(run: Run, events: list[NewEvent], at: datetime, extra_statemen
             [
                 run.id,
                 at,
+                run.created_at,  # the partition key (runs.retention)
                 [event.id for event in events],
                 [event.seq for event in events],
                 [event.type for event in events],

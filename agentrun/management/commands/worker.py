@@ -14,14 +14,18 @@ from django.core.management.base import BaseCommand
 class Command(BaseCommand):
     help = (
         "Run the worker: queue dispatcher, runner launcher (AGENTRUN_LAUNCHER), lease reaper, runner job "
-        "reconciler (on Kubernetes) and session storage GC."
+        "reconciler (on Kubernetes), webhook delivery, retention (event partitions ahead, pruning) and "
+        "session storage GC."
     )
 
     def add_arguments(self, parser):
         parser.add_argument(
             "--once",
             action="store_true",
-            help="One pass of everything (reaper, reconciler and, unless --gc-interval is 0, GC included), then exit.",
+            help=(
+                "One pass (reaper, reconciler, webhooks and, unless --gc-interval is 0, GC included; "
+                "pruning is prune's), then exit."
+            ),
         )
         parser.add_argument(
             "--gc-interval",
