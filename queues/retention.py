@@ -62,10 +62,15 @@ def _scopes(default: datetime, own: dict[str, datetime]):
 
 
 def prune(
-    *, older_than: timedelta, dry_run: bool = False, batch: int = 500, pause: float = 0.0, now: datetime | None = None
+    *,
+    older_than: timedelta,
+    dry_run: bool = False,
+    batch: int = 500,
+    pause: float = 0.0,
+    now: datetime | None = None,
 ) -> Pruned:
     """Prune everything older than its cutoff; with `dry_run`, count what would go. `pause`
-    seconds between batches leave the database to the writers."""
+    seconds between transactions leave the database to the writers."""
     now = now or db_now()
     default, own = cutoffs(older_than=older_than, now=now)
     done = Pruned()
@@ -90,7 +95,7 @@ def prune(
             ids = retention.ended_run_ids(before=cutoff, tenant_id=tenant, exclude_tenants=others, limit=batch)
             if not ids:
                 break
-            deleted = retention.delete_runs(ids)
+            deleted = retention.delete_runs(ids, pause=pause)
             done.deleted.add(deleted)
             if not deleted.runs:
                 break  # every one of them is held by a writer now: next time

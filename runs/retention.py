@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -156,11 +157,12 @@ class Deleted:
 EVENTS_PER_TRANSACTION = 10_000
 
 
-def delete_runs(run_ids: list[str], *, max_events: int = EVENTS_PER_TRANSACTION) -> Deleted:
+def delete_runs(run_ids: list[str], *, max_events: int = EVENTS_PER_TRANSACTION, pause: float = 0.0) -> Deleted:
     """Delete these runs (they must have ended) with their events, commands, event batches and
     runner jobs, in transactions of at most about `max_events` events each: runs are grouped up
     to that many, and a run with more has its events deleted in seq ranges of that size first.
-    A run that is not ended (any more) is skipped."""
+    `pause` seconds between transactions leave the database to the writers. A run that is not
+    ended (any more) is skipped."""
     done = Deleted()
     rows = list(
         Run.objects.filter(pk__in=run_ids, status__in=RUN_TERMINAL)
@@ -184,9 +186,11 @@ def delete_runs(run_ids: list[str], *, max_events: int = EVENTS_PER_TRANSACTION)
                         [run_id, created_at, start, start + max_events],
                     )
                     done.events += cursor.rowcount
+                time.sleep(pause)
             last_seq = 0
         if group and weight + last_seq > max_events:
             done.add(_delete_group(group))
+            time.sleep(pause)
             group, weight = [], 0
         group.append(run_id)
         weight += last_seq

@@ -160,6 +160,8 @@ def test_prune_s_arguments(settings):
             call_command("prune", "--older-than", junk)
     with pytest.raises(CommandError, match="batch"):
         call_command("prune", "--older-than", "30d", "--batch", "0")
+    with pytest.raises(CommandError, match="pause"):
+        call_command("prune", "--older-than", "30d", "--pause", "-1")
     settings.AGENTRUN_RETENTION = ""
     with pytest.raises(CommandError, match="older-than"):
         call_command("prune")

@@ -28,18 +28,26 @@ class Command(BaseCommand):
             help="Keep this long: 30d, 12h, 2w (default: AGENTRUN_RETENTION).",
         )
         parser.add_argument("--dry-run", action="store_true", help="Count what would go; change nothing.")
-        parser.add_argument("--batch", type=int, default=500, help="Rows per transaction (default 500).")
+        parser.add_argument("--batch", type=int, default=500, help="Ended runs a batch (default 500).")
+        parser.add_argument(
+            "--pause",
+            type=float,
+            default=0.05,
+            help="Seconds between transactions, for the writers (default 0.05).",
+        )
 
-    def handle(self, *args: Any, older_than: Any, dry_run: bool, batch: int, **options: Any) -> None:
+    def handle(self, *args: Any, older_than: Any, dry_run: bool, batch: int, pause: float, **options: Any) -> None:
         if older_than is None:
             if not settings.AGENTRUN_RETENTION:
                 raise CommandError("give --older-than (AGENTRUN_RETENTION is off)")
             older_than = parse_duration(settings.AGENTRUN_RETENTION)
         if not 1 <= batch <= 10_000:
             raise CommandError("--batch must be from 1 to 10000")
+        if not 0 <= pause <= 60:
+            raise CommandError("--pause must be from 0 to 60 seconds")
         if not dry_run:
             ensure_partitions(now=db_now())
-        done = retention.prune(older_than=older_than, dry_run=dry_run, batch=batch)
+        done = retention.prune(older_than=older_than, dry_run=dry_run, batch=batch, pause=pause)
         if dry_run:
             self.stdout.write(
                 f"dry run: would drop {len(done.partitions)} event partition(s) ({', '.join(done.partitions) or '-'}) "
