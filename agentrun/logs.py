@@ -70,8 +70,10 @@ def redact_fields(_logger: Any, _method: str, event_dict: EventDict) -> EventDic
 
 def _uvicorn_access(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     """uvicorn's access line as fields: client, method, path, status (its message stays). A
-    standard record's arguments are passed as `positional_args` for this, and dropped."""
+    standard record's arguments are passed as `positional_args` for this, and dropped, as is
+    uvicorn's coloured copy of its message."""
     args = event_dict.pop("positional_args", None)
+    event_dict.pop("color_message", None)  # uvicorn's message again, with terminal colours
     record = event_dict.get("_record")
     if record is not None and record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
         client, method, path, _version, status = args

@@ -36,6 +36,10 @@ class Pruned:
     tasks: int = 0
     deliveries: int = 0
 
+    def __bool__(self) -> bool:
+        """Whether anything went."""
+        return bool(self.partitions or self.deleted.runs or self.deleted.events or self.tasks or self.deliveries)
+
     def __str__(self) -> str:
         d = self.deleted
         return (

@@ -132,7 +132,7 @@ def maintain_loop(stop: threading.Event, interval: float) -> None:
             made, pruned = retention.maintain(older_than=older_than)
             if made:
                 logger.info("made event partitions %s", ", ".join(made))
-            if pruned is not None:
+            if pruned:
                 logger.info("pruned: %s", pruned)
         except Exception:
             logger.exception("a retention pass failed")

@@ -530,3 +530,4 @@ def test_every_log_line_is_json_and_access_lines_carry_the_request_id_tenant_and
     assert line_of(minted)["run_id"] == run.id
     text = server.log.read_text(errors="replace")
     assert all(row.startswith("{") for row in text.splitlines() if row.strip()), "a log line that is not JSON"
+    assert "color_message" not in text  # uvicorn's coloured copy of its message is dropped
