@@ -8,12 +8,12 @@ a. alone: W writer threads, each appending batches of B events to its own claime
    and the p99 of an append.
 b. during a prune: the same writers while `manage.py prune --older-than 30d` runs in another
    process over R ended runs of 40 days ago with E events each (1,000,000 by default). Their
-   events sit in the partition older than every day partition, with runs still going beside
+   events sit in the partition older than every week's partition, with runs still going beside
    them (the writers'), so nothing can be dropped whole: this is the batched path, the slow one.
    It deletes 500 runs a batch, in transactions of at most 10,000 events 0.05 s apart (a run with
    more has its events deleted in seq ranges first). Reported: the writers' rate and p99 while the prune ran,
    the ratio to (a), how long the prune took and the events it deleted per second. Dropping a
-   whole day's partition instead costs a moment whatever it holds.
+   whole week's partition instead costs a moment whatever it holds.
 
 Setup: DATABASE_URL's server, else the embedded PostgreSQL under var/; a fresh database
 `agentrun_bench_retention`, migrated, seeded with SQL, dropped at the end.

@@ -1,6 +1,6 @@
 """Pruning: what has ended and is older than its tenant's retention goes, sessions stay.
 
-- Whole days of events go at once: a partition past every tenant's retention, with no run still
+- Whole weeks of events go at once: a partition past every tenant's retention, with no run still
   going in it, is detached and dropped (runs.retention).
 - The rest goes in small batches, each its own short transaction that skips rows a writer holds:
   ended runs with their events, commands, event batches and runner jobs; finished queue tasks
@@ -78,7 +78,7 @@ def prune(
     now = now or db_now()
     default, own = cutoffs(older_than=older_than, now=now)
     done = Pruned()
-    # Only days past every tenant's retention go whole.
+    # Only weeks past every tenant's retention go whole.
     earliest = min([default, *own.values()])
     for partition in retention.droppable_partitions(cutoff=earliest):
         done.partitions.append(partition.name)
@@ -151,7 +151,7 @@ def _delete_deliveries(*, before: datetime, limit: int) -> int:
 
 
 def maintain(*, older_than: timedelta | None, batch: int = 500, pause: float = 0.05) -> tuple[list[str], Pruned | None]:
-    """The worker's pass: make the days ahead, then prune (unless retention is off)."""
+    """The worker's pass: make the weeks ahead, then prune (unless retention is off)."""
     made = retention.ensure_partitions(now=db_now())
     if older_than is None:
         return made, None

@@ -1,10 +1,12 @@
 """Retention of runs: the event table's partitions, and deleting ended runs in small batches.
 
 Events live in `runs_runevent`, partitioned by range of `run_created_at` (the creation time of
-their run, copied onto each event): one partition per UTC day (`runs_runevent_pYYYYMMDD`), one
-for everything before partitioning (`runs_runevent_before`) and a default one for an event whose
-day has no partition yet. `ensure_partitions` creates the days ahead (the worker calls it);
-`droppable_partitions` and `drop_partition` let a prune drop a whole day at once, which costs
+their run, copied onto each event): one partition per UTC week from Monday
+(`runs_runevent_pYYYYMMDD`, the Monday), one for everything before partitioning
+(`runs_runevent_before`) and a default one for an event whose week has no partition yet. Weeks,
+not days: a read by run (most are) looks in every partition, so there are few of them.
+`ensure_partitions` creates the weeks ahead (the worker calls it); `droppable_partitions` and
+`drop_partition` let a prune drop a whole week at once, which costs
 the same for one event as for a million; `delete_runs` deletes the rest in batches, each its own
 short transaction, so no hot table is locked for long.
 """
@@ -25,8 +27,7 @@ from runs.models import RUN_TERMINAL, Command, EventBatch, Run, RunEvent, Runner
 
 logger = logging.getLogger(__name__)
 
-DAYS_AHEAD = 7
-_DAY = re.compile(r"^runs_runevent_p(\d{8})$")
+WEEKS_AHEAD = 2
 # A partition's bounds, as pg_get_expr renders them.
 _BOUNDS = re.compile(r"FOR VALUES FROM \((?P<lower>[^)]*)\) TO \((?P<upper>[^)]*)\)")
 
@@ -38,8 +39,10 @@ class Partition:
     upper: datetime
 
 
-def _day(at: datetime) -> datetime:
-    return at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+def week_start(at: datetime) -> datetime:
+    """The Monday 00:00 UTC of `at`'s week."""
+    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day - timedelta(days=day.weekday())
 
 
 def _timestamp(text: str) -> datetime | None:
@@ -69,28 +72,28 @@ def partitions() -> list[Partition]:
     return sorted(found, key=lambda partition: partition.upper)
 
 
-def ensure_partitions(*, now: datetime, days_ahead: int = DAYS_AHEAD) -> list[str]:
-    """Create the daily partitions from today to `days_ahead` days on; returns those made. A day
-    whose events already went to the default partition is left there (logged)."""
+def ensure_partitions(*, now: datetime, weeks_ahead: int = WEEKS_AHEAD) -> list[str]:
+    """Create the weekly partitions from this week to `weeks_ahead` weeks on; returns those
+    made. A week whose events already went to the default partition is left there (logged)."""
     existing = {partition.name for partition in partitions()}
     made = []
-    today = _day(now)
-    for offset in range(days_ahead + 1):
-        day = today + timedelta(days=offset)
-        name = f"{RunEvent._meta.db_table}_p{day:%Y%m%d}"
+    monday = week_start(now)
+    for offset in range(weeks_ahead + 1):
+        week = monday + timedelta(weeks=offset)
+        name = f"{RunEvent._meta.db_table}_p{week:%Y%m%d}"
         if name in existing:
             continue
         statement = sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
             sql.Identifier(name),
             sql.Identifier(RunEvent._meta.db_table),
-            sql.Literal(day.isoformat()),
-            sql.Literal((day + timedelta(days=1)).isoformat()),
+            sql.Literal(week.isoformat()),
+            sql.Literal((week + timedelta(weeks=1)).isoformat()),
         )
         try:
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute("SET LOCAL lock_timeout = '5s'")
                 cursor.execute(statement)
-        except Exception as exc:  # noqa: BLE001 - a day that cannot be made is logged, the others go on
+        except Exception as exc:  # noqa: BLE001 - a week that cannot be made is logged, the others go on
             logger.warning("could not create event partition %s: %s", name, exc)
             continue
         made.append(name)
@@ -120,6 +123,9 @@ def drop_partition(partition: Partition) -> int:
     name = sql.Identifier(partition.name)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET LOCAL lock_timeout = '2s'")
+        # A table with deferred checks still queued cannot be dropped: run them now (they hold
+        # already, or the caller's transaction would fail at its commit anyway).
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
         cursor.execute(sql.SQL("SELECT count(*) FROM {}").format(name))
         count = cursor.fetchone()[0]
         cursor.execute(

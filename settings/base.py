@@ -143,7 +143,7 @@ AGENTRUN_WEBHOOK_TIMEOUT_SECONDS = float(os.environ.get("AGENTRUN_WEBHOOK_TIMEOU
 AGENTRUN_WEBHOOK_ALLOW_PRIVATE = os.environ.get("AGENTRUN_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true", "yes")
 # Retention (queues.retention): ended runs, finished tasks and sent webhooks older than this go
 # (30d, 12h, 2w; empty or 0 keeps everything), checked every AGENTRUN_PRUNE_INTERVAL_SECONDS by
-# the worker, which also makes the event table's daily partitions ahead.
+# the worker, which also makes the event table's weekly partitions ahead.
 AGENTRUN_RETENTION = os.environ.get("AGENTRUN_RETENTION", "30d").strip()
 if AGENTRUN_RETENTION.lower() in ("0", "off", "none", "never"):
     AGENTRUN_RETENTION = ""

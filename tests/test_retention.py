@@ -46,20 +46,23 @@ def ended(days: float, **kwargs) -> Run:
     return run
 
 
-def test_events_land_in_their_run_s_day_and_days_ahead_exist():
+def test_events_land_in_their_run_s_week_and_weeks_ahead_exist():
     run = make_run()
     [event] = list(RunEvent.objects.filter(run_id=run.id))
-    assert partition_of(event) == f"runs_runevent_p{run.created_at:%Y%m%d}"
+    monday = retention.week_start(run.created_at)
+    assert monday.weekday() == 0 and monday <= run.created_at < monday + timedelta(weeks=1)
+    assert partition_of(event) == f"runs_runevent_p{monday:%Y%m%d}"
     names = {partition.name for partition in retention.partitions()}
-    today = db_now()
-    for offset in range(retention.DAYS_AHEAD + 1):
-        assert f"runs_runevent_p{today + timedelta(days=offset):%Y%m%d}" in names
-    # Idempotent, and a new day is made when it comes within reach.
-    assert retention.ensure_partitions(now=today) == []
-    later = today + timedelta(days=retention.DAYS_AHEAD + 1)
-    assert retention.ensure_partitions(now=today, days_ahead=retention.DAYS_AHEAD + 1) == [
+    for offset in range(retention.WEEKS_AHEAD + 1):
+        assert f"runs_runevent_p{monday + timedelta(weeks=offset):%Y%m%d}" in names
+    # Idempotent, and a new week is made when it comes within reach.
+    assert retention.ensure_partitions(now=db_now()) == []
+    later = monday + timedelta(weeks=retention.WEEKS_AHEAD + 1)
+    assert retention.ensure_partitions(now=db_now(), weeks_ahead=retention.WEEKS_AHEAD + 1) == [
         f"runs_runevent_p{later:%Y%m%d}"
     ]
+    bounds = {partition.name: (partition.lower, partition.upper) for partition in retention.partitions()}
+    assert bounds[f"runs_runevent_p{later:%Y%m%d}"] == (later, later + timedelta(weeks=1))
 
 
 def test_a_run_s_seq_stays_unique_in_the_partitioned_table():
@@ -113,18 +116,21 @@ def test_a_tenant_s_own_retention_wins():
     assert not Run.objects.filter(pk__in=[short.id, default.id]).exists()
 
 
-def test_whole_days_past_every_retention_are_dropped_unless_a_run_there_is_going():
+def test_whole_weeks_past_every_retention_are_dropped_unless_a_run_there_is_going():
     now = db_now()
+    old = ended(40)  # in the partition of everything before partitioning
     busy = make_run()
-    claim(busy)  # today's partition holds a run still going
-    run = ended(0)  # today, ended
-    # Ten days on, with a day's retention: today and the days before it are past it.
+    claim(busy)  # this week's partition holds a run still going
+    run = ended(0)  # this week, ended
+    # Ten days on, with a day's retention: this week and everything before it are past it.
     done = pruning.prune(older_than=timedelta(days=1), now=now + timedelta(days=10))
-    today = f"runs_runevent_p{now:%Y%m%d}"
+    assert done.partition_events >= 3  # the old run's, dropped whole
+    assert not Run.objects.filter(pk=old.id).exists()
+    today = f"runs_runevent_p{retention.week_start(now):%Y%m%d}"
     assert "runs_runevent_before" in done.partitions and today not in done.partitions
     names = {partition.name for partition in retention.partitions()}
     assert "runs_runevent_before" not in names and today in names
-    # Today's ended run went by batch instead; the running one stays with its events.
+    # This week's ended run went by batch instead; the running one stays with its events.
     assert not Run.objects.filter(pk=run.id).exists()
     assert RunEvent.objects.filter(run_id=busy.id).exists()
 

@@ -1,28 +1,29 @@
 """Run events move to a table partitioned by time: by the creation time of their run, copied
 onto each event as `run_created_at`, so a run's events all live in one partition and (run, seq)
-stays unique. One partition per UTC day, created ahead by the worker (runs.retention); a
-partition for everything before this migration, and a default one that catches an event whose
-day has no partition yet (the worker then leaves that day to it)."""
+stays unique. One partition per UTC week (from Monday), created ahead by the worker
+(runs.retention); a partition for everything before this migration, and a default one that
+catches an event whose week has no partition yet (the worker then leaves that week to it)."""
 
 from datetime import UTC, datetime, timedelta
 
 from django.db import migrations, models
 
-DAYS_AHEAD = 7
+WEEKS_AHEAD = 2
 
 
-def _day_partitions(start, days):
-    for offset in range(days):
-        day = start + timedelta(days=offset)
+def _week_partitions(start, weeks):
+    for offset in range(weeks):
+        week = start + timedelta(weeks=offset)
         yield (
-            f"runs_runevent_p{day:%Y%m%d}",
-            day.isoformat(),
-            (day + timedelta(days=1)).isoformat(),
+            f"runs_runevent_p{week:%Y%m%d}",
+            week.isoformat(),
+            (week + timedelta(weeks=1)).isoformat(),
         )
 
 
 def partition(apps, schema_editor):
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    monday = today - timedelta(days=today.weekday())
     run = schema_editor.execute
     run("ALTER TABLE runs_runevent RENAME TO runs_runevent_unpartitioned")
     run("ALTER TABLE runs_runevent_unpartitioned RENAME CONSTRAINT event_run_seq TO event_run_seq_unpartitioned")
@@ -46,9 +47,9 @@ def partition(apps, schema_editor):
     )
     # DDL takes no parameters: the bounds are ISO timestamps this function made.
     run(
-        f"CREATE TABLE runs_runevent_before PARTITION OF runs_runevent FOR VALUES FROM (MINVALUE) TO ('{today.isoformat()}')"
+        f"CREATE TABLE runs_runevent_before PARTITION OF runs_runevent FOR VALUES FROM (MINVALUE) TO ('{monday.isoformat()}')"
     )
-    for name, start, end in _day_partitions(today, DAYS_AHEAD + 1):
+    for name, start, end in _week_partitions(monday, WEEKS_AHEAD + 1):
         run(f"CREATE TABLE \"{name}\" PARTITION OF runs_runevent FOR VALUES FROM ('{start}') TO ('{end}')")
     run("CREATE TABLE runs_runevent_default PARTITION OF runs_runevent DEFAULT")
     run(

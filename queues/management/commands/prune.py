@@ -16,7 +16,7 @@ from runs.retention import ensure_partitions
 class Command(BaseCommand):
     help = (
         "Delete ended runs (their events, commands, runner jobs), finished queue tasks and sent webhooks "
-        "older than --older-than (a tenant's own retention, in admin, overrides it). Whole days of events "
+        "older than --older-than (a tenant's own retention, in admin, overrides it). Whole weeks of events "
         "go at once (their partition is dropped), the rest in small batches. Sessions keep their summary."
     )
 
