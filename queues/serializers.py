@@ -24,7 +24,7 @@ from agentrun.wire import (
     iso_text,
 )
 from queues.models import TASK_ACTIVE, QueueTask, TaskState
-from runs.serializers import validate_execution_policy, validate_webhook_url
+from runs.serializers import validate_execution_policy, validate_webhook_url, webhook_url_field
 
 MAX_TITLE = 500
 MAX_REASON = 2000
@@ -50,14 +50,7 @@ class TaskCreateIn(serializers.Serializer):
     idempotencyKey = IdentifierField(
         source="idempotency_key", required=False, allow_null=True, allow_blank=True, max_length=200
     )
-    webhookUrl = StrictCharField(
-        source="webhook_url",
-        required=False,
-        allow_null=True,
-        allow_blank=True,
-        max_length=webhooks.MAX_URL_LENGTH,
-        help_text="Gets a signed POST when the task ends (README: Webhooks): http(s), not a private address.",
-    )
+    webhookUrl = webhook_url_field("task")
 
     def validate_executionPolicy(self, value):
         return validate_execution_policy(value)

@@ -75,6 +75,18 @@ def validate_execution_policy(value):
     return value
 
 
+def webhook_url_field(what: str) -> StrictCharField:
+    """`webhookUrl` of a create body (a run's or a queue task's); validate_webhook_url checks it."""
+    return StrictCharField(
+        source="webhook_url",
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        max_length=webhooks.MAX_URL_LENGTH,
+        help_text=f"Gets a signed POST when the {what} ends (README: Webhooks): http(s), not a private address.",
+    )
+
+
 class RunCreateIn(serializers.Serializer):
     tenantId = IdentifierField(source="tenant_id", required=False, allow_null=True, max_length=200)
     projectId = IdentifierField(source="project_id", required=False, allow_null=True, max_length=200)
@@ -88,14 +100,7 @@ class RunCreateIn(serializers.Serializer):
     idempotencyKey = IdentifierField(
         source="idempotency_key", required=False, allow_null=True, allow_blank=True, max_length=200
     )
-    webhookUrl = StrictCharField(
-        source="webhook_url",
-        required=False,
-        allow_null=True,
-        allow_blank=True,
-        max_length=webhooks.MAX_URL_LENGTH,
-        help_text="Gets a signed POST when the run ends (README: Webhooks): http(s), not a private address.",
-    )
+    webhookUrl = webhook_url_field("run")
 
     def validate_executionPolicy(self, value):
         return validate_execution_policy(value)
