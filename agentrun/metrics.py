@@ -15,10 +15,8 @@ import functools
 import hmac
 import os
 import re
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 
 from django.conf import settings
 from django.db import connections
@@ -115,15 +113,6 @@ def record_pool() -> None:
     POOL.labels("waiting").set(stats.get("requests_waiting", 0))
 
 
-@contextmanager
-def open_gauge(gauge: Gauge) -> Iterator[None]:
-    gauge.inc()
-    try:
-        yield
-    finally:
-        gauge.dec()
-
-
 def authorized(request: HttpRequest) -> bool:
     """With AGENTRUN_METRICS_TOKEN set, /metrics wants it as a bearer token (compared in constant time)."""
     token = settings.AGENTRUN_METRICS_TOKEN
@@ -134,12 +123,9 @@ def authorized(request: HttpRequest) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-_render_lock = threading.Lock()
-
-
 def render(collectors: Iterable[Collector] = ()) -> bytes:
     """The exposition text: every process's instruments (or this one's) and `collectors`."""
-    extra = CollectorRegistry(auto_describe=True)
+    extra = CollectorRegistry()  # not auto_describe: that would collect (query) once more to register
     for collector in collectors:
         extra.register(collector)
     if MULTIPROCESS:
@@ -147,8 +133,7 @@ def render(collectors: Iterable[Collector] = ()) -> bytes:
         MultiProcessCollector(registry)
         own = generate_latest(registry)
     else:
-        with _render_lock:
-            own = generate_latest(REGISTRY)
+        own = generate_latest(REGISTRY)
     return own + generate_latest(extra)
 
 

@@ -28,7 +28,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,6 +36,7 @@ import httpx
 from django.conf import settings
 from django.db import transaction
 from django.db.models.functions import Now
+from django.utils import timezone
 
 from agentrun import tallies
 from agentrun.clock import db_now
@@ -119,17 +120,15 @@ def refused_destination(url: str) -> str | None:
 def tenant_secret(tenant_id: str, *, rotate: bool = False) -> str:
     """The tenant's signing secret, made if it has none; `rotate` replaces it (at once: the next
     delivery is signed with the new one)."""
+    value = "whsec_" + secrets.token_urlsafe(32)
     if rotate:
-        value = "whsec_" + secrets.token_urlsafe(32)
-        with transaction.atomic():
-            updated = WebhookSecret.objects.filter(pk=tenant_id).update(secret=value, rotated_at=Now())
-            if not updated:
-                WebhookSecret.objects.get_or_create(tenant_id=tenant_id, defaults={"secret": value})
-                WebhookSecret.objects.filter(pk=tenant_id).update(secret=value, rotated_at=Now())
-        return value
-    secret, _ = WebhookSecret.objects.get_or_create(
-        tenant_id=tenant_id, defaults={"secret": "whsec_" + secrets.token_urlsafe(32)}
-    )
+        secret, _ = WebhookSecret.objects.update_or_create(
+            tenant_id=tenant_id,
+            defaults={"secret": value, "rotated_at": timezone.now()},
+            create_defaults={"secret": value},
+        )
+    else:
+        secret, _ = WebhookSecret.objects.get_or_create(tenant_id=tenant_id, defaults={"secret": value})
     return secret.secret
 
 
@@ -161,12 +160,13 @@ def enqueue(
     url: str,
     event_type: str,
     data: dict[str, Any],
+    at: datetime,
     run_id: str | None = None,
     task_id: str | None = None,
 ) -> WebhookDelivery:
-    """Write a delivery in the caller's transaction: it is sent once that commits."""
+    """Write a delivery in the caller's transaction (whose time `at` it carries): it is sent
+    once that commits."""
     delivery_id = new_id("whd")
-    at = db_now()
     body = {"id": delivery_id, "type": event_type, "createdAt": iso(at), "data": data}
     return WebhookDelivery.objects.create(
         id=delivery_id,
@@ -238,7 +238,7 @@ def _send(client: httpx.Client, delivery: WebhookDelivery, secret: str) -> tuple
     return response.status_code, f"the receiver answered {response.status_code}: {response.text[:200]}"[:ERROR_LIMIT]
 
 
-def deliver_due(*, limit: int = 50, transport: httpx.BaseTransport | None = None) -> list[Sent]:
+def deliver_due(*, limit: int = 50) -> list[Sent]:
     """Send every due delivery (up to `limit`), several at once; record each outcome."""
     due = _claim_due(limit)
     if not due:
@@ -246,7 +246,7 @@ def deliver_due(*, limit: int = 50, transport: httpx.BaseTransport | None = None
     keys = {tenant: tenant_secret(tenant) for tenant in {d.tenant_id for d in due}}
     timeout = float(settings.AGENTRUN_WEBHOOK_TIMEOUT_SECONDS)
     with (
-        httpx.Client(timeout=timeout, follow_redirects=False, transport=transport) as client,
+        httpx.Client(timeout=timeout, follow_redirects=False) as client,
         ThreadPoolExecutor(max_workers=min(8, len(due)), thread_name_prefix="agentrun-webhook") as pool,
     ):
         answers = list(pool.map(lambda d: _send(client, d, keys[d.tenant_id]), due))

@@ -194,3 +194,11 @@ def test_open_when_no_token_is_set(settings):
 )
 def test_route_templates(route, template):
     assert metrics.route_template(route) == template
+
+
+def test_a_scrape_reads_the_database_once(django_assert_num_queries):
+    """One query each: runs by status, lapsed leases, pending tasks, running attempts, tallies,
+    and the time; registering the collector does not run it a second time."""
+    make_run()
+    with django_assert_num_queries(6):
+        assert Client().get("/metrics").status_code == 200

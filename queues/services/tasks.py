@@ -91,6 +91,7 @@ def _bump(task: QueueTask, at: datetime, *fields: str) -> None:
             tenant_id=task.tenant_id,
             url=task.webhook_url,
             event_type=webhooks.TASK_ENDED,
+            at=at,
             task_id=task.id,
             run_id=attempt.get("runId"),
             data={

@@ -395,6 +395,7 @@ def _end_run(
             tenant_id=run.tenant_id,
             url=run.webhook_url,
             event_type=webhooks.RUN_ENDED,
+            at=write.at,
             run_id=run.id,
             data={
                 "runId": run.id,
