@@ -42,18 +42,20 @@ def redact_log_text(text: str) -> str:
 
 
 def _redact_value(value: Any, depth: int = 0) -> Any:
+    """A field's value, redacted. What is not JSON (a request object, an exception) and what is
+    nested too deep is rendered as text first, so its text is redacted too."""
     if isinstance(value, str):
         return redact_log_text(value)
-    if depth > 8:
+    if value is None or isinstance(value, (bool, int, float)):
         return value
+    if depth > 8 or not isinstance(value, (dict, list, tuple)):
+        return redact_log_text(str(value))
     if isinstance(value, dict):
         return {
             key: REDACTED if isinstance(key, str) and is_secret_key(key) else _redact_value(item, depth + 1)
             for key, item in value.items()
         }
-    if isinstance(value, (list, tuple)):
-        return [_redact_value(item, depth + 1) for item in value]
-    return value
+    return [_redact_value(item, depth + 1) for item in value]
 
 
 def redact_fields(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:

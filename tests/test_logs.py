@@ -154,3 +154,18 @@ def test_the_settings_use_the_formatter_for_every_logger():
     from django.conf import settings
 
     logging.config.dictConfig(settings.LOGGING)  # back as the suite runs
+
+
+def test_objects_and_deep_values_are_redacted_as_text(captured):
+    class Request:
+        def __repr__(self):
+            return "<Request GET /hook?token=ghp_abcdefghijklmnopqrstuvwxyz0123456789>"
+
+    deep: dict = {"value": "Bearer eyJhbGciOiJIUzI1NiJ9.payload.signature"}
+    for _ in range(12):
+        deep = {"nested": deep}
+    logging.getLogger("agentrun.test").warning("odd fields", extra={"request": Request(), "deep": deep})
+    text = captured.getvalue()
+    assert "ghp_abcdefghijklmnopqrstuvwxyz" not in text and "eyJhbGciOiJIUzI1NiJ9" not in text
+    [line] = lines(captured)
+    assert line["request"].startswith("<Request GET /hook?token=")
